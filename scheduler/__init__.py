@@ -1,0 +1,33 @@
+"""packserve scheduler: request state, KV-block accounting, FFD packing. Pure Python, no torch."""
+
+from .block_manager import BlockAllocator, blocks_for
+from .config import PrefillMode, SchedulerConfig
+from .outputs import (
+    RunnerOutput,
+    ScheduledSequence,
+    SchedulerOutput,
+    StepStats,
+    TokenEvent,
+    TokenLogprobs,
+)
+from .packing import pack_ffd
+from .request import Request, RequestStatus, SamplingParams
+from .scheduler import Scheduler
+
+__all__ = [
+    "BlockAllocator",
+    "PrefillMode",
+    "Request",
+    "RequestStatus",
+    "RunnerOutput",
+    "SamplingParams",
+    "ScheduledSequence",
+    "Scheduler",
+    "SchedulerConfig",
+    "SchedulerOutput",
+    "StepStats",
+    "TokenEvent",
+    "TokenLogprobs",
+    "blocks_for",
+    "pack_ffd",
+]

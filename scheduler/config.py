@@ -1,0 +1,45 @@
+"""Scheduler configuration: the budgets every step is packed under."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+PrefillMode = Literal["packed", "padded"]
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Budgets and policies of the scheduler. Validated on construction."""
+
+    max_model_len: int  # longest sequence (prompt + output) a request may reach
+    num_kv_blocks: int  # size of the KV pool, in blocks
+    block_size: int = 16  # tokens per KV block
+    max_num_seqs: int = 64  # cap on running sequences (the decode batch)
+    max_num_batched_tokens: int = 4096  # per-step token budget (prefill tokens + decode tokens)
+    max_prefill_row_len: int = 0  # capacity of one packed prefill row; 0 means max_model_len
+    prefill_mode: PrefillMode = "packed"  # "padded": one prompt per row (classic batching)
+    packing_window_s: float = 0.0  # when idle, wait this long for more prompts to fill bins
+
+    def __post_init__(self) -> None:
+        if self.max_model_len < 1 or self.block_size < 1 or self.max_num_seqs < 1:
+            raise ValueError("max_model_len, block_size and max_num_seqs must be positive")
+        if self.num_kv_blocks * self.block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV pool ({self.num_kv_blocks} blocks of {self.block_size}) cannot hold "
+                f"one sequence of max_model_len={self.max_model_len}"
+            )
+        # No chunked prefill: any admissible prompt must fit one step and one row.
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError("max_num_batched_tokens must be >= max_model_len")
+        if self.max_prefill_row_len and self.max_prefill_row_len < self.max_model_len:
+            raise ValueError("max_prefill_row_len must be 0 or >= max_model_len")
+        if self.prefill_mode not in ("packed", "padded"):
+            raise ValueError(f"unknown prefill_mode {self.prefill_mode!r}")
+        if self.packing_window_s < 0:
+            raise ValueError("packing_window_s must be >= 0")
+
+    @property
+    def row_capacity(self) -> int:
+        """Tokens one packed prefill row may hold."""
+        return self.max_prefill_row_len or self.max_model_len

@@ -1,0 +1,199 @@
+"""Continuous-batching scheduler with first-fit-decreasing prefill packing. Pure Python."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from .block_manager import BlockAllocator, blocks_for
+from .config import SchedulerConfig
+from .outputs import RunnerOutput, ScheduledSequence, SchedulerOutput, TokenEvent
+from .packing import pack_ffd
+from .request import Request, RequestStatus
+
+
+class Scheduler:
+    """Owns request state and KV-block accounting; decides each step's prefills and decodes.
+
+    Step contract: `schedule()` -> runner -> `update(output, runner_output)`. Requests are
+    admitted first come, first served while the token budget, the sequence cap and the free KV
+    blocks allow; the admitted prompts are then packed into rows first-fit-decreasing.
+    """
+
+    def __init__(self, config: SchedulerConfig, eos_token_ids: frozenset[int]) -> None:
+        self.config = config
+        self.eos_token_ids = eos_token_ids
+        self.allocator = BlockAllocator(config.num_kv_blocks)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # in admission order: the last is preempted first
+        self.requests: dict[str, Request] = {}  # every unfinished request by id
+        self.num_preemptions_total = 0
+
+    # -- requests in and out ------------------------------------------------------------------
+
+    def add(self, request: Request) -> None:
+        """Queue a request. Raises ValueError if it can never run."""
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if not request.prompt_token_ids:
+            raise ValueError("the prompt must hold at least one token")
+        if request.num_tokens >= self.config.max_model_len:
+            raise ValueError(
+                f"the prompt has {request.num_tokens} tokens; this model's context is "
+                f"{self.config.max_model_len} tokens including at least one generated token"
+            )
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> bool:
+        """End a request (abort, stop string, error) and free its blocks.
+
+        Returns False if the request is unknown or already finished.
+        """
+        assert status.is_finished
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self._free(request)
+        request.status = status
+        return True
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's work: one token for each running sequence, then new prefills."""
+        preempted = self._reserve_decode_slots()
+        decodes = tuple(self._scheduled(r, r.num_computed_tokens) for r in self.running)
+        # Admitting while preempting would only evict again; vLLM makes the same choice.
+        budget = self.config.max_num_batched_tokens - len(decodes)
+        admitted = [] if preempted else self._admit(budget)
+        return SchedulerOutput(
+            prefill_bins=self._pack(admitted),
+            decodes=decodes,
+            preempted_ids=tuple(r.request_id for r in preempted),
+        )
+
+    def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[TokenEvent]:
+        """Record the sampled tokens, finish what is done, and emit one delta per sequence."""
+        events = []
+        for seq in (*output.prefills, *output.decodes):
+            request = self.requests.get(seq.request_id)
+            if request is None:  # finished by the caller while the step ran
+                continue
+            token = result.sampled_token_ids[seq.request_id]
+            request.num_computed_tokens = seq.start_pos + seq.num_tokens
+            request.output_token_ids.append(token)
+            status = self._finished_status(request, token)
+            if status is not None:
+                self.finish_request(request.request_id, status)
+            logprobs = result.logprobs.get(seq.request_id)
+            events.append(
+                TokenEvent(
+                    request_id=seq.request_id,
+                    new_token_ids=(token,),
+                    finish_reason=status.finish_reason if status else None,
+                    logprobs=(logprobs,) if logprobs else (),
+                )
+            )
+        return events
+
+    # -- state ----------------------------------------------------------------------------------
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _reserve_decode_slots(self) -> list[Request]:
+        """Give every running sequence room for one more token, preempting from the back."""
+        preempted: list[Request] = []
+        i = 0
+        while i < len(self.running):
+            request = self.running[i]
+            need = blocks_for(request.num_computed_tokens + 1, self.config.block_size)
+            need -= len(request.block_ids)
+            while need > self.allocator.num_free and request in self.running:
+                victim = self.running[-1]
+                self._preempt(victim)
+                preempted.append(victim)
+            if request not in self.running:  # it was the most recent one: preempted itself
+                break
+            request.block_ids += self.allocator.allocate(need)
+            i += 1
+        return preempted
+
+    def _preempt(self, request: Request) -> None:
+        """Free a running request's blocks and requeue it at the front, for recompute."""
+        self.running.remove(request)
+        self._free(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions_total += 1
+        self.waiting.appendleft(request)
+
+    def _admit(self, token_budget: int) -> list[Request]:
+        """Admit waiting requests in arrival order while budget, seats and KV blocks last."""
+        admitted: list[Request] = []
+        while self.waiting and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            need = blocks_for(request.num_tokens, self.config.block_size)
+            if request.num_tokens > token_budget or need > self.allocator.num_free:
+                break
+            self.waiting.popleft()
+            request.block_ids = self.allocator.allocate(need)
+            request.status = RequestStatus.RUNNING
+            if request.admitted_time is None:
+                request.admitted_time = time.monotonic()
+            self.running.append(request)
+            admitted.append(request)
+            token_budget -= request.num_tokens
+        return admitted
+
+    def _pack(self, admitted: list[Request]) -> tuple[tuple[ScheduledSequence, ...], ...]:
+        """Group admitted prompts into prefill rows: FFD when packed, one per row when padded."""
+        if self.config.prefill_mode == "padded":
+            bins = [[i] for i in range(len(admitted))]
+        else:
+            bins = pack_ffd([r.num_tokens for r in admitted], self.config.row_capacity)
+        return tuple(tuple(self._scheduled(admitted[i], 0) for i in row) for row in bins)
+
+    def _scheduled(self, request: Request, start_pos: int) -> ScheduledSequence:
+        """The runner's view of a request; from `start_pos` to the end of its tokens."""
+        return ScheduledSequence(
+            request_id=request.request_id,
+            token_ids=tuple(request.all_token_ids[start_pos:]),
+            start_pos=start_pos,
+            block_ids=tuple(request.block_ids),
+            params=request.params,
+            output_token_ids=tuple(request.output_token_ids),
+        )
+
+    def _finished_status(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.params
+        if token in params.stop_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if token in self.eos_token_ids and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+        if len(request.output_token_ids) >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.config.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _free(self, request: Request) -> None:
+        self.allocator.free(request.block_ids)
+        request.block_ids = []
