@@ -24,7 +24,7 @@ _SKIP_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "__pycach
 
 # A triple-quoted string (docstrings and long literals) or a whole-line comment. A regex
 # instead of ast/tokenize keeps the scan of the stdlib well under a second.
-_PROSE_RE = re.compile(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'|^[ \t]*#[ \t]?(.*)$', re.S | re.M)
+_PROSE_RE = re.compile(r'"""(.*?)"""|\'\'\'(.*?)\'\'\'|^[ \t]*#[ \t]?([^\n]*)$', re.S | re.M)
 
 
 def _license_documents() -> list[str]:
@@ -38,7 +38,9 @@ def _license_documents() -> list[str]:
 def _stdlib_sources() -> list[Path]:
     """Sorted ``.py`` files of the CPython standard library, tests and site-packages excluded."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    paths = (p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts))
+    paths = (
+        p for p in root.rglob("*.py") if not _SKIP_DIRS.intersection(p.relative_to(root).parts)
+    )
     return sorted(paths, key=lambda p: p.relative_to(root).as_posix())
 
 

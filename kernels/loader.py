@@ -1,0 +1,30 @@
+"""Load a Hugging Face causal LM and its tokenizer, wired to the packserve attention."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from .attention import ATTENTION_NAME
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_model(
+    name_or_path: str,
+    dtype: str = "float32",
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A local folder or a hub id, through transformers' Auto classes, in eval mode."""
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+    model = AutoModelForCausalLM.from_pretrained(
+        name_or_path,
+        dtype=DTYPES[dtype],
+        attn_implementation=ATTENTION_NAME,
+        trust_remote_code=trust_remote_code,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    return model.to(device).eval(), tokenizer

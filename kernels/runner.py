@@ -1,0 +1,102 @@
+"""The model runner: executes one scheduler step (packed prefill + ragged decode) and samples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from packserve.scheduler import RunnerOutput, ScheduledSequence, SchedulerOutput
+from transformers import PreTrainedModel
+
+from .attention import AttentionBackend
+from .inputs import ModelInputs, decode_inputs, prefill_inputs
+from .kv_cache import KVCache, KVCacheSpec
+from .sampler import sample
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerConfig:
+    """How the runner computes attention and how large its KV pool is."""
+
+    attention_backend: AttentionBackend = "varlen"
+    block_size: int = 16
+    kv_cache_memory_bytes: int = 1 << 30  # the pool's size; the block count follows from it
+    num_kv_blocks: int | None = None  # overrides the memory budget when set (tests)
+    seed: int | None = None  # for requests without a seed of their own
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in ("dense", "varlen"):
+            raise ValueError(f"unknown attention backend {self.attention_backend!r}")
+        if self.block_size < 1 or self.kv_cache_memory_bytes < 1:
+            raise ValueError("block_size and kv_cache_memory_bytes must be positive")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError("num_kv_blocks must be positive")
+
+
+def kv_cache_spec(model: PreTrainedModel, block_size: int) -> KVCacheSpec:
+    """The pool's shape for this model."""
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return KVCacheSpec(
+        num_layers=cfg.num_hidden_layers,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=head_dim,
+        block_size=block_size,
+        dtype=model.dtype,
+    )
+
+
+class Runner:
+    """Owns the model and the KV tensors; `execute` runs one step and samples one token per
+    scheduled sequence. The model must have been loaded with the `packserve` attention."""
+
+    def __init__(self, model: PreTrainedModel, config: RunnerConfig) -> None:
+        self.model = model
+        self.config = config
+        self.device = model.device
+        spec = kv_cache_spec(model, config.block_size)
+        num_blocks = config.num_kv_blocks or spec.num_blocks_for(config.kv_cache_memory_bytes)
+        self.kv_cache = KVCache(spec, num_blocks, self.device)
+        self.generator = torch.Generator(device=self.device)
+        if config.seed is not None:
+            self.generator.manual_seed(config.seed)
+        else:
+            self.generator.seed()
+
+    @torch.inference_mode()
+    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+        """Prefill the packed rows, decode the running batch, sample."""
+        seqs: list[ScheduledSequence] = []
+        logits: list[torch.Tensor] = []
+        if output.prefill_bins:
+            dtype = self.model.dtype
+            backend = self.config.attention_backend
+            logits.append(
+                self.forward(prefill_inputs(output.prefill_bins, self.kv_cache, backend, dtype))
+            )
+            seqs += output.prefills
+        if output.decodes:
+            logits.append(
+                self.forward(decode_inputs(output.decodes, self.kv_cache, self.model.dtype))
+            )
+            seqs += output.decodes
+        if not seqs:
+            return RunnerOutput(sampled_token_ids={}, logprobs={})
+        tokens, logprobs = sample(torch.cat(logits).float(), seqs, self.generator)
+        return RunnerOutput(
+            sampled_token_ids={seq.request_id: t for seq, t in zip(seqs, tokens, strict=True)},
+            logprobs={
+                s.request_id: lp for s, lp in zip(seqs, logprobs, strict=True) if lp is not None
+            },
+        )
+
+    def forward(self, inputs: ModelInputs) -> torch.Tensor:
+        """Logits [num_seqs, V] at each sequence's last token; the lm head runs only there."""
+        hidden = self.model.get_decoder()(
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            use_cache=False,
+            packserve_meta=inputs.meta,
+        ).last_hidden_state  # [R, L, hidden]
+        last = hidden.reshape(-1, hidden.shape[-1]).index_select(0, inputs.sample_index)
+        return self.model.get_output_embeddings()(last)  # [num_seqs, V]
