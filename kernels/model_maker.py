@@ -19,19 +19,22 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
-from packserve.kernels.corpus import corpus_documents
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
     MistralConfig,
     PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
 )
+
+from .corpus import corpus_documents
 
 # Bump whenever the output of make_model changes, so stale cached models are not reused.
 FORMAT_VERSION = 1
@@ -94,10 +97,7 @@ def build_config(size: str = "tiny", family: str = "llama") -> PretrainedConfig:
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {sorted(FAMILIES)}")
     s = MODEL_SIZES[size]
-    extra: dict[str, object] = {}
-    if family == "mistral":
-        extra["sliding_window"] = None  # full attention, like the other families
-    return FAMILIES[family](
+    kwargs: dict[str, Any] = dict(
         vocab_size=s.vocab_size,
         hidden_size=s.hidden_size,
         num_hidden_layers=s.num_layers,
@@ -112,8 +112,10 @@ def build_config(size: str = "tiny", family: str = "llama") -> PretrainedConfig:
         bos_token_id=SPECIAL_TOKENS.index(BOS),
         eos_token_id=SPECIAL_TOKENS.index(EOS),
         pad_token_id=SPECIAL_TOKENS.index(PAD),
-        **extra,
     )
+    if family == "mistral":
+        kwargs["sliding_window"] = None  # full attention, like the other families
+    return FAMILIES[family](**kwargs)
 
 
 @lru_cache(maxsize=4)
@@ -153,7 +155,7 @@ def build_tokenizer(size: str = "tiny") -> PreTrainedTokenizerFast:
     )
 
 
-def build_model(size: str = "tiny", seed: int = 0, family: str = "llama") -> torch.nn.Module:
+def build_model(size: str = "tiny", seed: int = 0, family: str = "llama") -> PreTrainedModel:
     """Return the seeded random-weight float32 model, without touching the disk."""
     config = build_config(size, family)
     # fork_rng: seeding must not perturb the caller's global RNG stream.
@@ -178,7 +180,10 @@ def make_model(out_dir: Path, size: str = "tiny", seed: int = 0, family: str = "
         model = build_model(size, seed, family)
         model.save_pretrained(tmp, safe_serialization=True)
         build_tokenizer(size).save_pretrained(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes 0o700; the cache may be shared between users
+        # mkdtemp (0o700) and safetensors (0o600) are private; the cache may be shared.
+        tmp.chmod(0o755)
+        for file in tmp.iterdir():
+            file.chmod(0o644)
         try:
             os.rename(tmp, out_dir)
         except OSError as exc:
