@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from packserve.kernels.inputs import prefill_inputs
 from packserve.scheduler import SamplingParams, ScheduledSequence, blocks_for
 

@@ -1,0 +1,32 @@
+# One command each for a fresh machine: `make serve` and `make test` create .venv themselves.
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: install serve test lint bench-prefill
+
+$(BIN)/packserve: pyproject.toml
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch first, so nothing pulls a CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
+install: $(BIN)/packserve
+
+serve: install
+	$(BIN)/packserve serve --host $(HOST) --port $(PORT)
+
+test: install
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy scheduler kernels server
+
+bench-prefill: install
+	$(BIN)/python bench/prefill.py

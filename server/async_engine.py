@@ -1,0 +1,151 @@
+"""The engine loop: one background thread steps the engine; asyncio handlers talk to it
+through thread-safe queues and per-request collectors."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from packserve.scheduler import SamplingParams, StepStats
+
+from .engine import Delta, Engine
+
+log = logging.getLogger("packserve.engine")
+
+
+@dataclass(frozen=True, slots=True)
+class Timed:
+    """A delta with the start time of the step that produced it (perf_counter seconds)."""
+
+    delta: Delta
+    step_start: float
+
+
+@dataclass(slots=True)
+class _Submission:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    collector: asyncio.Queue[Timed]
+    loop: asyncio.AbstractEventLoop
+
+
+class AsyncEngine:
+    """Runs `Engine.step` in one thread. Adds and aborts are queued and drained between steps,
+    so the engine is only ever touched by its own thread."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        on_step: Callable[[StepStats], None] | None = None,
+        packing_window_s: float = 0.0,
+    ) -> None:
+        self.engine = engine
+        self.on_step = on_step
+        self.packing_window_s = packing_window_s
+        self._adds: deque[_Submission] = deque()
+        self._aborts: deque[str] = deque()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._collectors: dict[str, _Submission] = {}  # owned by the loop thread
+        self._thread = threading.Thread(target=self._run, name="packserve-engine", daemon=True)
+        self.num_in_flight = 0  # submitted and not yet finished; read by handlers (approximate)
+
+    # -- asyncio side ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stop.is_set()
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests not yet running: queued here or waiting in the scheduler."""
+        return len(self._adds) + self.engine.scheduler.num_waiting
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[Timed]:
+        """Submit a request and yield its deltas until it finishes. Leaving early (a client
+        that disconnected, a timeout) aborts it in the engine within one step."""
+        collector: asyncio.Queue[Timed] = asyncio.Queue()
+        self.num_in_flight += 1
+        self._adds.append(
+            _Submission(request_id, prompt_token_ids, params, collector, asyncio.get_running_loop())
+        )
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                item = await collector.get()
+                finished = item.delta.finish_reason is not None
+                yield item
+        finally:
+            self.num_in_flight -= 1
+            if not finished:
+                self._aborts.append(request_id)
+                self._wake.set()
+
+    # -- engine thread --------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain()
+            if not self.engine.has_unfinished:
+                self._wake.wait(timeout=0.5)
+                self._wake.clear()
+                if self.packing_window_s and self._adds:
+                    time.sleep(self.packing_window_s)  # let more prompts arrive to fill bins
+                continue
+            start = time.perf_counter()
+            try:
+                deltas = self.engine.step()
+            except Exception as exc:  # a scheduler bug must not kill the loop: fail everyone
+                log.exception("engine step failed")
+                deltas = self._fail_all(f"{type(exc).__name__}: {exc}")
+            for delta in deltas:
+                self._publish(Timed(delta, start))
+            if self.on_step and self.engine.last_stats:
+                self.on_step(self.engine.last_stats)
+
+    def _drain(self) -> None:
+        while self._adds:
+            sub = self._adds.popleft()
+            try:
+                self.engine.add_request(sub.prompt_token_ids, sub.params, sub.request_id)
+            except ValueError as exc:
+                error = Delta(sub.request_id, (), "", "error", error=str(exc))
+                sub.loop.call_soon_threadsafe(sub.collector.put_nowait, Timed(error, 0.0))
+                continue
+            self._collectors[sub.request_id] = sub
+        while self._aborts:
+            request_id = self._aborts.popleft()
+            self._collectors.pop(request_id, None)
+            self.engine.abort(request_id)
+
+    def _publish(self, item: Timed) -> None:
+        sub = self._collectors.get(item.delta.request_id)
+        if sub is None:
+            return
+        if item.delta.finish_reason is not None:
+            del self._collectors[item.delta.request_id]
+        sub.loop.call_soon_threadsafe(sub.collector.put_nowait, item)
+
+    def _fail_all(self, message: str) -> list[Delta]:
+        deltas = []
+        for request_id in list(self._collectors):
+            self.engine.abort(request_id)
+            deltas.append(Delta(request_id, (), "", "error", error=message))
+        return deltas

@@ -1,0 +1,124 @@
+"""Prometheus metrics, named after vLLM's so existing dashboards and autoscalers work.
+
+The only module that imports prometheus_client. The engine reports plain StepStats; request
+timings come from the HTTP handlers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from packserve.scheduler import StepStats
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+PREFIX = "packserve:"
+LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120)
+TOKEN_BUCKETS = (1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+FILL_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestTimings:
+    """One finished request, as the handler saw it (seconds, perf_counter clock)."""
+
+    arrival: float
+    scheduled: float | None  # start of the step that produced its first token
+    first_token: float | None
+    finished: float
+    token_times: tuple[float, ...]  # when each delta with tokens arrived
+    num_prompt_tokens: int
+    num_generation_tokens: int
+    finish_reason: str
+
+
+class Metrics:
+    """All series of one server, in a registry of its own (several servers per test process)."""
+
+    def __init__(self, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+        r = self.registry
+
+        def gauge(name: str, doc: str) -> Gauge:
+            return Gauge(PREFIX + name, doc, labels, registry=r)
+
+        def counter(name: str, doc: str, extra: tuple[str, ...] = ()) -> Counter:
+            return Counter(PREFIX + name, doc, labels + list(extra), registry=r)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(PREFIX + name, doc, labels, buckets=buckets, registry=r)
+
+        self.running = gauge("num_requests_running", "Requests in the decode batch.")
+        self.waiting = gauge("num_requests_waiting", "Requests waiting to be admitted.")
+        self.kv_usage = gauge("kv_cache_usage_perc", "Fraction of KV blocks in use (0..1).")
+        self.prompt_tokens = counter("prompt_tokens_total", "Prompt tokens prefilled.")
+        self.generation_tokens = counter("generation_tokens_total", "Tokens generated.")
+        self.success = counter("request_success_total", "Finished requests.", ("finished_reason",))
+        self.preemptions = counter("num_preemptions_total", "Sequences preempted.")
+        self.prefill_rows = counter("prefill_rows_total", "Packed prefill rows run.")
+        self.prefill_real = counter("prefill_tokens_real_total", "Real prompt tokens prefilled.")
+        self.prefill_padded = counter(
+            "prefill_tokens_padded_total", "Prefill tokens computed, padding included."
+        )
+        self.ttft = histogram(
+            "time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS
+        )
+        self.itl = histogram("inter_token_latency_seconds", "Time between tokens.", LATENCY_BUCKETS)
+        self.e2e = histogram("e2e_request_latency_seconds", "Request latency.", LATENCY_BUCKETS)
+        self.queue = histogram(
+            "request_queue_time_seconds", "Time waiting to be scheduled.", LATENCY_BUCKETS
+        )
+        self.req_prompt = histogram(
+            "request_prompt_tokens", "Prompt tokens per request.", TOKEN_BUCKETS
+        )
+        self.req_generation = histogram(
+            "request_generation_tokens", "Generated tokens per request.", TOKEN_BUCKETS
+        )
+        self.iteration_tokens = histogram(
+            "iteration_tokens_total", "Tokens computed per engine step.", TOKEN_BUCKETS
+        )
+        self.bin_fill = histogram(
+            "prefill_bin_fill_ratio",
+            "Real over computed tokens of each prefill step.",
+            FILL_BUCKETS,
+        )
+        self.model_name = model_name
+
+    def observe_step(self, stats: StepStats) -> None:
+        """Called by the engine thread after every step."""
+        m = self.model_name
+        self.running.labels(m).set(stats.num_running)
+        self.waiting.labels(m).set(stats.num_waiting)
+        self.kv_usage.labels(m).set(stats.kv_cache_usage)
+        self.preemptions.labels(m).inc(stats.num_preempted)
+        self.iteration_tokens.labels(m).observe(stats.num_prefill_tokens + stats.num_decode_tokens)
+        if stats.num_prefill_rows:
+            self.prefill_rows.labels(m).inc(stats.num_prefill_rows)
+            self.prefill_real.labels(m).inc(stats.num_prefill_tokens)
+            self.prefill_padded.labels(m).inc(stats.num_padded_prefill_tokens)
+            self.bin_fill.labels(m).observe(stats.bin_fill)
+
+    def count_tokens(self, prompt: int, generation: int) -> None:
+        """Called by a handler as its request's tokens arrive: the prompt once, when the first
+        token does (recompute after a preemption is not counted again)."""
+        if prompt:
+            self.prompt_tokens.labels(self.model_name).inc(prompt)
+        if generation:
+            self.generation_tokens.labels(self.model_name).inc(generation)
+
+    def observe_request(self, t: RequestTimings) -> None:
+        """Called by a handler when its request finished (any reason)."""
+        m = self.model_name
+        self.success.labels(m, t.finish_reason).inc()
+        self.e2e.labels(m).observe(t.finished - t.arrival)
+        self.req_prompt.labels(m).observe(t.num_prompt_tokens)
+        self.req_generation.labels(m).observe(t.num_generation_tokens)
+        if t.scheduled is not None:
+            self.queue.labels(m).observe(max(0.0, t.scheduled - t.arrival))
+        if t.first_token is not None:
+            self.ttft.labels(m).observe(t.first_token - t.arrival)
+        for a, b in zip(t.token_times, t.token_times[1:], strict=False):
+            self.itl.labels(m).observe(b - a)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

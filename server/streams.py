@@ -1,0 +1,148 @@
+"""From engine deltas to OpenAI responses: per-choice accumulation, SSE chunks, usage."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from packserve.scheduler import SamplingParams, TokenLogprobs
+
+from .async_engine import AsyncEngine, Timed
+from .metrics import Metrics, RequestTimings
+
+
+@dataclass(slots=True)
+class Choice:
+    """One generated sequence of a request (there are n x prompts of them)."""
+
+    index: int
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival: float = field(default_factory=time.perf_counter)
+    token_ids: list[int] = field(default_factory=list)
+    text: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    scheduled: float | None = None
+    token_times: list[float] = field(default_factory=list)
+
+    def observe(self, item: Timed, metrics: Metrics) -> None:
+        delta = item.delta
+        if self.scheduled is None and delta.token_ids:
+            self.scheduled = item.step_start
+            metrics.count_tokens(len(self.prompt_token_ids), 0)
+        if delta.token_ids:
+            self.token_times.append(time.perf_counter())
+            metrics.count_tokens(0, len(delta.token_ids))
+        self.token_ids += delta.token_ids
+        self.text.append(delta.text)
+        self.logprobs += delta.logprobs
+        if delta.finish_reason is not None:
+            self.finish_reason = delta.finish_reason
+            self.error = delta.error
+
+    def timings(self) -> RequestTimings:
+        return RequestTimings(
+            arrival=self.arrival,
+            scheduled=self.scheduled,
+            first_token=self.token_times[0] if self.token_times else None,
+            finished=time.perf_counter(),
+            token_times=tuple(self.token_times),
+            num_prompt_tokens=len(self.prompt_token_ids),
+            num_generation_tokens=len(self.token_ids),
+            finish_reason=self.finish_reason or "abort",
+        )
+
+
+async def merged(
+    engine: AsyncEngine,
+    choices: list[Choice],
+    metrics: Metrics,
+    on_done: Callable[[Choice], None],
+) -> AsyncIterator[tuple[Choice, Timed]]:
+    """Run every choice in the engine and yield their deltas as they arrive, each already
+    recorded in its Choice. Leaving the iteration early aborts whatever is unfinished;
+    `on_done` sees every choice exactly once."""
+    queue: asyncio.Queue[tuple[Choice, Timed] | None] = asyncio.Queue()
+
+    async def pump(choice: Choice) -> None:
+        async for item in engine.generate(
+            choice.request_id, choice.prompt_token_ids, choice.params
+        ):
+            await queue.put((choice, item))
+
+    tasks = [asyncio.create_task(pump(c)) for c in choices]
+    remaining = len(choices)
+    try:
+        while remaining:
+            entry = await queue.get()
+            assert entry is not None
+            entry[0].observe(entry[1], metrics)
+            yield entry
+            if entry[1].delta.finish_reason is not None:
+                remaining -= 1
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for choice in choices:
+            on_done(choice)
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n"
+
+
+def usage(choices: list[Choice]) -> dict[str, int]:
+    prompts = {id(c.prompt_token_ids): len(c.prompt_token_ids) for c in choices}
+    completion = sum(len(c.token_ids) for c in choices)
+    prompt = sum(prompts.values())
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def completion_logprobs(
+    entries: list[TokenLogprobs],
+    token_ids: list[int],
+    decode: Callable[[list[int]], str],
+    offset: int,
+) -> dict[str, Any]:
+    """The legacy completions logprobs object."""
+    tokens = [decode([t]) for t in token_ids[: len(entries)]]
+    offsets = []
+    for tok in tokens:
+        offsets.append(offset)
+        offset += len(tok)
+    return {
+        "tokens": tokens,
+        "token_logprobs": [e.logprob for e in entries],
+        "top_logprobs": [{decode([t]): lp for t, lp in e.top} for e in entries],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(
+    entries: list[TokenLogprobs], token_ids: list[int], decode: Callable[[list[int]], str]
+) -> dict[str, Any]:
+    """The chat completions logprobs object."""
+
+    def item(token_id: int, logprob: float) -> dict[str, Any]:
+        text = decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**item(t, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]}
+            for t, e in zip(token_ids, entries, strict=False)
+        ]
+    }
