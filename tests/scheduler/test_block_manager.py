@@ -11,8 +11,17 @@ from packserve.scheduler import BlockAllocator, blocks_for
 
 @pytest.mark.parametrize(
     ("tokens", "block_size", "expected"),
-    [(0, 16, 0), (1, 16, 1), (15, 16, 1), (16, 16, 1), (17, 16, 2), (32, 16, 2), (33, 16, 3),
-     (5, 1, 5), (7, 3, 3)],
+    [
+        (0, 16, 0),
+        (1, 16, 1),
+        (15, 16, 1),
+        (16, 16, 1),
+        (17, 16, 2),
+        (32, 16, 2),
+        (33, 16, 3),
+        (5, 1, 5),
+        (7, 3, 3),
+    ],
 )
 def test_blocks_for_examples(tokens, block_size, expected):
     assert blocks_for(tokens, block_size) == expected

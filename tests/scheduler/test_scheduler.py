@@ -937,8 +937,13 @@ def test_sampling_params_reject_invalid_values(kw):
 
 def test_sampling_params_accept_boundary_values():
     sp = SamplingParams(
-        max_tokens=1, temperature=0.0, top_p=1.0, top_k=-1, presence_penalty=2.0,
-        frequency_penalty=-2.0, logprobs=0,
+        max_tokens=1,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=-1,
+        presence_penalty=2.0,
+        frequency_penalty=-2.0,
+        logprobs=0,
     )
     assert sp.greedy
     assert not SamplingParams(temperature=0.7, logprobs=20).greedy

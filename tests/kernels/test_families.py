@@ -1,0 +1,29 @@
+"""Model families beyond Llama load through the same path and stay exact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from packserve.kernels.model_maker import make_model
+from packserve.scheduler import SamplingParams
+from packserve.server.engine import Engine, EngineConfig
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_family_greedy_equals_generate(tmp_path, family, mixed_workload):
+    path = make_model(tmp_path / family, size="tiny", seed=3, family=family)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    engine = Engine(EngineConfig(model=str(path)))
+    prompts = [p for p, _, _ in mixed_workload[:8]]
+    outputs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
+    for prompt, out in zip(prompts, outputs, strict=True):
+        with torch.inference_mode():
+            expected = reference.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=12,
+                do_sample=False,
+            )[0, len(prompt) :].tolist()
+        assert list(out.token_ids) == expected
