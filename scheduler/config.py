@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,8 +37,8 @@ class SchedulerConfig:
             raise ValueError("max_prefill_row_len must be 0 or >= max_model_len")
         if self.prefill_mode not in ("packed", "padded"):
             raise ValueError(f"unknown prefill_mode {self.prefill_mode!r}")
-        if self.packing_window_s < 0:
-            raise ValueError("packing_window_s must be >= 0")
+        if not math.isfinite(self.packing_window_s) or self.packing_window_s < 0:
+            raise ValueError("packing_window_s must be a finite number >= 0")
 
     @property
     def row_capacity(self) -> int:
