@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from packserve.scheduler import ScheduledSequence
 
 from .attention import AttentionBackend, DecodeMetadata, PrefillMetadata

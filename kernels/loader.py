@@ -27,4 +27,6 @@ def load_model(
         trust_remote_code=trust_remote_code,
     )
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    return model.to(device).eval(), tokenizer
+    model.to(torch.device(device))  # type: ignore[arg-type]  # the stub wraps .to oddly
+    model.eval()
+    return model, tokenizer

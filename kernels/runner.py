@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from packserve.scheduler import RunnerOutput, ScheduledSequence, SchedulerOutput
 from transformers import PreTrainedModel
+
+from packserve.scheduler import RunnerOutput, ScheduledSequence, SchedulerOutput
 
 from .attention import AttentionBackend
 from .inputs import ModelInputs, decode_inputs, prefill_inputs

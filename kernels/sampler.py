@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+
 from packserve.scheduler import ScheduledSequence, TokenLogprobs
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, index) pairs over the generator's seed space

@@ -19,8 +19,9 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from packserve.scheduler import SamplingParams
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from packserve.scheduler import SamplingParams
 
 from .async_engine import AsyncEngine
 from .engine import Engine
@@ -112,7 +113,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         async def load() -> None:
-            loaded = engine or await asyncio.to_thread(Engine, settings.engine)
+            loaded = engine
+            if loaded is None:
+                loaded = await asyncio.to_thread(Engine, settings.engine)
             async_engine = AsyncEngine(
                 loaded, state.metrics.observe_step, settings.engine.packing_window_s
             )

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from packserve.scheduler import StepStats
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from packserve.scheduler import StepStats
 
 PREFIX = "packserve:"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120)

@@ -29,15 +29,17 @@ class TextStream:
         if self.stopped:
             return ""
         self._ids.extend(token_ids)
-        decode = self.tokenizer.decode
-        before = decode(
-            self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=True
-        )
-        after = decode(self._ids[self._prefix_offset :], skip_special_tokens=True)
+        before = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        after = self._decode(self._ids[self._prefix_offset :])
         if len(after) <= len(before) or after.endswith("\ufffd"):
             return ""  # an incomplete character: wait for the next token
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         return self._release(after[len(before) :])
+
+    def _decode(self, ids: list[int]) -> str:
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        assert isinstance(text, str)
+        return text
 
     def finish(self) -> str:
         """The request ended: release any text held back for a stop string."""

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
 from packserve.kernels.model_maker import default_model_dir
 from packserve.server.engine import Engine, EngineConfig
-from transformers import AutoModelForCausalLM, PreTrainedModel
 
 
 @pytest.fixture(scope="session")

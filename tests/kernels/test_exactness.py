@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from packserve.kernels.inputs import prefill_inputs
 from packserve.scheduler import SamplingParams, ScheduledSequence, blocks_for
 
@@ -16,8 +17,12 @@ CONFIGS = [
     pytest.param({"attention_backend": "dense", "prefill_mode": "padded"}, id="padded-dense"),
     # Small rows and budget: many rows per step and prompts arriving over several steps.
     pytest.param(
-        {"max_prefill_row_len": 512, "max_model_len": 512, "max_num_batched_tokens": 700,
-         "max_num_seqs": 12},
+        {
+            "max_prefill_row_len": 512,
+            "max_model_len": 512,
+            "max_num_batched_tokens": 700,
+            "max_num_seqs": 12,
+        },
         id="packed-small-budget",
     ),
 ]
@@ -76,8 +81,9 @@ def test_packed_prefill_logits_match_alone(make_engine, reference_model, mixed_w
 
 
 def test_seeded_sampling_ignores_batch_neighbours(make_engine, mixed_workload):
-    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=7, max_tokens=24,
-                            ignore_eos=True)
+    params = SamplingParams(
+        temperature=0.8, top_p=0.9, top_k=50, seed=7, max_tokens=24, ignore_eos=True
+    )
     prompt = mixed_workload[5][0]
 
     def sample_with(neighbours: list[list[int]], params=params, **overrides) -> tuple[int, ...]:
@@ -92,11 +98,13 @@ def test_seeded_sampling_ignores_batch_neighbours(make_engine, mixed_workload):
 
     alone = sample_with([])
     crowded = sample_with([p for p, _, _ in mixed_workload[:10]])
-    preempted = sample_with([p for p, _, _ in mixed_workload[:10]], num_kv_blocks=40,
-                            max_model_len=512)
+    preempted = sample_with(
+        [p for p, _, _ in mixed_workload[:10]], num_kv_blocks=40, max_model_len=512
+    )
     assert len(alone) == 24
     assert alone == crowded == preempted
     # A different seed draws differently (the seed is really used).
-    other_seed = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=8, max_tokens=24,
-                                ignore_eos=True)
+    other_seed = SamplingParams(
+        temperature=0.8, top_p=0.9, top_k=50, seed=8, max_tokens=24, ignore_eos=True
+    )
     assert sample_with([], params=other_seed) != alone

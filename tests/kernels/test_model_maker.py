@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from packserve.kernels.corpus import corpus_documents
 from packserve.kernels.model_maker import (
     FAMILIES,
@@ -16,8 +19,6 @@ from packserve.kernels.model_maker import (
     default_model_dir,
     make_model,
 )
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def _hashes(folder: Path) -> dict[str, str]:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
+
 from packserve.scheduler import (
     Request,
     RequestStatus,
