@@ -84,11 +84,9 @@ class TokenEvent:
 
 @dataclass(frozen=True, slots=True)
 class StepStats:
-    """What one engine step did; metrics and benchmarks read these."""
+    """What one engine step did; metrics, the dashboard and benchmarks read these."""
 
-    num_prefill_tokens: int  # real prompt tokens prefilled
-    num_padded_prefill_tokens: int  # tokens computed, padding included
-    num_prefill_rows: int
+    prefill_rows: tuple[tuple[int, ...], ...]  # [row][prompt] token counts, in row order
     num_decode_tokens: int
     num_running: int  # after the step
     num_waiting: int
@@ -96,6 +94,20 @@ class StepStats:
     num_kv_blocks: int
     num_preempted: int
     step_time_s: float
+
+    @property
+    def num_prefill_rows(self) -> int:
+        return len(self.prefill_rows)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Real prompt tokens prefilled."""
+        return sum(map(sum, self.prefill_rows))
+
+    @property
+    def num_padded_prefill_tokens(self) -> int:
+        """Tokens computed, padding included: every row padded to the longest."""
+        return max(map(sum, self.prefill_rows), default=0) * len(self.prefill_rows)
 
     @property
     def bin_fill(self) -> float:

@@ -222,9 +222,7 @@ class Engine:
     def _stats(self, output: SchedulerOutput, seconds: float) -> StepStats:
         allocator = self.scheduler.allocator
         return StepStats(
-            num_prefill_tokens=output.num_prefill_tokens,
-            num_padded_prefill_tokens=output.num_padded_prefill_tokens,
-            num_prefill_rows=len(output.prefill_bins),
+            prefill_rows=tuple(tuple(seq.num_tokens for seq in row) for row in output.prefill_bins),
             num_decode_tokens=len(output.decodes),
             num_running=self.scheduler.num_running,
             num_waiting=self.scheduler.num_waiting,
