@@ -74,6 +74,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "kv-cache-memory-mb", int, d.kv_cache_memory_bytes >> 20, "KV pool size")
     _flag(parser, "packing-window-ms", float, 0.0, "when idle, wait this long to fill bins")
     _flag(parser, "seed", int, None, "seed for requests that bring none")
+    _flag(parser, "debug-fault-token-id", int, None, "tests only: fail any step running this id")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -97,6 +98,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_bytes=args.kv_cache_memory_mb << 20,
         packing_window_s=args.packing_window_ms / 1000,
         seed=args.seed,
+        fault_token_id=args.debug_fault_token_id,
     )
 
 
