@@ -19,6 +19,7 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from packserve.scheduler import SamplingParams
@@ -137,9 +138,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         headers = {"Retry-After": "1"} if exc.status == 429 else None
         return JSONResponse(exc.body.model_dump(), status_code=exc.status, headers=headers)
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return await api_error(request, APIError(exc.status_code, str(exc.detail)))
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            return await api_error(request, APIError(400, "the body is not valid JSON"))
         loc = [str(p) for p in first.get("loc", ()) if p != "body"]
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
         return await api_error(request, APIError(400, message, param=".".join(loc) or None))
