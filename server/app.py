@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import itertools
-import json
 import logging
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -26,6 +24,7 @@ from packserve.scheduler import SamplingParams
 
 from .async_engine import AsyncEngine
 from .engine import Engine
+from .logs import configure_logging
 from .metrics import Metrics
 from .protocol import (
     MAX_CHOICES,
@@ -528,10 +527,7 @@ def _done(state: ServerState):
         }
         if settings.log_prompts:
             fields["prompt_token_ids"] = choice.prompt_token_ids
-        if settings.log_format == "json":
-            log.info(json.dumps(fields))
-        else:
-            log.info(" ".join(f"{k}={v}" for k, v in fields.items()))
+        log.info("request finished", extra={"fields": fields})
 
     return done
 
@@ -621,11 +617,13 @@ class DrainingServer(uvicorn.Server):
 
 def run(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; exit 0 after draining."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="info", timeout_graceful_shutdown=5
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=configure_logging(settings.log_format),
+        timeout_graceful_shutdown=5,
     )
     server = DrainingServer(config, app.state.server)
     server.run()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
