@@ -4,6 +4,7 @@ through thread-safe queues and per-request collectors."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -127,7 +128,7 @@ class AsyncEngine:
                 self.engine.add_request(sub.prompt_token_ids, sub.params, sub.request_id)
             except ValueError as exc:
                 error = Delta(sub.request_id, (), "", "error", error=str(exc))
-                sub.loop.call_soon_threadsafe(sub.collector.put_nowait, Timed(error, 0.0))
+                self._send(sub, Timed(error, 0.0))
                 continue
             self._collectors[sub.request_id] = sub
         while self._aborts:
@@ -141,7 +142,13 @@ class AsyncEngine:
             return
         if item.delta.finish_reason is not None:
             del self._collectors[item.delta.request_id]
-        sub.loop.call_soon_threadsafe(sub.collector.put_nowait, item)
+        self._send(sub, item)
+
+    @staticmethod
+    def _send(sub: _Submission, item: Timed) -> None:
+        # RuntimeError: the caller's event loop is gone; nobody is listening.
+        with contextlib.suppress(RuntimeError):
+            sub.loop.call_soon_threadsafe(sub.collector.put_nowait, item)
 
     def _fail_all(self, message: str) -> list[Delta]:
         deltas = []
