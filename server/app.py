@@ -20,9 +20,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from packserve.scheduler import SamplingParams
+from packserve.scheduler import SamplingParams, StepStats
 
 from .async_engine import AsyncEngine
+from .dashboard import DashboardRecorder, dashboard_router
 from .engine import Engine
 from .logs import configure_logging
 from .metrics import Metrics
@@ -38,7 +39,7 @@ from .protocol import (
     TokenizeRequest,
 )
 from .settings import Settings
-from .streams import Choice, chat_logprobs, completion_logprobs, merged, sse, usage
+from .streams import Choice, Generation, chat_logprobs, completion_logprobs, sse, usage
 
 log = logging.getLogger("packserve.requests")
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -55,6 +56,7 @@ class ServerState:
     engine: AsyncEngine | None = None
     draining: bool = False
     ids: itertools.count = field(default_factory=itertools.count)
+    dashboard: DashboardRecorder = field(default_factory=DashboardRecorder)
 
     @property
     def ready(self) -> bool:
@@ -69,7 +71,10 @@ class ServerState:
 
 
 class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes with 413, declared or streamed."""
+    """ASGI middleware: refuse bodies over `limit` bytes with 413, declared or streamed.
+
+    It reads the body itself (up to the limit) and replays it, because the framework turns
+    any error raised while it reads the body into a generic 400."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
@@ -81,28 +86,32 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             return await self._refuse(scope, receive, send)
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
+        chunks: list[bytes] = []
+        size = 0
+        while True:
             message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
+            if message["type"] != "http.request":  # the client left while sending
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        replayed = False
 
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, receive, send)
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for a disconnect
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+        await self.app(scope, replay, send)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
         body = APIError(413, f"request body over {self.limit} bytes").body.model_dump()
         await JSONResponse(body, status_code=413)(scope, receive, send)
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -116,8 +125,20 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             loaded = engine
             if loaded is None:
                 loaded = await asyncio.to_thread(Engine, settings.engine)
-            async_engine = AsyncEngine(
-                loaded, state.metrics.observe_step, settings.engine.packing_window_s
+            scheduler = loaded.scheduler
+
+            def on_step(stats: StepStats) -> None:  # engine thread, after every step
+                state.metrics.observe_step(stats)
+                state.dashboard.observe_step(stats, scheduler)  # reads scheduler.running here
+
+            async_engine = AsyncEngine(loaded, on_step, settings.engine.packing_window_s)
+            blocks = scheduler.allocator
+            state.metrics.track(
+                lambda: (
+                    scheduler.num_running,
+                    async_engine.num_waiting,
+                    blocks.num_used / blocks.num_blocks,
+                )
             )
             async_engine.start()
             state.engine = async_engine
@@ -183,6 +204,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def metrics() -> Response:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
+    app.include_router(dashboard_router(state.dashboard, settings.served_model_name))  # open
+
     # -- models and tokens ----------------------------------------------------------------------
 
     @app.get("/v1/models", dependencies=api, responses=ERRORS)
@@ -239,6 +262,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             for p in prompts
         ]
         choices = _choices(state, engine, prompts, body, body.max_tokens, body.logprobs)
+        generation = Generation(async_engine, choices, state.metrics, _done(state))
         rid = f"cmpl-{uuid.uuid4().hex}"
         head = {
             "id": rid,
@@ -273,9 +297,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                                 ],
                             }
                         )
-                async for choice, item in merged(
-                    async_engine, choices, state.metrics, _done(state)
-                ):
+                async for choice, item in generation.events():
                     d = item.delta
                     if d.error:
                         yield sse(APIError(500, d.error).body.model_dump())
@@ -304,7 +326,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
             return _streaming(events(), state)
 
-        await _run(state, async_engine, choices, request)
+        await _run(state, generation, request)
         return {
             **head,
             "usage": usage(choices),
@@ -329,6 +351,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         choices = _choices(
             state, engine, [prompt], body, body.max_completion_tokens or body.max_tokens, top
         )
+        generation = Generation(async_engine, choices, state.metrics, _done(state))
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         head = {"id": rid, "created": int(time.time()), "model": settings.served_model_name}
         decode = engine.tokenizer.decode
@@ -357,9 +380,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                             ],
                         }
                     )
-                async for choice, item in merged(
-                    async_engine, choices, state.metrics, _done(state)
-                ):
+                async for choice, item in generation.events():
                     d = item.delta
                     if d.error:
                         yield sse(APIError(500, d.error).body.model_dump())
@@ -388,7 +409,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
             return _streaming(events(), state)
 
-        await _run(state, async_engine, choices, request)
+        await _run(state, generation, request)
         return {
             **head,
             "object": "chat.completion",
@@ -516,6 +537,7 @@ def _done(state: ServerState):
     def done(choice: Choice) -> None:
         t = choice.timings()
         state.metrics.observe_request(t)
+        state.dashboard.observe_request(t)
         fields = {
             "request_id": choice.request_id,
             "prompt_tokens": t.num_prompt_tokens,
@@ -532,13 +554,11 @@ def _done(state: ServerState):
     return done
 
 
-async def _run(
-    state: ServerState, engine: AsyncEngine, choices: list[Choice], request: Request
-) -> None:
+async def _run(state: ServerState, generation: Generation, request: Request) -> None:
     """Generate every choice to the end; abort them if the client leaves or time runs out."""
 
     async def consume() -> None:
-        async for _ in merged(engine, choices, state.metrics, _done(state)):
+        async for _ in generation.events():
             pass
 
     async def disconnected() -> None:
@@ -562,7 +582,7 @@ async def _run(
             raise APIError(400, "client disconnected")  # nobody is there to read it
         raise APIError(408, "the request timed out")
     work.result()
-    failed = [c.error for c in choices if c.finish_reason == "error"]
+    failed = [c.error for c in generation.choices if c.finish_reason == "error"]
     if failed:
         raise APIError(500, f"generation failed: {failed[0]}")
 

@@ -9,7 +9,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from packserve.scheduler import SamplingParams, StepStats
@@ -76,28 +76,28 @@ class AsyncEngine:
         """Requests not yet running: queued here or waiting in the scheduler."""
         return len(self._adds) + self.engine.scheduler.num_waiting
 
-    async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
-    ) -> AsyncIterator[Timed]:
-        """Submit a request and yield its deltas until it finishes. Leaving early (a client
-        that disconnected, a timeout) aborts it in the engine within one step."""
-        collector: asyncio.Queue[Timed] = asyncio.Queue()
+    def submit(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        collector: asyncio.Queue[Timed],
+    ) -> None:
+        """Queue a request; its deltas will arrive in `collector` (the choices of one HTTP
+        request share one). Synchronous, so a handler's queue-limit check and its submission
+        happen in the same event-loop turn. Pair every submit with a `release`."""
         self.num_in_flight += 1
-        self._adds.append(
-            _Submission(request_id, prompt_token_ids, params, collector, asyncio.get_running_loop())
-        )
+        loop = asyncio.get_running_loop()
+        self._adds.append(_Submission(request_id, prompt_token_ids, params, collector, loop))
         self._wake.set()
-        finished = False
-        try:
-            while not finished:
-                item = await collector.get()
-                finished = item.delta.finish_reason is not None
-                yield item
-        finally:
-            self.num_in_flight -= 1
-            if not finished:
-                self._aborts.append(request_id)
-                self._wake.set()
+
+    def release(self, request_id: str, finished: bool) -> None:
+        """The caller is done with a request; an unfinished one (a client that left, a
+        timeout) is aborted in the engine within one step."""
+        self.num_in_flight -= 1
+        if not finished:
+            self._aborts.append(request_id)
+            self._wake.set()
 
     # -- engine thread --------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ timings come from the HTTP handlers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -84,13 +85,41 @@ class Metrics:
             FILL_BUCKETS,
         )
         self.model_name = model_name
+        # Every series exists from the start (at 0), so scrapers and autoscalers see it.
+        for child in (
+            self.running,
+            self.waiting,
+            self.kv_usage,
+            self.prompt_tokens,
+            self.generation_tokens,
+            self.preemptions,
+            self.prefill_rows,
+            self.prefill_real,
+            self.prefill_padded,
+            self.ttft,
+            self.itl,
+            self.e2e,
+            self.queue,
+            self.req_prompt,
+            self.req_generation,
+            self.iteration_tokens,
+            self.bin_fill,
+        ):
+            child.labels(model_name)
+        for reason in ("stop", "length", "abort", "error"):
+            self.success.labels(model_name, reason)
+
+    def track(self, load: Callable[[], tuple[int, int, float]]) -> None:
+        """Read the gauges at scrape time from `load()` = (running, waiting, KV usage), so
+        they are current also after an abort or while the engine idles."""
+        m = self.model_name
+        self.running.labels(m).set_function(lambda: load()[0])
+        self.waiting.labels(m).set_function(lambda: load()[1])
+        self.kv_usage.labels(m).set_function(lambda: load()[2])
 
     def observe_step(self, stats: StepStats) -> None:
-        """Called by the engine thread after every step."""
+        """Called by the engine thread after every step: the work counters."""
         m = self.model_name
-        self.running.labels(m).set(stats.num_running)
-        self.waiting.labels(m).set(stats.num_waiting)
-        self.kv_usage.labels(m).set(stats.kv_cache_usage)
         self.preemptions.labels(m).inc(stats.num_preempted)
         self.iteration_tokens.labels(m).observe(stats.num_prefill_tokens + stats.num_decode_tokens)
         if stats.num_prefill_rows:

@@ -60,39 +60,41 @@ class Choice:
         )
 
 
-async def merged(
-    engine: AsyncEngine,
-    choices: list[Choice],
-    metrics: Metrics,
-    on_done: Callable[[Choice], None],
-) -> AsyncIterator[tuple[Choice, Timed]]:
-    """Run every choice in the engine and yield their deltas as they arrive, each already
-    recorded in its Choice. Leaving the iteration early aborts whatever is unfinished;
-    `on_done` sees every choice exactly once."""
-    queue: asyncio.Queue[tuple[Choice, Timed] | None] = asyncio.Queue()
+class Generation:
+    """The choices of one HTTP request, submitted to the engine together on construction."""
 
-    async def pump(choice: Choice) -> None:
-        async for item in engine.generate(
-            choice.request_id, choice.prompt_token_ids, choice.params
-        ):
-            await queue.put((choice, item))
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        choices: list[Choice],
+        metrics: Metrics,
+        on_done: Callable[[Choice], None],
+    ) -> None:
+        self.engine = engine
+        self.choices = choices
+        self.metrics = metrics
+        self.on_done = on_done
+        self.collector: asyncio.Queue[Timed] = asyncio.Queue()
+        for c in choices:
+            engine.submit(c.request_id, c.prompt_token_ids, c.params, self.collector)
 
-    tasks = [asyncio.create_task(pump(c)) for c in choices]
-    remaining = len(choices)
-    try:
-        while remaining:
-            entry = await queue.get()
-            assert entry is not None
-            entry[0].observe(entry[1], metrics)
-            yield entry
-            if entry[1].delta.finish_reason is not None:
-                remaining -= 1
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for choice in choices:
-            on_done(choice)
+    async def events(self) -> AsyncIterator[tuple[Choice, Timed]]:
+        """Every choice's deltas as they arrive, each already recorded in its Choice.
+        Leaving early aborts whatever is unfinished; `on_done` sees every choice once."""
+        by_id = {c.request_id: c for c in self.choices}
+        unfinished = set(by_id)
+        try:
+            while unfinished:
+                item = await self.collector.get()
+                choice = by_id[item.delta.request_id]
+                choice.observe(item, self.metrics)
+                if choice.finish_reason is not None:
+                    unfinished.discard(choice.request_id)
+                yield choice, item
+        finally:  # no await here: this also runs when the client's cancellation lands
+            for c in self.choices:
+                self.engine.release(c.request_id, finished=c.finish_reason is not None)
+                self.on_done(c)
 
 
 def sse(payload: dict[str, Any] | str) -> str:

@@ -6,8 +6,10 @@ Everything that waits has a bound, so a broken server fails a test instead of ha
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,9 +23,10 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from packserve.scheduler import SamplingParams
 from packserve.server.engine import Completion, Engine
-from prometheus_client.parser import text_string_to_metric_families
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 90.0  # importing torch + loading the model on a busy 2-core machine
@@ -67,10 +70,8 @@ class Server:
         """Kill the process (ours, by its Popen handle) and reap it."""
         if self.proc.poll() is None:
             self.proc.kill()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):  # nothing more we can do
             self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:  # pragma: no cover - nothing more we can do
-            pass
 
 
 def _wait_ready(server: Server, timeout: float) -> None:
@@ -94,6 +95,9 @@ def _wait_ready(server: Server, timeout: float) -> None:
     raise TimeoutError(f"server not ready after {timeout}s (last: {last}):\n{server.logs()}")
 
 
+_STARTED: list[Server] = []  # every server of this session, for the log check below
+
+
 @pytest.fixture(scope="session")
 def launch_server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -101,7 +105,7 @@ def launch_server(
     """Factory: start `packserve serve --model <tiny> --port <free> *flags`, wait (bounded)
     until GET /ready is 200 and return the Server. Every server still running is killed at
     the end of the session; fixtures and tests may `stop()` theirs earlier."""
-    started: list[Server] = []
+    started = _STARTED
     logs = tmp_path_factory.mktemp("servers")
 
     def launch(*flags: str, env: dict[str, str] | None = None, attempts: int = 3) -> Server:
@@ -124,7 +128,11 @@ def launch_server(
             ]
             with open(log_path, "wb") as log:
                 proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=base_env
+                    cmd,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    env=base_env,
                 )
             server = Server(f"http://{HOST}:{port}", port, proc, log_path, tuple(flags))
             started.append(server)
@@ -133,13 +141,33 @@ def launch_server(
             except (RuntimeError, TimeoutError) as exc:
                 server.stop()
                 error = exc
-                continue
+                if "address already in use" in server.logs().lower():
+                    continue  # another process took the port: try another one
+                break
             return server
         raise AssertionError(f"could not start packserve {' '.join(flags)}: {error}")
 
     yield launch
     for server in started:
         server.stop()
+
+
+_ACCESS_500 = re.compile(r'"[A-Z]+ [^"]*" 5\d\d\b(?<!503)')
+
+
+@pytest.fixture(autouse=True)
+def no_server_errors() -> Iterator[None]:
+    """After every test: no server answered 5xx (503 while draining or loading is allowed)
+    and none logged a traceback while the test ran."""
+    offsets = {id(s): len(s.logs(tail=10**9)) for s in _STARTED}
+    yield
+    problems = []
+    for s in list(_STARTED):
+        new = s.logs(tail=10**9)[offsets.get(id(s), 0) :]
+        for line in new.splitlines():
+            if _ACCESS_500.search(line) or "Traceback" in line or "unhandled error" in line:
+                problems.append(f"{s.url}: {line}")
+    assert not problems, "server errors during the test:\n" + "\n".join(problems[:20])
 
 
 @pytest.fixture(scope="session")
@@ -189,9 +217,19 @@ def offline(engine: Engine) -> Callable[..., Completion]:
     """offline(prompt, max_tokens, **params): the engine's own output for one prompt (text or
     token ids), greedy unless params say otherwise."""
 
+    cache: dict[tuple, Completion] = {}
+
     def run(prompt: str | list[int], max_tokens: int, **params: Any) -> Completion:
         params.setdefault("temperature", 0.0)
-        return engine.generate([prompt], SamplingParams(max_tokens=max_tokens, **params))[0]
+        key = (
+            prompt if isinstance(prompt, str) else tuple(prompt),
+            max_tokens,
+            tuple(sorted(params.items())),
+        )
+        if key not in cache:
+            sampling = SamplingParams(max_tokens=max_tokens, **params)
+            cache[key] = engine.generate([prompt], sampling)[0]
+        return cache[key]
 
     return run
 
@@ -296,6 +334,27 @@ def wait_idle(metrics, metric, wait_for) -> Callable[[str], None]:
         wait_for(check, timeout, what=f"{url} to be idle")
 
     return idle
+
+
+@pytest.fixture(scope="session")
+def settle(wait_idle) -> Callable[[str], None]:
+    """settle(url): make sure nothing runs before a test measures something. If the gauges
+    still show work after a short wait, one tiny request runs a fresh engine step (the gauges
+    are only updated by steps), then the wait is repeated, bounded as always."""
+
+    def run(url: str) -> None:
+        try:
+            wait_idle(url, timeout=2.0)
+            return
+        except AssertionError:
+            pass
+        r = httpx.post(
+            url + "/v1/completions", json={"prompt": "settle", "max_tokens": 1}, timeout=60.0
+        )
+        assert r.status_code == 200, r.text
+        wait_idle(url, timeout=10.0)
+
+    return run
 
 
 def assert_error_body(response: httpx.Response, status: int, type_: str | None = None) -> dict:

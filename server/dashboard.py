@@ -1,0 +1,377 @@
+"""The live packing dashboard: a recorder fed by the engine loop, a JSON feed and a static page.
+
+`DashboardRecorder.observe_step` runs on the engine thread after every step; it only appends
+to bounded ring buffers (constant work per step, plus a sum over the step's prefill rows and,
+at most four times a second, a snapshot of the running requests' counts). Everything else,
+percentiles, padding arithmetic and JSON, happens in the feed handler on the event loop, when
+somebody is looking. `bench/dashboard_overhead.py` measures the per-step cost.
+
+Auth: GET /dashboard and GET /dashboard/feed are open, like /metrics. The feed holds counts,
+gauges, timings and the server's internal request ids (`req-N`), never prompt or output text
+or token ids: the same information /metrics already publishes, at finer grain. Requiring the
+API key would also force the key into browser JavaScript (a page load cannot send an
+Authorization header), which is worse than the exposure it prevents. Put the server behind a
+proxy if /metrics must not be public; the dashboard goes with it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from importlib import resources
+from itertools import islice
+from typing import Any, Protocol
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse, Response
+
+from packserve.scheduler import StepStats
+
+from .metrics import RequestTimings
+
+HISTORY_S = 300  # seconds of per-second series kept (the charts' window)
+PREFILL_STEPS = 32  # prefill steps kept (the page draws the newest few)
+TTFT_SAMPLES = 4096  # first-token latencies kept
+TTFT_WINDOW_S = 10  # the TTFT chart: one p50/p99 point per this many seconds
+RATE_WINDOW_S = 10  # tokens/s and friends: over this many complete seconds
+TTFT_KPI_WINDOW_S = 60  # the TTFT headline numbers: over the last minute
+MAX_RUNNING_ROWS = 100  # running requests listed (the total is always given)
+SNAPSHOT_EVERY_S = 0.25  # re-read the running list at most this often (or when its size changes)
+
+
+class _Running(Protocol):
+    request_id: str
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    arrival_time: float  # time.monotonic()
+
+
+class _Scheduler(Protocol):
+    @property
+    def running(self) -> Sequence[_Running]: ...
+
+    @property
+    def config(self) -> Any: ...
+
+
+class _Second:
+    """What the engine did during one wall second (monotonic clock, floored)."""
+
+    __slots__ = (
+        "busy_s",
+        "gen_tokens",
+        "kv",
+        "prompt_tokens",
+        "kv_end",
+        "running",
+        "running_end",
+        "sec",
+        "seq",
+        "steps",
+        "waiting",
+        "waiting_end",
+    )
+
+    def __init__(self, sec: int) -> None:
+        self.sec = sec
+        self.seq = 0  # the last step recorded into it: the feed's `since` compares to this
+        self.steps = 0
+        self.prompt_tokens = 0
+        self.gen_tokens = 0
+        self.busy_s = 0.0
+        self.running = 0  # the gauges: the highest value seen during the second...
+        self.waiting = 0
+        self.kv = 0.0
+        self.running_end = 0  # ...and the value after its last step (what holds while idle)
+        self.waiting_end = 0
+        self.kv_end = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "t": self.sec,
+            "steps": self.steps,
+            "prompt_tokens": self.prompt_tokens,
+            "gen_tokens": self.gen_tokens,
+            "busy_s": round(self.busy_s, 4),
+            "running": self.running,
+            "waiting": self.waiting,
+            "kv": round(self.kv, 4),
+            "running_end": self.running_end,
+            "waiting_end": self.waiting_end,
+            "kv_end": round(self.kv_end, 4),
+        }
+
+
+class DashboardRecorder:
+    """Recent engine steps and first-token latencies, in bounded ring buffers.
+
+    Written by the engine thread (`observe_step`) and the event loop (`observe_request`),
+    read by the feed handler; one lock, held for a few attribute writes at a time.
+    """
+
+    def __init__(
+        self,
+        history_s: int = HISTORY_S,
+        prefill_steps: int = PREFILL_STEPS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._clock = clock  # seconds, monotonic; the scheduler's arrival_time uses the same
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._started = clock()
+        self._seconds: deque[_Second] = deque(maxlen=history_s)
+        self._prefills: deque[tuple[int, float, tuple[tuple[int, ...], ...], float]] = deque(
+            maxlen=prefill_steps
+        )
+        self._ttft: deque[tuple[float, float]] = deque(maxlen=TTFT_SAMPLES)
+        self._last: tuple[int, int, int, int, float] = (0, 0, 0, 0, 0.0)
+        self._last_at = -math.inf  # when the last step was recorded
+        self._running: tuple[tuple[str, int, int, float], ...] = ()
+        self._running_total = 0
+        self._running_at = -math.inf
+        self._config: dict[str, Any] | None = None
+
+    # -- writers --------------------------------------------------------------------------------
+
+    def observe_step(self, stats: StepStats, scheduler: _Scheduler | None = None) -> None:
+        """Engine thread, after every step. `scheduler` (the engine's own) is read here, on
+        its thread, for the running-requests table: counts only, never token ids."""
+        now = self._clock()
+        rows = stats.prefill_rows
+        prompt_tokens = sum(map(sum, rows)) if rows else 0
+        generated = stats.num_decode_tokens + (sum(map(len, rows)) if rows else 0)
+        snapshot, total = None, 0
+        if scheduler is not None:
+            running = scheduler.running
+            if now - self._running_at >= SNAPSHOT_EVERY_S or len(running) != self._running_total:
+                snapshot = tuple(
+                    (r.request_id, len(r.prompt_token_ids), len(r.output_token_ids), r.arrival_time)
+                    for r in islice(running, MAX_RUNNING_ROWS)
+                )
+                total = len(running)
+            if self._config is None:
+                self._config = _config_of(scheduler.config)
+        kv = stats.num_kv_blocks_used / stats.num_kv_blocks if stats.num_kv_blocks else 0.0
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            sec = int(now)
+            second = self._seconds[-1] if self._seconds else None
+            if second is None or second.sec != sec:
+                second = _Second(sec)
+                self._seconds.append(second)
+            second.seq = seq
+            second.steps += 1
+            second.prompt_tokens += prompt_tokens
+            second.gen_tokens += generated
+            second.busy_s += stats.step_time_s
+            second.running = max(second.running, stats.num_running)
+            second.waiting = max(second.waiting, stats.num_waiting)
+            second.kv = max(second.kv, kv)
+            second.running_end = stats.num_running
+            second.waiting_end = stats.num_waiting
+            second.kv_end = kv
+            if rows:
+                self._prefills.append((seq, now, rows, stats.step_time_s))
+            self._last_at = now
+            self._last = (
+                stats.num_running,
+                stats.num_waiting,
+                stats.num_kv_blocks_used,
+                stats.num_kv_blocks,
+                stats.step_time_s,
+            )
+            if snapshot is not None:
+                self._running, self._running_total, self._running_at = snapshot, total, now
+
+    def observe_request(self, t: RequestTimings) -> None:
+        """Event loop, when a request finished: keep its time to first token, if it got one."""
+        if t.first_token is None:
+            return
+        with self._lock:
+            self._ttft.append((self._clock(), max(0.0, t.first_token - t.arrival)))
+
+    # -- the feed -------------------------------------------------------------------------------
+
+    def feed(self, since: int = 0, now: float | None = None) -> dict[str, Any]:
+        """Everything the page shows. Series points and prefill steps newer than step `since`
+        only (the page merges them); gauges, latencies and the running table in full."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            seq = self._seq
+            if since > seq:  # a restarted server: the page starts over
+                since = 0
+            seconds = list(self._seconds)
+            prefills = list(self._prefills)
+            ttft = list(self._ttft)
+            last, last_at = self._last, self._last_at
+            running, running_total, running_at = (
+                self._running,
+                self._running_total,
+                self._running_at,
+            )
+            config = self._config
+        nowsec = int(now)
+        full = [s for s in seconds if nowsec - RATE_WINDOW_S <= s.sec < nowsec]
+        packed = [_step_json(p, now) for p in prefills]
+        real = sum(s["real"] for s in packed)
+        cost_packed = sum(s["packed"] for s in packed)
+        cost_padded = sum(s["padded"] for s in packed)
+        recent = sorted(v for ts, v in ttft if now - ts <= TTFT_KPI_WINDOW_S)
+        return {
+            "seq": seq,
+            "since": since,
+            "now": round(now, 3),
+            "uptime_s": round(now - self._started, 1),
+            "history_s": self._seconds.maxlen,
+            "last_step_age_s": round(now - last_at, 2) if last_at > -math.inf else None,
+            "config": config,
+            "summary": {
+                "tokens_per_s": round(sum(s.gen_tokens for s in full) / RATE_WINDOW_S, 1),
+                "prompt_tokens_per_s": round(sum(s.prompt_tokens for s in full) / RATE_WINDOW_S, 1),
+                "steps_per_s": round(sum(s.steps for s in full) / RATE_WINDOW_S, 1),
+                "busy": round(min(1.0, sum(s.busy_s for s in full) / RATE_WINDOW_S), 3),
+                "running": last[0],
+                "waiting": last[1],
+                "kv_blocks_used": last[2],
+                "kv_blocks": last[3],
+                "kv_cache_usage": round(last[2] / last[3], 4) if last[3] else 0.0,
+                "last_step_ms": round(last[4] * 1000, 2),
+                "ttft_p50_s": _percentile(recent, 0.5),
+                "ttft_p99_s": _percentile(recent, 0.99),
+                "ttft_n": len(recent),
+                "prefill_steps": len(packed),
+                "prefill_real_tokens": real,
+                "prefill_packed_tokens": cost_packed,
+                "prefill_padded_tokens": cost_padded,
+                "packed_fill": round(real / cost_packed, 4) if cost_packed else None,
+                "padded_fill": round(real / cost_padded, 4) if cost_padded else None,
+            },
+            "series": [s.to_json() for s in seconds if s.seq > since],
+            "prefill_steps": [s for s in packed if s["seq"] > since],
+            "ttft_series": _ttft_series(ttft, now, self._seconds.maxlen or HISTORY_S),
+            "running": [
+                {
+                    "id": rid,
+                    "prompt_tokens": prompt,
+                    "generated_tokens": generated,
+                    "age_s": round(max(0.0, now - arrival), 2),
+                }
+                for rid, prompt, generated, arrival in running
+            ],
+            "running_total": running_total,
+            "running_age_s": round(now - running_at, 2) if running_at > -math.inf else None,
+        }
+
+
+def _config_of(config: Any) -> dict[str, Any]:
+    """The scheduler settings the page labels its drawings with."""
+    return {
+        "prefill_mode": getattr(config, "prefill_mode", "packed"),
+        "row_capacity": getattr(config, "row_capacity", None),
+        "max_num_seqs": getattr(config, "max_num_seqs", None),
+        "max_model_len": getattr(config, "max_model_len", None),
+        "num_kv_blocks": getattr(config, "num_kv_blocks", None),
+        "block_size": getattr(config, "block_size", None),
+    }
+
+
+def _step_json(
+    step: tuple[int, float, tuple[tuple[int, ...], ...], float], now: float
+) -> dict[str, Any]:
+    """One prefill step with its cost both ways: as packed (every row padded to the longest
+    row) and as padded batching would have run it (one prompt per row, padded to the longest
+    prompt)."""
+    seq, at, rows, seconds = step
+    prompts = [n for row in rows for n in row]
+    return {
+        "seq": seq,
+        "age_s": round(max(0.0, now - at), 2),
+        "step_ms": round(seconds * 1000, 2),
+        "rows": [list(row) for row in rows],
+        "real": sum(prompts),
+        "packed": max(map(sum, rows)) * len(rows),
+        "padded": max(prompts) * len(prompts),
+    }
+
+
+def _percentile(ordered: list[float], q: float) -> float | None:
+    """Nearest-rank percentile of an ascending list; None when empty."""
+    if not ordered:
+        return None
+    return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 4)
+
+
+def _ttft_series(samples: list[tuple[float, float]], now: float, history_s: int) -> list[dict]:
+    """p50/p99 of the first-token latencies in consecutive windows ending at `now`."""
+    windows: dict[int, list[float]] = {}
+    for ts, value in samples:
+        k = int((now - ts) // TTFT_WINDOW_S)
+        if 0 <= k < history_s // TTFT_WINDOW_S:
+            windows.setdefault(k, []).append(value)
+    out = []
+    for k in sorted(windows, reverse=True):
+        values = sorted(windows[k])
+        out.append(
+            {
+                "t": round(now - k * TTFT_WINDOW_S, 3),
+                "p50": _percentile(values, 0.5),
+                "p99": _percentile(values, 0.99),
+                "n": len(values),
+            }
+        )
+    return out
+
+
+# -- HTTP ---------------------------------------------------------------------------------------
+
+_STATIC = {
+    "dashboard.html": "text/html; charset=utf-8",
+    "dashboard.js": "text/javascript; charset=utf-8",
+    "dashboard.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
+}
+# Everything from this origin, nothing inline, nothing from elsewhere (no CDN, by design).
+_CSP = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+def _static(name: str) -> bytes:
+    return (resources.files("packserve.server") / "static" / name).read_bytes()
+
+
+def dashboard_router(recorder: DashboardRecorder, model_name: str = "") -> APIRouter:
+    """GET /dashboard (the page and its two files) and GET /dashboard/feed. Open, like
+    /metrics: see the module docstring."""
+    router = APIRouter(tags=["dashboard"])
+    files = {name: _static(name) for name in _STATIC}  # read once: no file access per request
+    headers = {
+        "Content-Security-Policy": _CSP,
+        "X-Content-Type-Options": "nosniff",
+        "Cache-Control": "no-cache",
+    }
+
+    def route(path: str, name: str) -> None:
+        async def serve() -> Response:
+            return Response(files[name], media_type=_STATIC[name], headers=headers)
+
+        router.add_api_route(path, serve, methods=["GET"], include_in_schema=False)
+
+    route("/dashboard", "dashboard.html")  # its files are relative: dashboard/<name>
+    for name in _STATIC:
+        if name != "dashboard.html":
+            route(f"/dashboard/{name}", name)
+
+    @router.get("/dashboard/feed")
+    async def feed(since: int = Query(0, ge=0)) -> JSONResponse:
+        """The engine's recent steps as JSON (counts and timings only; no prompt text)."""
+        body = recorder.feed(since)
+        body["model"] = model_name
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    return router
