@@ -1,0 +1,233 @@
+"""The dashboard feed without a browser: the recorder on its own (bounds, arithmetic, `since`,
+the running snapshot, TTFT percentiles), then the real server's feed under load (JSON shape,
+no prompt text, open like /metrics while /v1 needs the key, no external resources)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import httpx
+import pytest
+
+from packserve.scheduler import Request, SamplingParams, StepStats
+from packserve.server.dashboard import (
+    MAX_RUNNING_ROWS,
+    TTFT_SAMPLES,
+    DashboardRecorder,
+)
+from packserve.server.metrics import RequestTimings
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class FakeScheduler:
+    def __init__(self, running: list[Request]) -> None:
+        self.running = running
+        self.config = type("Config", (), {"prefill_mode": "packed", "row_capacity": 256})()
+
+
+def stats(rows: tuple[tuple[int, ...], ...] = (), decode: int = 0, **kw: Any) -> StepStats:
+    fields: dict[str, Any] = {
+        "num_running": 3,
+        "num_waiting": 1,
+        "num_kv_blocks_used": 25,
+        "num_kv_blocks": 100,
+        "num_preempted": 0,
+        "step_time_s": 0.02,
+    }
+    fields.update(kw)
+    return StepStats(prefill_rows=rows, num_decode_tokens=decode, **fields)
+
+
+def timings(ttft: float | None) -> RequestTimings:
+    first = None if ttft is None else 10.0 + ttft
+    return RequestTimings(10.0, None, first, 12.0, (), 5, 3, "length")
+
+
+# -- the recorder alone -----------------------------------------------------------------------
+
+
+def test_ring_buffers_stay_bounded() -> None:
+    clock = Clock()
+    rec = DashboardRecorder(history_s=5, prefill_steps=3, clock=clock)
+    running = [Request(f"req-{i}", [7] * 4, SamplingParams()) for i in range(MAX_RUNNING_ROWS + 20)]
+    scheduler = FakeScheduler(running)
+    for i in range(5000):
+        clock.t += 0.01
+        rec.observe_step(stats(((10, 20), (25,)) if i % 2 else (), decode=3), scheduler)
+        rec.observe_request(timings(0.1))
+    feed = rec.feed()
+    assert feed["seq"] == 5000
+    assert len(feed["series"]) == 5  # seconds kept
+    assert len(feed["prefill_steps"]) == 3
+    assert len(feed["running"]) == MAX_RUNNING_ROWS
+    assert feed["running_total"] == MAX_RUNNING_ROWS + 20
+    assert len(rec._ttft) == TTFT_SAMPLES
+    assert feed["summary"]["ttft_n"] <= TTFT_SAMPLES
+
+
+def test_packing_arithmetic_and_since() -> None:
+    clock = Clock()
+    rec = DashboardRecorder(clock=clock)
+    rec.observe_step(stats(((100, 20), (90, 30), (50,)), decode=2))
+    feed = rec.feed()
+    (step,) = feed["prefill_steps"]
+    assert step["rows"] == [[100, 20], [90, 30], [50]]
+    assert step["real"] == 290
+    assert step["packed"] == 3 * 120  # every row padded to the longest row
+    assert step["padded"] == 5 * 100  # one prompt per row, padded to the longest prompt
+    assert feed["summary"]["packed_fill"] == pytest.approx(290 / 360, abs=1e-4)
+    assert feed["summary"]["padded_fill"] == pytest.approx(290 / 500, abs=1e-4)
+    (second,) = feed["series"]
+    assert second["prompt_tokens"] == 290
+    assert second["gen_tokens"] == 2 + 5  # decodes plus one first token per prefilled prompt
+    assert second["kv"] == 0.25
+
+    assert rec.feed(since=feed["seq"])["prefill_steps"] == []
+    assert rec.feed(since=feed["seq"])["series"] == []
+    clock.t += 1.0
+    rec.observe_step(stats(decode=4))
+    newer = rec.feed(since=feed["seq"])
+    assert newer["prefill_steps"] == []
+    assert [s["gen_tokens"] for s in newer["series"]] == [4]
+
+    restarted = rec.feed(since=10**9)  # a page from before a restart gets everything again
+    assert restarted["since"] == 0 and len(restarted["series"]) == 2
+
+
+def test_tokens_per_second_over_complete_seconds() -> None:
+    clock = Clock(1000.0)
+    rec = DashboardRecorder(clock=clock)
+    for _ in range(10 * 20):  # 10 s at 20 steps/s, 8 tokens each
+        clock.t += 0.05
+        rec.observe_step(stats(decode=8))
+    summary = rec.feed()["summary"]
+    assert summary["tokens_per_s"] == pytest.approx(160, rel=0.15)
+    assert summary["steps_per_s"] == pytest.approx(20, rel=0.15)
+
+
+def test_running_snapshot_holds_counts_only() -> None:
+    clock = Clock()
+    rec = DashboardRecorder(clock=clock)
+    a = Request("req-1", [5] * 30, SamplingParams(), arrival_time=clock.t - 2.0)
+    a.output_token_ids += [9, 9, 9]
+    scheduler = FakeScheduler([a])
+    rec.observe_step(stats(), scheduler)
+    feed = rec.feed()
+    assert feed["running"] == [
+        {"id": "req-1", "prompt_tokens": 30, "generated_tokens": 3, "age_s": 2.0}
+    ]
+    assert feed["config"]["row_capacity"] == 256
+    # Within the throttle window the table is not re-read, unless the running set changed.
+    a.output_token_ids.append(9)
+    clock.t += 0.01
+    rec.observe_step(stats(), scheduler)
+    assert rec.feed()["running"][0]["generated_tokens"] == 3
+    scheduler.running = []
+    clock.t += 0.01
+    rec.observe_step(stats(), scheduler)
+    assert rec.feed()["running"] == []
+
+
+def test_ttft_percentiles() -> None:
+    clock = Clock()
+    rec = DashboardRecorder(clock=clock)
+    for i in range(1, 101):
+        rec.observe_request(timings(i / 100))
+    rec.observe_request(timings(None))  # never got a token: not a TTFT sample
+    summary = rec.feed()["summary"]
+    assert summary["ttft_n"] == 100
+    assert summary["ttft_p50_s"] == pytest.approx(0.50)
+    assert summary["ttft_p99_s"] == pytest.approx(0.99)
+    clock.t += 61  # out of the headline window, still on the chart
+    feed = rec.feed()
+    assert feed["summary"]["ttft_n"] == 0 and feed["summary"]["ttft_p50_s"] is None
+    assert sum(p["n"] for p in feed["ttft_series"]) == 100
+
+
+# -- the real server --------------------------------------------------------------------------
+
+RUNNING_KEYS = {"id", "prompt_tokens", "generated_tokens", "age_s"}
+REQUEST_ID = re.compile(r"^req-\d+$")
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string value in a JSON document (keys excluded)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def test_live_feed_shape_and_no_prompt_text(dash_server, load, wait_for) -> None:
+    url = dash_server.url + "/dashboard/feed"
+
+    def busy() -> dict | None:
+        feed = httpx.get(url, timeout=10).json()
+        s = feed["summary"]
+        packed = any(len(row) > 1 for step in feed["prefill_steps"] for row in step["rows"])
+        if packed and s["ttft_n"] and s["tokens_per_s"] > 0 and feed["running"]:
+            return feed
+        return None
+
+    feed = wait_for(busy, 60, "a feed with packed rows, TTFTs, tokens/s and running requests")
+    raw = json.dumps(feed)
+    assert dash_server.canary not in raw
+    assert {"seq", "now", "summary", "series", "prefill_steps", "ttft_series", "running"} <= set(
+        feed
+    )
+    # The only strings anywhere: the model name, the prefill mode and internal request ids.
+    allowed = {feed["model"], feed["config"]["prefill_mode"]}
+    for s in _strings(feed):
+        assert s in allowed or REQUEST_ID.match(s), f"unexpected string in the feed: {s!r}"
+    for r in feed["running"]:
+        assert set(r) == RUNNING_KEYS
+        assert r["prompt_tokens"] > 0 and r["generated_tokens"] >= 0 and r["age_s"] >= 0
+    for step in feed["prefill_steps"]:
+        assert all(n > 0 for row in step["rows"] for n in row)
+        assert all(sum(row) <= feed["config"]["row_capacity"] for row in step["rows"])
+        # Packing can cost more than padding (130,120,120 in rows of 256: 2x250 > 3x130).
+        assert step["real"] <= min(step["packed"], step["padded"])
+    assert len(feed["series"]) <= feed["history_s"]
+    s = feed["summary"]
+    assert 0 < s["kv_cache_usage"] <= 1 and s["kv_blocks"] > 0
+    assert 0 < s["ttft_p50_s"] <= s["ttft_p99_s"]
+
+    later = httpx.get(url, params={"since": feed["seq"]}, timeout=10).json()
+    assert all(step["seq"] > feed["seq"] for step in later["prefill_steps"])
+    assert later["seq"] >= feed["seq"]
+    assert not load.errors, load.errors[:3]
+
+
+def test_dashboard_is_open_like_metrics_but_the_api_is_not(dash_server) -> None:
+    with httpx.Client(base_url=dash_server.url, timeout=10) as client:
+        assert client.get("/v1/models").status_code == 401  # the key is required there...
+        keyed = client.get("/v1/models", headers={"Authorization": f"Bearer {dash_server.api_key}"})
+        assert keyed.status_code == 200
+        assert client.get("/metrics").status_code == 200  # ...and not here, nor below
+        page = client.get("/dashboard")
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert "default-src 'none'" in page.headers["content-security-policy"]
+        assert client.get("/dashboard/feed").status_code == 200
+        assert client.get("/dashboard/feed", params={"since": -1}).status_code == 400
+        # No CDN, no external anything: every referenced resource is relative.
+        for path in ("/dashboard", "/dashboard/dashboard.js", "/dashboard/dashboard.css"):
+            body = client.get(path)
+            assert body.status_code == 200, path
+            assert not re.search(r"(src|href)\s*=\s*[\"']?(https?:)?//", body.text), path
+            assert not re.search(r"(fetch|import)\s*\(\s*[\"'`]https?:", body.text), path
+            assert "@import" not in body.text and "url(http" not in body.text, path
+        for ref in re.findall(r'(?:src|href)="([^"]+)"', page.text):
+            assert client.get("/" + ref).status_code == 200, ref
