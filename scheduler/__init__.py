@@ -10,7 +10,7 @@ from .outputs import (
     TokenEvent,
     TokenLogprobs,
 )
-from .packing import pack_ffd
+from .packing import pack_ffd, pack_rows, row_cost
 from .request import Request, RequestStatus, SamplingParams
 from .scheduler import Scheduler
 
@@ -30,4 +30,6 @@ __all__ = [
     "TokenLogprobs",
     "blocks_for",
     "pack_ffd",
+    "pack_rows",
+    "row_cost",
 ]

@@ -18,7 +18,7 @@ class SchedulerConfig:
     block_size: int = 16  # tokens per KV block
     max_num_seqs: int = 64  # cap on running sequences (the decode batch)
     max_num_batched_tokens: int = 4096  # per-step token budget (prefill tokens + decode tokens)
-    max_prefill_row_len: int = 0  # capacity of one packed prefill row; 0 means max_model_len
+    max_prefill_row_len: int = 0  # widest packed prefill row; 0 means max_model_len
     prefill_mode: PrefillMode = "packed"  # "padded": one prompt per row (classic batching)
     packing_window_s: float = 0.0  # when idle, wait this long for more prompts to fill bins
 

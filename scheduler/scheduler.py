@@ -8,7 +8,7 @@ from collections import deque
 from .block_manager import BlockAllocator, blocks_for
 from .config import SchedulerConfig
 from .outputs import RunnerOutput, ScheduledSequence, SchedulerOutput, TokenEvent
-from .packing import pack_ffd
+from .packing import pack_rows
 from .request import Request, RequestStatus
 
 
@@ -168,7 +168,7 @@ class Scheduler:
         if self.config.prefill_mode == "padded":
             bins = [[i] for i in range(len(admitted))]
         else:
-            bins = pack_ffd([r.num_tokens for r in admitted], self.config.row_capacity)
+            bins = pack_rows([r.num_tokens for r in admitted], self.config.row_capacity)
         return tuple(tuple(self._scheduled(admitted[i], 0) for i in row) for row in bins)
 
     def _scheduled(self, request: Request, start_pos: int) -> ScheduledSequence:

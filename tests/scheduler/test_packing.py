@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from packserve.scheduler import pack_ffd
+from packserve.scheduler import pack_ffd, pack_rows, row_cost
 
 
 @st.composite
@@ -188,3 +188,24 @@ def test_invalid_lengths_raise(lengths):
 
 def test_item_exactly_capacity_is_allowed():
     assert pack_ffd([8, 8, 1], 8) == [[0], [1], [2]]
+
+
+@given(
+    st.lists(st.integers(min_value=1, max_value=300), min_size=1, max_size=80),
+    st.integers(min_value=300, max_value=4096),
+)
+def test_pack_rows_never_costs_more_than_padding_or_widest_ffd(lengths, widest):
+    bins = pack_rows(lengths, widest)
+    assert sorted(i for row in bins for i in row) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in row) <= widest for row in bins)
+    padded = len(lengths) * max(lengths)  # classic batching: one prompt per row
+    assert row_cost(lengths, bins) <= padded
+    assert row_cost(lengths, bins) <= row_cost(lengths, pack_ffd(lengths, widest))
+
+
+def test_pack_rows_prefers_rows_of_the_longest_prompt_over_wide_half_empty_rows():
+    # The dashboard's case: 130 + 120 in a 256 row and 120 alone costs 2 x 250 = 500 tokens,
+    # more than padding (3 x 130 = 390). Rows of 130 cost 390 at most.
+    lengths = [130, 120, 120]
+    assert row_cost(lengths, pack_ffd(lengths, 256)) == 500
+    assert row_cost(lengths, pack_rows(lengths, 256)) == 390

@@ -76,6 +76,23 @@ def reference_ffd(lengths: list[int], capacity: int) -> list[list[int]]:
     return bins
 
 
+def reference_rows(lengths: list[int], widest: int) -> list[list[int]]:
+    """The documented row policy: FFD at the longest prompt x 1, 2, 4, ... (capped at the
+    widest row), keeping the first capacity with the fewest computed tokens."""
+    if not lengths:
+        return []
+    best, best_cost = [], None
+    capacity = max(lengths)
+    while True:
+        bins = reference_ffd(lengths, capacity)
+        cost = len(bins) * max(sum(lengths[i] for i in b) for b in bins)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = bins, cost
+        if capacity >= widest:
+            return best
+        capacity = min(2 * capacity, widest)
+
+
 TokenFn = Callable[[str, list[int]], int]
 
 
@@ -203,7 +220,7 @@ def check_schedule(sched: Scheduler, before: Snapshot, out: SchedulerOutput) -> 
         assert prefill_ids == ids(admitted)
     else:
         lengths = [r.num_tokens for r in admitted]
-        bins = reference_ffd(lengths, cfg.row_capacity)
+        bins = reference_rows(lengths, cfg.row_capacity)
         expect = [[admitted[i].request_id for i in b] for b in bins]
         assert [[s.request_id for s in row] for row in out.prefill_bins] == expect
 
