@@ -1,0 +1,106 @@
+"""From a request body to engine work: prompts as token ids, checked, one Choice per sequence."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from packserve.scheduler import SamplingParams
+
+from .engine import Engine
+from .protocol import MAX_CHOICES, MAX_STOP, APIError, ChatMessage, SamplingFields
+from .state import ServerState
+from .streams import Choice
+
+
+def check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
+    vocab = engine.model.config.vocab_size
+    if any(not 0 <= t < vocab for t in ids):
+        raise APIError(400, f"token ids must be in 0..{vocab - 1}", param=param)
+
+
+def completion_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
+    """The four prompt forms (text, texts, ids, lists of ids) as token-id lists."""
+    if isinstance(prompt, str) or prompt and isinstance(prompt[0], int):
+        prompt = [prompt]
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    out = []
+    for p in prompt:
+        ids = engine.tokenizer(p).input_ids if isinstance(p, str) else list(p)
+        if not ids:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        check_token_ids(engine, ids, "prompt")
+        out.append(ids)
+    return out
+
+
+def chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
+    """Messages rendered with the model's chat template, as token ids."""
+    if not engine.tokenizer.chat_template:
+        raise APIError(400, "this model has no chat template", param="messages")
+    conversation = [
+        {"role": m.role if m.role != "developer" else "system", "content": m.text()}
+        for m in messages
+    ]
+    try:
+        text = engine.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=False
+        )
+    except Exception as exc:  # the template's own checks (roles, alternation)
+        raise APIError(
+            400, f"messages do not fit the chat template: {exc}", param="messages"
+        ) from exc
+    # The template writes the special tokens itself.
+    return list(engine.tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def make_choices(
+    state: ServerState,
+    engine: Engine,
+    prompts: list[list[int]],
+    body: SamplingFields,
+    max_tokens: int | None,
+    logprobs: int | None,
+) -> list[Choice]:
+    """One Choice per prompt x n, after the request-level checks: size, queue, context.
+
+    `max_tokens` None means the context left; any value is capped by it. Choice j of a seeded
+    request uses seed + j, so n > 1 draws n different samples."""
+    max_model_len = engine.scheduler.config.max_model_len
+    if len(prompts) * body.n > MAX_CHOICES:
+        raise APIError(400, f"n x prompts must be at most {MAX_CHOICES}", param="n")
+    stop = body.stop_strings()
+    if len(stop) > MAX_STOP:
+        raise APIError(400, f"at most {MAX_STOP} stop strings", param="stop")
+    assert state.engine is not None
+    if state.engine.num_waiting + len(prompts) * body.n > state.settings.max_queued_requests:
+        raise APIError(429, "too many requests are waiting; retry later")
+    choices = []
+    for p, ids in enumerate(prompts):
+        room = max_model_len - len(ids)
+        if room < 1:
+            raise APIError(
+                400,
+                f"the prompt has {len(ids)} tokens; this model's context is {max_model_len} tokens",
+                param="prompt",
+                code="context_length_exceeded",
+            )
+        for j in range(body.n):
+            seed = None if body.seed is None else (body.seed + j) % 2**63
+            try:
+                params = SamplingParams(
+                    max_tokens=min(max_tokens or room, room),
+                    temperature=body.temperature,
+                    top_p=body.top_p,
+                    top_k=body.top_k,
+                    seed=seed,
+                    stop=stop,
+                    ignore_eos=body.ignore_eos,
+                    presence_penalty=body.presence_penalty,
+                    frequency_penalty=body.frequency_penalty,
+                    logprobs=logprobs,
+                )
+            except ValueError as exc:
+                raise APIError(400, str(exc)) from exc
+            choices.append(Choice(p * body.n + j, f"req-{next(state.ids)}", ids, params))
+    return choices

@@ -1,0 +1,271 @@
+"""The OpenAI routes: completions, chat completions, models, tokenize, detokenize."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.params import Depends
+from fastapi.responses import StreamingResponse
+
+from .admission import chat_prompt, check_token_ids, completion_prompts, make_choices
+from .engine import Delta
+from .protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ErrorResponse,
+    SamplingFields,
+    TokenizeRequest,
+)
+from .state import ServerState
+from .streams import Choice, Generation, chat_logprobs, completion_logprobs, sse, usage
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 429, 500, 503)
+}
+ChunkOf = Callable[[Choice, Delta], dict[str, Any]]
+
+
+def openai_router(state: ServerState, auth: Depends) -> APIRouter:
+    """The API routes, all behind `auth`."""
+    router = APIRouter(dependencies=[auth], responses=ERRORS)
+    model_name = state.settings.served_model_name
+
+    @router.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        engine = state.live_engine().engine
+        card = {
+            "id": model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "packserve",
+            "max_model_len": engine.scheduler.config.max_model_len,
+        }
+        return {"object": "list", "data": [card]}
+
+    @router.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        engine = state.live_engine().engine
+        state.check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
+        if body.messages is not None:
+            ids = chat_prompt(engine, body.messages)
+        else:
+            ids = engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)
+            ids = ids.input_ids
+        return {
+            "tokens": ids,
+            "count": len(ids),
+            "max_model_len": engine.scheduler.config.max_model_len,
+        }
+
+    @router.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
+        engine = state.live_engine().engine
+        state.check_model(body.model)
+        check_token_ids(engine, body.tokens, "tokens")
+        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+    @router.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        async_engine = state.live_engine()
+        engine = async_engine.engine
+        state.check_model(body.model)
+        prompts = completion_prompts(engine, body.prompt)
+        choices = make_choices(state, engine, prompts, body, body.max_tokens, body.logprobs)
+        # Submitted in the same event-loop turn as the queue check above.
+        generation = Generation(async_engine, choices, state.metrics, state.finished)
+        decode = engine.tokenizer.decode
+        echo = [decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+        }
+
+        def logprobs_of(c: Choice, start: int, offset: int) -> dict[str, Any] | None:
+            if body.logprobs is None:
+                return None
+            return completion_logprobs(c.logprobs[start:], c.token_ids[start:], decode, offset)
+
+        def chunk_of(c: Choice, d: Delta) -> dict[str, Any]:
+            offset = len(echo[c.index // body.n]) + sum(map(len, c.text)) - len(d.text)
+            lp = logprobs_of(c, len(c.logprobs) - len(d.logprobs), offset)
+            return {
+                "index": c.index,
+                "text": d.text,
+                "logprobs": lp,
+                "finish_reason": d.finish_reason,
+            }
+
+        def whole() -> dict[str, Any]:
+            return {
+                **head,
+                "usage": usage(choices),
+                "choices": [
+                    {
+                        "index": c.index,
+                        "text": echo[c.index // body.n] + "".join(c.text),
+                        "logprobs": logprobs_of(c, 0, len(echo[c.index // body.n])),
+                        "finish_reason": c.finish_reason,
+                    }
+                    for c in choices
+                ],
+            }
+
+        first = [
+            {
+                "index": c.index,
+                "text": echo[c.index // body.n],
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for c in choices
+            if body.echo
+        ]
+        return await respond(state, generation, request, body, head, first, chunk_of, whole)
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        async_engine = state.live_engine()
+        engine = async_engine.engine
+        state.check_model(body.model)
+        prompt = chat_prompt(engine, body.messages)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        choices = make_choices(state, engine, [prompt], body, max_tokens, top)
+        generation = Generation(async_engine, choices, state.metrics, state.finished)
+        decode = engine.tokenizer.decode
+        head = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": model_name,
+        }
+
+        def logprobs_of(c: Choice, start: int) -> dict[str, Any] | None:
+            if not body.logprobs:
+                return None
+            return chat_logprobs(c.logprobs[start:], c.token_ids[start:], decode)
+
+        def chunk_of(c: Choice, d: Delta) -> dict[str, Any]:
+            return {
+                "index": c.index,
+                "delta": {"content": d.text} if d.text else {},
+                "logprobs": logprobs_of(c, len(c.logprobs) - len(d.logprobs)),
+                "finish_reason": d.finish_reason,
+            }
+
+        def whole() -> dict[str, Any]:
+            return {
+                **head,
+                "object": "chat.completion",
+                "usage": usage(choices),
+                "choices": [
+                    {
+                        "index": c.index,
+                        "message": {"role": "assistant", "content": "".join(c.text)},
+                        "logprobs": logprobs_of(c, 0),
+                        "finish_reason": c.finish_reason,
+                    }
+                    for c in choices
+                ],
+            }
+
+        # The first chunk of each choice carries the role, as OpenAI's do.
+        first = [
+            {
+                "index": c.index,
+                "delta": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": None,
+            }
+            for c in choices
+        ]
+        chunk_head = {**head, "object": "chat.completion.chunk"}
+        return await respond(state, generation, request, body, chunk_head, first, chunk_of, whole)
+
+    return router
+
+
+async def respond(
+    state: ServerState,
+    generation: Generation,
+    request: Request,
+    body: SamplingFields,
+    head: dict[str, Any],
+    first: list[dict[str, Any]],
+    chunk_of: ChunkOf,
+    whole: Callable[[], dict[str, Any]],
+) -> Any:
+    """Stream the generation as SSE chunks (`first`, then one per delta with something to
+    show, usage when asked, [DONE]), or wait for it and return `whole()`."""
+    if not body.stream:
+        await _run_to_end(state, generation, request)
+        return whole()
+
+    async def events() -> AsyncIterator[str]:
+        for opening in first:
+            yield sse({**head, "choices": [opening]})
+        async for choice, item in generation.events():
+            d = item.delta
+            if d.error:
+                yield sse(APIError(500, d.error).body.model_dump())
+            elif d.text or d.finish_reason or d.logprobs:
+                yield sse({**head, "choices": [chunk_of(choice, d)]})
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse({**head, "choices": [], "usage": usage(generation.choices)})
+        yield sse("[DONE]")
+
+    async def timed() -> AsyncIterator[str]:
+        try:
+            async with asyncio.timeout(state.settings.request_timeout_s):
+                async for event in events():
+                    yield event
+        except TimeoutError:
+            yield sse(APIError(408, "the request timed out").body.model_dump())
+            yield sse("[DONE]")
+
+    return StreamingResponse(
+        timed(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def _run_to_end(state: ServerState, generation: Generation, request: Request) -> None:
+    """Generate every choice to the end; abort them if the client leaves or time runs out."""
+
+    async def consume() -> None:
+        async for _ in generation.events():
+            pass
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    work = asyncio.create_task(consume())
+    watch = asyncio.create_task(disconnected())
+    try:
+        done, _ = await asyncio.wait(
+            {work, watch},
+            timeout=state.settings.request_timeout_s,
+            return_when=asyncio.FIRST_COMPLETED,
+        )
+    finally:
+        for task in (work, watch):
+            task.cancel()
+        await asyncio.gather(work, watch, return_exceptions=True)
+    if work not in done:
+        if watch in done:
+            raise APIError(400, "client disconnected")  # nobody is there to read it
+        raise APIError(408, "the request timed out")
+    work.result()
+    failed = [c.error for c in generation.choices if c.finish_reason == "error"]
+    if failed:
+        raise APIError(500, f"generation failed: {failed[0]}")
