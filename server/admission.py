@@ -18,6 +18,14 @@ def check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
         raise APIError(400, f"token ids must be in 0..{vocab - 1}", param=param)
 
 
+def encode(engine: Engine, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+    """Text to token ids; text the tokenizer cannot take (a lone surrogate) is a 400."""
+    try:
+        return list(engine.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+    except (TypeError, ValueError) as exc:
+        raise APIError(400, f"{param} cannot be tokenized: {exc}", param=param) from exc
+
+
 def completion_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
     """The four prompt forms (text, texts, ids, lists of ids) as token-id lists."""
     if isinstance(prompt, str) or prompt and isinstance(prompt[0], int):
@@ -26,7 +34,7 @@ def completion_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
         raise APIError(400, "prompt must not be empty", param="prompt")
     out = []
     for p in prompt:
-        ids = engine.tokenizer(p).input_ids if isinstance(p, str) else list(p)
+        ids = encode(engine, p, "prompt") if isinstance(p, str) else list(p)
         if not ids:
             raise APIError(400, "prompt must not be empty", param="prompt")
         check_token_ids(engine, ids, "prompt")
@@ -51,7 +59,7 @@ def chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
             400, f"messages do not fit the chat template: {exc}", param="messages"
         ) from exc
     # The template writes the special tokens itself.
-    return list(engine.tokenizer(text, add_special_tokens=False).input_ids)
+    return encode(engine, text, "messages", add_special_tokens=False)
 
 
 def make_choices(
@@ -73,7 +81,10 @@ def make_choices(
     if len(stop) > MAX_STOP:
         raise APIError(400, f"at most {MAX_STOP} stop strings", param="stop")
     assert state.engine is not None
-    if state.engine.num_waiting + len(prompts) * body.n > state.settings.max_queued_requests:
+    queue_limit = state.settings.max_queued_requests
+    if len(prompts) * body.n > queue_limit:  # would never fit: retrying cannot help
+        raise APIError(400, f"n x prompts must be at most {queue_limit} on this server", param="n")
+    if state.engine.num_waiting + len(prompts) * body.n > queue_limit:
         raise APIError(429, "too many requests are waiting; retry later")
     choices = []
     for p, ids in enumerate(prompts):

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.params import Depends
 from fastapi.responses import StreamingResponse
 
-from .admission import chat_prompt, check_token_ids, completion_prompts, make_choices
+from .admission import chat_prompt, check_token_ids, completion_prompts, encode, make_choices
 from .engine import Delta
 from .protocol import (
     APIError,
@@ -55,11 +55,11 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
-        if body.messages is not None:
-            ids = chat_prompt(engine, body.messages)
+        if body.prompt is not None:
+            ids = encode(engine, body.prompt, "prompt", body.add_special_tokens)
         else:
-            ids = engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)
-            ids = ids.input_ids
+            assert body.messages is not None
+            ids = chat_prompt(engine, body.messages)
         return {
             "tokens": ids,
             "count": len(ids),
