@@ -22,18 +22,21 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import transformers
+from transformers import AutoTokenizer, PreTrainedModel
+
 from packserve.kernels.corpus import corpus_documents
 from packserve.kernels.loader import load_model
 from packserve.kernels.model_maker import default_model_dir
@@ -45,7 +48,6 @@ from packserve.scheduler import (
     blocks_for,
     pack_ffd,
 )
-from transformers import AutoTokenizer, PreTrainedModel
 
 METHODS = ("padded", "sorted", "packed-dense", "packed-varlen")
 PACKED = ("packed-dense", "packed-varlen")
@@ -68,11 +70,34 @@ class Settings:
     seed: int
     matmul_n: int
     matmul_reps: int
+    max_len: int  # prompt lengths are clipped to [MIN_LEN, max_len]
     stem: str  # output file name stem
 
 
-FULL = Settings("bench", ("float32", "bfloat16"), 64, (16, 32, 64), 2, 0, 2048, 10, "prefill")
-QUICK = Settings("tiny", ("float32", "bfloat16"), 32, (8, 16, 32), 2, 0, 1024, 5, "prefill.quick")
+FULL = Settings(
+    model_size="bench",
+    dtypes=("float32", "bfloat16"),
+    num_prompts=64,
+    batch_sizes=(16, 32, 64),
+    repeats=2,
+    seed=0,
+    matmul_n=2048,
+    matmul_reps=10,
+    max_len=MAX_LEN,
+    stem="prefill",
+)
+QUICK = Settings(
+    model_size="tiny",
+    dtypes=("float32", "bfloat16"),
+    num_prompts=8,
+    batch_sizes=(2, 4, 8),
+    repeats=2,
+    seed=0,
+    matmul_n=1024,
+    matmul_reps=5,
+    max_len=256,
+    stem="prefill.quick",
+)
 
 
 def log(msg: str) -> None:
@@ -83,21 +108,23 @@ def log(msg: str) -> None:
 # Memory: peak RSS of this process, sampled from /proc/self/statm by a background thread.
 
 
-def fix_malloc_thresholds() -> bool:
-    """Make glibc hand every allocation >= 64 KiB back to the OS when freed.
+_LIBC: ctypes.CDLL | None = None
 
-    By default glibc raises its mmap threshold after large frees (up to 32 MiB), after which
-    freed tensors stay in the heap and RSS stops tracking live memory. Setting the thresholds
-    explicitly disables that adaptation, so RSS deltas measure what a step really allocates.
+
+def release_free_memory() -> bool:
+    """Hand memory that glibc keeps after frees back to the OS (malloc_trim), so the RSS
+    before a pass counts live memory only and everything the pass touches shows as growth.
+
+    malloc's own tuning is left alone (a pinned mmap threshold would also make RSS exact,
+    but it costs ~4x the page faults and ~10% of the prefill time on this machine).
     """
+    global _LIBC
     try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
+        _LIBC = _LIBC or ctypes.CDLL("libc.so.6")
+        _LIBC.malloc_trim(0)
+    except (OSError, AttributeError):
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3
-    return bool(libc.mallopt(m_mmap_threshold, 64 * 1024)) and bool(
-        libc.mallopt(m_trim_threshold, 128 * 1024)
-    )
+    return True
 
 
 class RssSampler(threading.Thread):
@@ -185,19 +212,31 @@ def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int, reps: int) -> floa
     return 2 * m * k * n / best / 1e9
 
 
-def measure_peaks(settings: Settings, hidden: int, intermediate: int) -> dict[str, Any]:
-    """Square-matmul peak per dtype, plus one GEMM of the model's MLP shape for reference."""
-    n = settings.matmul_n
-    out: dict[str, Any] = {"square_n": n, "reps": settings.matmul_reps}
-    for name in settings.dtypes:
-        dtype = getattr(torch, name)
-        out[name] = {
-            "square_gflops": matmul_gflops(dtype, n, n, n, settings.matmul_reps),
-            "mlp_shape_gflops": matmul_gflops(
-                dtype, 4096, hidden, intermediate, settings.matmul_reps
-            ),
+def gemm_shapes(settings: Settings, cfg: Any) -> dict[str, tuple[int, int, int]]:
+    """Square matmuls and the model's own GEMMs (M = 4096 tokens): the candidates for the peak."""
+    n, h, i = settings.matmul_n, cfg.hidden_size, cfg.intermediate_size
+    head_dim = getattr(cfg, "head_dim", None) or h // cfg.num_attention_heads
+    kv = cfg.num_key_value_heads * head_dim
+    m = 4096
+    return {
+        f"square {n}": (n, n, n),
+        "square 1024": (1024, 1024, 1024),
+        f"q/o {m}x{h}x{h}": (m, h, h),
+        f"k/v {m}x{h}x{kv}": (m, h, kv),
+        f"gate/up {m}x{h}x{i}": (m, h, i),
+        f"down {m}x{i}x{h}": (m, i, h),
+    }
+
+
+def measure_peaks(settings: Settings, shapes: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
+    """Best-of-reps GFLOP/s of torch.mm per dtype and shape."""
+    return {
+        name: {
+            label: matmul_gflops(getattr(torch, name), *shape, settings.matmul_reps)
+            for label, shape in shapes.items()
         }
-    return out
+        for name in settings.dtypes
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,10 +251,16 @@ def corpus_token_windows(tokenizer: Any) -> list[list[int]]:
 
 
 def make_prompts(
-    docs: list[list[int]], bos: int, num: int, sigma: float, rng: np.random.Generator
+    docs: list[list[int]],
+    bos: int,
+    num: int,
+    sigma: float,
+    max_len: int,
+    rng: np.random.Generator,
 ) -> list[tuple[int, ...]]:
     """`num` prompts: BOS + a random window of a random document long enough for it."""
-    lengths = np.clip(np.rint(np.exp(rng.normal(np.log(MEDIAN_LEN), sigma, num))), MIN_LEN, MAX_LEN)
+    lengths = np.exp(rng.normal(np.log(MEDIAN_LEN), sigma, num))
+    lengths = np.clip(np.rint(lengths), MIN_LEN, max_len)
     doc_lens = [len(d) for d in docs]  # descending
     prompts = []
     for n in lengths.astype(int).tolist():
@@ -232,7 +277,9 @@ def make_sequences(prompts: list[tuple[int, ...]]) -> tuple[list[ScheduledSequen
     seqs, offset = [], 0
     for i, prompt in enumerate(prompts):
         k = blocks_for(len(prompt), BLOCK_SIZE)
-        seqs.append(ScheduledSequence(f"p{i}", prompt, 0, tuple(range(offset, offset + k)), params, ()))
+        seqs.append(
+            ScheduledSequence(f"p{i}", prompt, 0, tuple(range(offset, offset + k)), params, ())
+        )
         offset += k
     return seqs, offset
 
@@ -284,34 +331,60 @@ def non_embedding_params(model: PreTrainedModel) -> int:
 
 @dataclass
 class Timing:
-    """One timed pass of one method over all its batches."""
+    """One method's pass over all prompts at one batch size (its steps summed)."""
 
-    seconds: float
-    peak_rss_delta: int
-    sampled: dict[str, int]
-    rss_samples: int
-    window_s: float
+    seconds: float = 0.0  # wall time of the steps plus the layout (sorting / packing)
+    cpu_seconds: float = 0.0  # user + system CPU time of this process (all threads)
+    peak_rss_delta: int = 0  # max over steps of (peak RSS in the step - RSS before it)
+    rss_samples: int = 0
+    sampled_s: float = 0.0  # time covered by the RSS sampler windows
+    steps: int = 0
+    sampled: dict[str, int] = field(default_factory=dict)
 
 
-def run_pass(
-    runner: Runner,
-    seqs: list[ScheduledSequence],
-    method: str,
-    batch_size: int,
-    mem: RssSampler,
-) -> Timing:
-    """Lay out (sorting / packing included in the time) and execute every batch."""
-    gc.collect()
+def run_step(runner: Runner, bins: Bins, mem: RssSampler, timing: Timing) -> None:
+    """Execute one step, adding its wall time, CPU time and RSS growth to `timing`."""
+    release_free_memory()
     base, samples0, t0 = mem.window_start()
-    seconds = 0.0
-    sampled: dict[str, int] = {}
+    cpu0 = process_cpu_seconds()
     start = time.perf_counter()
-    for bins in batches(seqs, method, batch_size):
-        result = runner.execute(SchedulerOutput(prefill_bins=bins, decodes=(), preempted_ids=()))
-        sampled.update(result.sampled_token_ids)
-    seconds = time.perf_counter() - start
-    peak = mem.window_peak()
-    return Timing(seconds, peak - base, sampled, mem.samples - samples0, time.perf_counter() - t0)
+    result = runner.execute(SchedulerOutput(prefill_bins=bins, decodes=(), preempted_ids=()))
+    timing.seconds += time.perf_counter() - start
+    timing.cpu_seconds += process_cpu_seconds() - cpu0
+    timing.peak_rss_delta = max(timing.peak_rss_delta, mem.window_peak() - base)
+    timing.rss_samples += mem.samples - samples0
+    timing.sampled_s += time.perf_counter() - t0
+    timing.steps += 1
+    timing.sampled.update(result.sampled_token_ids)
+
+
+def run_interleaved(
+    runner_of: Callable[[str], Runner],
+    seqs: list[ScheduledSequence],
+    batch_size: int,
+    rotation: int,
+    mem: RssSampler,
+) -> dict[str, Timing]:
+    """Every method over all prompts at `batch_size`, interleaved step by step: step i of each
+    method runs before step i + 1 of any, in an order rotated every step, so a burst of load
+    from other processes hits all methods alike."""
+    gc.collect()
+    timings = {method: Timing() for method in METHODS}
+    plans = {}
+    for method in METHODS:
+        start = time.perf_counter()
+        plans[method] = batches(seqs, method, batch_size)
+        timings[method].seconds += time.perf_counter() - start  # sorting / packing counts
+    for i in range(len(plans["padded"])):
+        shift = (rotation + i) % len(METHODS)
+        for method in METHODS[shift:] + METHODS[:shift]:
+            run_step(runner_of(method), plans[method][i], mem, timings[method])
+    return timings
+
+
+def process_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +393,7 @@ def run_pass(
 
 def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
     wall_start = time.perf_counter()
-    malloc_fixed = fix_malloc_thresholds()
+    malloc_trim = release_free_memory()
     mem = RssSampler()
     mem.start()
     load_start = os.getloadavg()
@@ -331,13 +404,16 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
     prompts: dict[str, list[tuple[int, ...]]] = {}
     for i, (dist, sigma) in enumerate(DISTRIBUTIONS.items()):
         rng = np.random.default_rng([settings.seed, i])
-        prompts[dist] = make_prompts(docs, tokenizer.bos_token_id, settings.num_prompts, sigma, rng)
+        prompts[dist] = make_prompts(
+            docs, tokenizer.bos_token_id, settings.num_prompts, sigma, settings.max_len, rng
+        )
         lens = [len(p) for p in prompts[dist]]
         log(f"{dist}: {len(lens)} prompts, median {statistics.median(lens)}, max {max(lens)}")
 
     cfg = transformers.AutoConfig.from_pretrained(str(model_dir))
     log("measuring the matmul peak")
-    peaks_start = measure_peaks(settings, cfg.hidden_size, cfg.intermediate_size)
+    shapes = gemm_shapes(settings, cfg)
+    peaks_start = measure_peaks(settings, shapes)
     log(f"matmul peak: {json.dumps(peaks_start)}")
 
     results: list[dict[str, Any]] = []
@@ -371,40 +447,48 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
                 )
                 for backend in ("dense", "varlen")
             }
+            for runner in runners.values():  # fault the pool's pages in now, not in a pass
+                runner.kv_cache.k.fill_(0.0)
+                runner.kv_cache.v.fill_(0.0)
 
             def runner_of(method: str, runners: dict[str, Runner] = runners) -> Runner:
                 return runners["varlen" if method == "packed-varlen" else "dense"]
 
+            gc.collect()
+            gc.freeze()  # setup objects (token lists, model) leave gc's scans: gc.collect is fast
             # Warm-up: every method once on the first batch of the smallest batch size.
             warm = seqs[: settings.batch_sizes[0]]
-            for method in METHODS:
-                run_pass(runner_of(method), warm, method, len(warm), mem)
+            run_interleaved(runner_of, warm, len(warm), 0, mem)
             timings: dict[tuple[int, str], list[Timing]] = {}
             block_start = time.perf_counter()
             loads.append({"dtype": dtype, "distribution": dist, "start": os.getloadavg()})
             for rep in range(settings.repeats):
-                for batch_size in settings.batch_sizes:
-                    shift = (rep + settings.batch_sizes.index(batch_size)) % len(METHODS)
-                    for method in METHODS[shift:] + METHODS[:shift]:  # rotate the order
-                        t = run_pass(runner_of(method), seqs, method, batch_size, mem)
+                for bi, batch_size in enumerate(settings.batch_sizes):
+                    passes = run_interleaved(runner_of, seqs, batch_size, rep + bi, mem)
+                    for method, t in passes.items():
                         timings.setdefault((batch_size, method), []).append(t)
-                        log(
-                            f"{dtype} {dist} rep {rep} B={batch_size} {method}: "
-                            f"{t.seconds:.2f}s peak +{t.peak_rss_delta / 2**20:.0f} MiB"
+                    log(
+                        f"{dtype} {dist} rep {rep} B={batch_size}: "
+                        + ", ".join(
+                            f"{m} {t.seconds:.2f}s +{t.peak_rss_delta / 2**20:.0f}MiB"
+                            for m, t in passes.items()
                         )
+                        + f"; load {os.getloadavg()[0]:.1f}"
+                    )
             loads[-1]["end"] = os.getloadavg()
             loads[-1]["seconds"] = time.perf_counter() - block_start
             results += summarize(model, dtype, dist, seqs, settings, timings)
             del runners
+            gc.unfreeze()
             gc.collect()
         del model
         gc.collect()
 
     log("measuring the matmul peak again")
-    peaks_end = measure_peaks(settings, cfg.hidden_size, cfg.intermediate_size)
+    peaks_end = measure_peaks(settings, shapes)
     mem.stop()
     peaks = {
-        name: max(peaks_start[name]["square_gflops"], peaks_end[name]["square_gflops"])
+        name: max(*peaks_start[name].values(), *peaks_end[name].values())
         for name in settings.dtypes
     }
     for row in results:
@@ -412,7 +496,7 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
         row["peak_fraction"] = row["model_gflops"] / peaks[row["dtype"]]
     report = {
         "settings": asdict(settings),
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpu_model": cpu_model(),
             "cpu_flags": cpu_flags(),
@@ -430,17 +514,25 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
             dist: {
                 "sigma": DISTRIBUTIONS[dist],
                 "median_target": MEDIAN_LEN,
-                "clip": [MIN_LEN, MAX_LEN],
+                "clip": [MIN_LEN, settings.max_len],
                 "lengths": [len(p) for p in prompts[dist]],
             }
             for dist in DISTRIBUTIONS
         },
-        "matmul": {"start": peaks_start, "end": peaks_end, "peak_gflops": peaks},
+        "matmul": {
+            "shapes_mkn": shapes,
+            "reps": settings.matmul_reps,
+            "start": peaks_start,
+            "end": peaks_end,
+            "peak_gflops": peaks,  # the best of every shape, start and end
+        },
         "memory_method": (
-            "a background thread reads this process's RSS from /proc/self/statm every ~1 ms; "
-            "per pass, peak RSS during the pass minus the RSS just before it (after gc); "
-            "glibc mmap/trim thresholds pinned via mallopt so freed tensors leave the RSS "
-            f"(applied: {malloc_fixed}); the max over repeats is reported"
+            "a background thread reads this process's RSS from /proc/self/statm every ~1 ms "
+            "(see rss_samples_per_s); per step, the peak RSS during the step minus the RSS "
+            "just before it, after gc.collect() and glibc malloc_trim(0) (so memory freed "
+            f"earlier is not silently reused; trim available: {malloc_trim}); the KV pool is "
+            "preallocated and faulted in before timing, so it is not counted; the max over "
+            "steps and repeats is reported"
         ),
         "blocks": loads,
         "results": results,
@@ -483,13 +575,16 @@ def summarize(
                     "method": method,
                     "seconds": seconds,
                     "seconds_all": [t.seconds for t in ts],
+                    "seconds_min": min(t.seconds for t in ts),
+                    "cpu_utilization": statistics.median(t.cpu_seconds / t.seconds for t in ts),
                     "real_tokens": real,
                     "computed_tokens": computed_tokens(batches(seqs, method, batch_size)),
                     "tokens_per_s": real / seconds,
                     "speedup": padded_s / seconds,
+                    "speedup_of_min": min(t.seconds for t in padded) / min(t.seconds for t in ts),
                     "token_ideal_speedup": padded_tokens / real,
                     "peak_rss_mib": max(t.peak_rss_delta for t in ts) / 2**20,
-                    "rss_samples_per_s": statistics.median(t.rss_samples / t.window_s for t in ts),
+                    "rss_samples_per_s": statistics.median(t.rss_samples / t.sampled_s for t in ts),
                     "model_gflop": flops / 1e9,
                     "model_gflops": flops / seconds / 1e9,
                     "greedy_agreement_with_padded": same / len(padded[-1].sampled),
@@ -548,6 +643,11 @@ def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
     mm = report["matmul"]["peak_gflops"]
     s = report["settings"]
+    sq = s["matmul_n"]
+
+    def square(dtype: str) -> float:
+        return max(report["matmul"][w][dtype][f"square {sq}"] for w in ("start", "end"))
+
     lines = [
         f"# Prefill: padded vs. packed ({report['date']})",
         "",
@@ -556,10 +656,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"({report['model']['params'] / 1e6:.0f}M params); {s['num_prompts']} prompts per "
         f"distribution, median of {s['repeats']} interleaved repeats; load average "
         f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end.",
-        "Matmul peak (torch.mm {n}x{n}, best of {r}): ".format(
-            n=report["matmul"]["start"]["square_n"], r=report["matmul"]["start"]["reps"]
-        )
-        + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in mm.items())
+        f"Matmul peak (best torch.mm of {report['matmul']['reps']} reps over square "
+        f"{sq}/1024 and the model's GEMM shapes, at start and end): "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s ({sq}x{sq}: {square(k):.0f})" for k, v in mm.items())
         + ".",
         "",
         "tok/s = real prompt tokens per second; x = speedup over padded; ideal = padded tokens "
@@ -567,10 +666,13 @@ def markdown(report: dict[str, Any]) -> str:
         "matmul peak. Methods: pad / sort / p-dense / p-varlen.",
         "",
         "| dtype | dist | B | tok/s pad | tok/s sort | tok/s p-dense | tok/s p-varlen "
-        "| x sort | x p-dense | x p-varlen | ideal | MiB pad/sort/p-d/p-v | % peak pad/sort/p-d/p-v |",
+        "| x sort | x p-dense | x p-varlen | ideal | MiB pad/sort/p-d/p-v "
+        "| % peak pad/sort/p-d/p-v |",
         "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
-    by = {(r["dtype"], r["distribution"], r["batch_size"], r["method"]): r for r in report["results"]}
+    by = {
+        (r["dtype"], r["distribution"], r["batch_size"], r["method"]): r for r in report["results"]
+    }
     for dtype in s["dtypes"]:
         for dist in report["distributions"]:
             for b in s["batch_sizes"]:
@@ -595,7 +697,11 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"- {name}: met in {len(met)}/{len(checks)} configurations")
         for method in PACKED:
             mine = [c for c in checks if c["method"] == method]
-            bad = [f"{c['dtype']}/{c['distribution']}/B={c['batch_size']}" for c in mine if not c["met"]]
+            bad = [
+                f"{c['dtype']}/{c['distribution']}/B={c['batch_size']}"
+                for c in mine
+                if not c["met"]
+            ]
             lines.append(f"  - {method}: " + ("all met" if not bad else "missed " + ", ".join(bad)))
     lines += ["", f"Runtime {report['runtime_s'] / 60:.1f} min.", ""]
     return "\n".join(lines)
@@ -610,7 +716,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
     s = report["settings"]
     dists = list(report["distributions"])
     fig, axes = plt.subplots(1, len(dists), figsize=(6 * len(dists), 4.5), squeeze=False)
-    by = {(r["dtype"], r["distribution"], r["batch_size"], r["method"]): r for r in report["results"]}
+    by = {
+        (r["dtype"], r["distribution"], r["batch_size"], r["method"]): r for r in report["results"]
+    }
     colors = {"sorted": "tab:orange", "packed-dense": "tab:blue", "packed-varlen": "tab:green"}
     styles = {"float32": "-", "bfloat16": "--", "float16": ":"}
     xs = list(s["batch_sizes"])
@@ -622,7 +730,14 @@ def plot(report: dict[str, Any], path: Path) -> None:
         for dtype in s["dtypes"]:
             for method, color in colors.items():
                 ys = [by[(dtype, dist, b, method)]["speedup"] for b in xs]
-                ax.plot(xs, ys, styles.get(dtype, "-"), color=color, marker="o", label=f"{method} {dtype}")
+                ax.plot(
+                    xs,
+                    ys,
+                    styles.get(dtype, "-"),
+                    color=color,
+                    marker="o",
+                    label=f"{method} {dtype}",
+                )
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(b) for b in xs])
         ax.set_xlabel("batch size B (prompts per step)")
@@ -631,7 +746,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{dist}: {len(lens)} prompts, median {int(np.median(lens))}, max {max(lens)}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Prefill speedup over padded, {report['model']['size']} model, {report['machine']['cpu_model']}")
+    model, cpu = report["model"]["size"], report["machine"]["cpu_model"]
+    fig.suptitle(f"Prefill speedup over padded, {model} model, {cpu}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -655,62 +771,90 @@ def category(name: str) -> str:
     return "elementwise / other"
 
 
+PROFILE_CASES = (("float32", "wide"), ("bfloat16", "narrow"))
+
+
 def run_profile(settings: Settings, out_dir: Path) -> None:
-    """Profile one step per method (fp32, wide, largest B) with torch.profiler."""
-    from packserve.kernels.inputs import prefill_inputs
+    """torch.profiler breakdown of the first step of every method, smallest B, for the cases
+    in PROFILE_CASES. Writes <stem>.profile.txt."""
     from torch.profiler import ProfilerActivity, profile
 
+    from packserve.kernels.inputs import prefill_inputs
+
     model_dir = default_model_dir(settings.model_size)
-    model, tokenizer = load_model(str(model_dir), dtype="float32")
-    docs = corpus_token_windows(tokenizer)
-    rng = np.random.default_rng([settings.seed, list(DISTRIBUTIONS).index("wide")])
-    prompts = make_prompts(docs, tokenizer.bos_token_id, settings.num_prompts, DISTRIBUTIONS["wide"], rng)
-    seqs, num_blocks = make_sequences(prompts)
-    b = settings.batch_sizes[-1]
-    peak = matmul_gflops(torch.float32, settings.matmul_n, settings.matmul_n, settings.matmul_n, 10)
-    out = [f"fp32 square matmul peak {peak:.0f} GFLOP/s; wide, B={b}, first batch\n"]
-    for method in METHODS:
-        backend = "varlen" if method == "packed-varlen" else "dense"
-        runner = Runner(
-            model, RunnerConfig(attention_backend=backend, num_kv_blocks=num_blocks, block_size=16)
+    cfg = transformers.AutoConfig.from_pretrained(str(model_dir))
+    shapes = gemm_shapes(settings, cfg)
+    b = settings.batch_sizes[0]
+    out = [f"load average at start {os.getloadavg()}\n"]
+    for dtype, dist in PROFILE_CASES:
+        model, tokenizer = load_model(str(model_dir), dtype=dtype)
+        docs = corpus_token_windows(tokenizer)
+        rng = np.random.default_rng([settings.seed, list(DISTRIBUTIONS).index(dist)])
+        prompts = make_prompts(
+            docs,
+            tokenizer.bos_token_id,
+            settings.num_prompts,
+            DISTRIBUTIONS[dist],
+            settings.max_len,
+            rng,
         )
-        bins = batches(seqs, method, b)[0]
-        step = SchedulerOutput(prefill_bins=bins, decodes=(), preempted_ids=())
-        runner.execute(step)
-        start = time.perf_counter()
-        runner.execute(step)
-        wall = time.perf_counter() - start
-        start = time.perf_counter()
-        prefill_inputs(bins, runner.kv_cache, backend, model.dtype)
-        inputs_s = time.perf_counter() - start
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            runner.execute(step)
-        events = prof.key_averages()
-        per_cat: dict[str, float] = {}
-        for ev in events:
-            cat = category(ev.key)
-            per_cat[cat] = per_cat.get(cat, 0.0) + ev.self_cpu_time_total / 1e6
-        total = sum(per_cat.values())
-        lengths = [s.num_tokens for row in bins for s in row]
-        flops = model_flops(model, lengths)
-        rows = len(bins)
-        row_len = max(sum(s.num_tokens for s in row) for row in bins)
-        gemm_flops = 2 * non_embedding_params(model) * rows * row_len  # computed, not useful
-        gemm_s = per_cat.get("gemm", 0.0)
+        seqs, num_blocks = make_sequences(prompts)
+        gemms = measure_peaks(Settings(**(asdict(settings) | {"dtypes": (dtype,)})), shapes)
+        peak = max(gemms[dtype].values())
         out.append(
-            f"\n== {method}: {rows} rows x {row_len} tokens ({sum(lengths)} real), wall "
-            f"{wall:.2f}s unprofiled, model {flops / wall / 1e9:.0f} GFLOP/s = "
-            f"{100 * flops / wall / 1e9 / peak:.0f}% of peak; prefill_inputs {inputs_s:.3f}s\n"
+            f"\n######## {dtype}, {dist}, B={b}, first batch; torch.mm GFLOP/s: "
+            + ", ".join(f"{k} {v:.0f}" for k, v in gemms[dtype].items())
+            + "\n"
         )
-        for cat, sec in sorted(per_cat.items(), key=lambda kv: -kv[1]):
-            out.append(f"  {cat:22s} {sec:7.2f}s  {100 * sec / total:5.1f}%\n")
-        if gemm_s:
+        for method in METHODS:
+            backend = "varlen" if method == "packed-varlen" else "dense"
+            config = RunnerConfig(attention_backend=backend, num_kv_blocks=num_blocks)
+            runner = Runner(model, config)
+            bins = batches(seqs, method, b)[0]
+            step = SchedulerOutput(prefill_bins=bins, decodes=(), preempted_ids=())
+            runner.execute(step)
+            start = time.perf_counter()
+            runner.execute(step)
+            wall = time.perf_counter() - start
+            start = time.perf_counter()
+            prefill_inputs(bins, runner.kv_cache, backend, model.dtype)
+            inputs_s = time.perf_counter() - start
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                runner.execute(step)
+            events = prof.key_averages()
+            per_cat: dict[str, float] = {}
+            for ev in events:
+                cat = category(ev.key)
+                per_cat[cat] = per_cat.get(cat, 0.0) + ev.self_cpu_time_total / 1e6
+            total = sum(per_cat.values())
+            lengths = [s.num_tokens for row in bins for s in row]
+            flops = model_flops(model, lengths)
+            rows = len(bins)
+            row_len = max(sum(s.num_tokens for s in row) for row in bins)
+            # GEMM work actually done: every computed (padded) token, plus the lm head.
+            gemm_flops = 2 * non_embedding_params(model) * rows * row_len
+            gemm_flops += 2 * cfg.hidden_size * cfg.vocab_size * len(lengths)
+            gemm_s = per_cat.get("gemm", 0.0)
             out.append(
-                f"  GEMMs run at {gemm_flops / gemm_s / 1e9:.0f} GFLOP/s on computed tokens "
-                f"({100 * gemm_flops / gemm_s / 1e9 / peak:.0f}% of peak)\n"
+                f"\n== {method}: {rows} rows x {row_len} tokens ({sum(lengths)} real, "
+                f"{len(lengths)} prompts); unprofiled wall {wall:.2f}s = "
+                f"{sum(lengths) / wall:.0f} tok/s, model {flops / wall / 1e9:.0f} GFLOP/s = "
+                f"{100 * flops / wall / 1e9 / peak:.0f}% of peak; prefill_inputs {inputs_s:.3f}s; "
+                f"profiled self-CPU total {total:.2f}s\n"
             )
-        out.append(events.table(sort_by="self_cpu_time_total", row_limit=15) + "\n")
-        log(f"profiled {method}")
+            for cat, sec in sorted(per_cat.items(), key=lambda kv: -kv[1]):
+                out.append(f"  {cat:22s} {sec:7.2f}s  {100 * sec / total:5.1f}%\n")
+            if gemm_s:
+                out.append(
+                    f"  GEMMs: {gemm_flops / gemm_s / 1e9:.0f} GFLOP/s on the tokens computed "
+                    f"({100 * gemm_flops / gemm_s / 1e9 / peak:.0f}% of peak)\n"
+                )
+            out.append(events.table(sort_by="self_cpu_time_total", row_limit=14) + "\n")
+            log(f"profiled {dtype} {dist} {method}: {wall:.2f}s")
+            del runner
+        del model
+        gc.collect()
+    out.append(f"\nload average at end {os.getloadavg()}\n")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{settings.stem}.profile.txt"
     path.write_text("".join(out))
