@@ -60,24 +60,44 @@ class PrefillMetadata:
 
 
 @dataclass(frozen=True, slots=True)
+class DecodeBucket:
+    """Batch rows [start, end) of a decode step, whose contexts are padded to one length."""
+
+    start: int
+    end: int
+    context_slots: torch.Tensor  # [b, L] slots of each sequence's tokens, padded with slot 0
+    mask: torch.Tensor  # [b, 1, 1, L] additive: 0 within the sequence's length, -inf past it
+
+
+@dataclass(frozen=True, slots=True)
 class DecodeMetadata:
-    """One new token per sequence; each attends to its own cached tokens."""
+    """One new token per sequence; each attends to its own cached tokens. The batch is ordered
+    longest context first and cut into buckets of similar length, so gathering and attention
+    cost about the real context tokens, not batch x longest context."""
 
     kv_cache: KVCache
     slot_mapping: torch.Tensor  # [B] cache slot of each new token
-    context_slots: torch.Tensor  # [B, L] slots of each sequence's tokens, padded with slot 0
-    mask: torch.Tensor  # [B, 1, 1, L] additive: 0 within the sequence's length, -inf past it
+    buckets: tuple[DecodeBucket, ...]
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
         # q: [B, H, 1, D]; k, v: [B, Hkv, 1, D]
         self.kv_cache.write(layer, self.slot_mapping, k[:, :, 0], v[:, :, 0])
-        keys, values = self.kv_cache.gather(layer, self.context_slots)  # [B, Hkv, L, D]
-        out = F.scaled_dot_product_attention(
-            q, keys, values, attn_mask=self.mask, scale=scale, enable_gqa=True
-        )  # [B, H, 1, D]
-        return out.transpose(1, 2)  # [B, 1, H, D]
+        outs = []
+        for bucket in self.buckets:
+            keys, values = self.kv_cache.gather(layer, bucket.context_slots)  # [b, Hkv, L, D]
+            outs.append(
+                F.scaled_dot_product_attention(
+                    q[bucket.start : bucket.end],
+                    keys,
+                    values,
+                    attn_mask=bucket.mask,
+                    scale=scale,
+                    enable_gqa=True,
+                )
+            )  # [b, H, 1, D]
+        return torch.cat(outs).transpose(1, 2)  # [B, 1, H, D]
 
 
 def packserve_attention(

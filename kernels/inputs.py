@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from packserve.scheduler import ScheduledSequence
 
-from .attention import AttentionBackend, DecodeMetadata, PrefillMetadata
+from .attention import AttentionBackend, DecodeBucket, DecodeMetadata, PrefillMetadata
 from .kv_cache import KVCache
 
 
@@ -80,37 +81,64 @@ def prefill_inputs(
     )
 
 
+def length_buckets(
+    lengths: Sequence[int], slack: float = 0.25, min_slack: int = 64
+) -> list[tuple[int, int]]:
+    """Cut `lengths`, sorted longest first, into runs [start, end). A run pads its members to
+    its first (longest) length; it ends before the first member that would be padded by more
+    than `slack` of that length or `min_slack` tokens, whichever is more."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    for i, n in enumerate(lengths):
+        if lengths[start] - n > max(min_slack, slack * lengths[start]):
+            runs.append((start, i))
+            start = i
+    if lengths:
+        runs.append((start, len(lengths)))
+    return runs
+
+
 def decode_inputs(
     decodes: tuple[ScheduledSequence, ...], kv_cache: KVCache, dtype: torch.dtype
 ) -> ModelInputs:
-    """A ragged batch: one token per sequence at its own position."""
+    """A ragged batch: one token per sequence at its own position. The model sees the batch
+    longest context first, cut into length buckets; `sample_index` restores the given order."""
     block_size = kv_cache.spec.block_size
     device = kv_cache.k.device
-    lengths = [seq.start_pos + 1 for seq in decodes]  # tokens each sequence attends to
-    max_len = max(lengths)
-    max_blocks = -(-max_len // block_size)
+    order = sorted(range(len(decodes)), key=lambda i: -decodes[i].start_pos)
+    seqs = [decodes[i] for i in order]
+    lengths = [seq.start_pos + 1 for seq in seqs]  # tokens each sequence attends to
+    max_blocks = -(-lengths[0] // block_size)
     tables = torch.tensor(
         [
-            list(seq.block_ids[:max_blocks]) + [0] * (max_blocks - len(seq.block_ids[:max_blocks]))
-            for seq in decodes
+            list(seq.block_ids[:max_blocks]) + [0] * (max_blocks - len(seq.block_ids))
+            for seq in seqs
         ],
         device=device,
     )  # [B, max_blocks]
-    pos = torch.arange(max_len, device=device)  # [L]
-    context_slots = tables[:, pos // block_size] * block_size + pos % block_size  # [B, L]
     length = torch.tensor(lengths, device=device)
-    mask = torch.zeros(len(decodes), 1, 1, max_len, dtype=dtype, device=device)
-    mask.masked_fill_((pos[None, :] >= length[:, None])[:, None, None], float("-inf"))
-    start = torch.tensor([seq.start_pos for seq in decodes], device=device)
+    buckets = []
+    for start, end in length_buckets(lengths):
+        pos = torch.arange(lengths[start], device=device)  # [L]
+        mask = torch.zeros(end - start, 1, 1, lengths[start], dtype=dtype, device=device)
+        mask.masked_fill_((pos[None, :] >= length[start:end, None])[:, None, None], float("-inf"))
+        slots = tables[start:end, pos // block_size] * block_size + pos % block_size  # [b, L]
+        buckets.append(DecodeBucket(start, end, slots, mask))
+    new_slots = [
+        slots_of(seq.block_ids, range(seq.start_pos, seq.start_pos + 1), block_size)[0]
+        for seq in seqs
+    ]
     meta = DecodeMetadata(
         kv_cache=kv_cache,
-        slot_mapping=context_slots.gather(1, start[:, None])[:, 0],
-        context_slots=context_slots,
-        mask=mask,
+        slot_mapping=torch.tensor(new_slots, device=device),
+        buckets=tuple(buckets),
     )
+    rank = [0] * len(order)  # rank[i]: where decodes[i] sits in the model's batch
+    for r, i in enumerate(order):
+        rank[i] = r
     return ModelInputs(
-        input_ids=torch.tensor([[seq.token_ids[-1]] for seq in decodes], device=device),
-        position_ids=start[:, None],
+        input_ids=torch.tensor([[seq.token_ids[-1]] for seq in seqs], device=device),
+        position_ids=torch.tensor([[seq.start_pos] for seq in seqs], device=device),
         meta=meta,
-        sample_index=torch.arange(len(decodes), device=device),
+        sample_index=torch.tensor(rank, device=device),
     )
