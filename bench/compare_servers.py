@@ -585,11 +585,17 @@ def markdown(result: dict[str, Any]) -> str:
         lines += [
             "## Decode step (bench/decode.py)",
             "",
-            "| model | batch | packserve tok/s | DynamicCache tok/s | speedup | identical |",
-            "|---|---:|---:|---:|---:|---|",
-            f"| {d['model']} | {d['batch']} | {d['packserve_tokens_per_s']:.0f} | "
+            "| model | batch | linear layers | packserve tok/s | DynamicCache tok/s | speedup "
+            "| identical |",
+            "|---|---:|---|---:|---:|---:|---|",
+            f"| {d['model']} | {d['batch']} | oneDNN (served) | "
+            f"{d['packserve_tokens_per_s']:.0f} | "
             f"{d['transformers_dynamic_cache_tokens_per_s']:.0f} | {d['speedup']:.2f}x | "
             f"{d['sequences_identical']} |",
+            f"| {d['model']} | {d['batch']} | torch (as transformers) | "
+            f"{d['packserve_torch_linear_tokens_per_s']:.0f} | "
+            f"{d['transformers_dynamic_cache_tokens_per_s']:.0f} | "
+            f"{d['speedup_torch_linear']:.2f}x | {d['sequences_identical_torch_linear']} |",
             "",
             f"Target >= 1.5x: {'met' if d['speedup'] >= 1.5 else '**not met**'}. "
             f"Load average {d['machine']['loadavg_start']} -> {d['machine']['loadavg_end']}.",

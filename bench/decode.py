@@ -88,19 +88,30 @@ def main() -> None:
     args = parser.parse_args()
 
     path = str(default_model_dir(args.size))
-    engine = Engine(
-        EngineConfig(model=path, max_num_seqs=args.batch, max_num_batched_tokens=args.batch * 512)
-    )
+    engines = {
+        backend: Engine(
+            EngineConfig(
+                model=path,
+                max_num_seqs=args.batch,
+                max_num_batched_tokens=args.batch * 512,
+                linear_backend=backend,
+            )
+        )
+        for backend in ("onednn", "torch")
+    }
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     prompts = prompts_for(args.batch, reference.config.vocab_size, seed=0)
     load_start = os.getloadavg()
-    ours, theirs = [], []
+    ours, ours_torch, theirs = [], [], []
     for _ in range(args.repeats):
-        t_ours, out_ours = packserve_decode(engine, prompts, args.steps)
+        t_ours, out_ours = packserve_decode(engines["onednn"], prompts, args.steps)
+        t_torch, out_torch = packserve_decode(engines["torch"], prompts, args.steps)
         t_theirs, out_theirs = transformers_decode(reference, prompts, args.steps)
         ours.append(t_ours)
+        ours_torch.append(t_torch)
         theirs.append(t_theirs)
     agree = sum(a == b for a, b in zip(out_ours, out_theirs, strict=True))
+    agree_torch = sum(a == b for a, b in zip(out_torch, out_theirs, strict=True))
     tokens = args.batch * args.steps
     result = {
         "model": args.size,
@@ -110,8 +121,11 @@ def main() -> None:
         "packserve_tokens_per_s": tokens / statistics.median(ours),
         "transformers_dynamic_cache_tokens_per_s": tokens / statistics.median(theirs),
         "speedup": statistics.median(theirs) / statistics.median(ours),
-        "runs_s": {"packserve": ours, "transformers": theirs},
+        "packserve_torch_linear_tokens_per_s": tokens / statistics.median(ours_torch),
+        "speedup_torch_linear": statistics.median(theirs) / statistics.median(ours_torch),
+        "runs_s": {"packserve": ours, "packserve_torch_linear": ours_torch, "transformers": theirs},
         "sequences_identical": f"{agree}/{args.batch}",
+        "sequences_identical_torch_linear": f"{agree_torch}/{args.batch}",
         "machine": {
             "cpu": platform.processor() or platform.machine(),
             "cores": os.cpu_count(),

@@ -197,17 +197,28 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int, reps: int) -> float:
-    """Best-of-`reps` GFLOP/s of one torch.mm [m, k] x [k, n]."""
+def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int, reps: int, backend: str) -> float:
+    """Best-of-`reps` GFLOP/s of one [m, k] x [k, n] product: `torch.mm` (MKL on CPU for
+    float32), or oneDNN with the right-hand side prepacked (what `PackedLinear` runs)."""
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=gen).to(dtype)
     b = torch.randn(k, n, generator=gen).to(dtype)
-    out = torch.empty(m, n, dtype=dtype)
-    torch.mm(a, b, out=out)  # warm-up
+    if backend == "oneDNN":
+        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
+
+        def run() -> None:
+            torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+    else:
+        out = torch.empty(m, n, dtype=dtype)
+
+        def run() -> None:
+            torch.mm(a, b, out=out)
+
+    run()  # warm-up
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()
-        torch.mm(a, b, out=out)
+        run()
         best = min(best, time.perf_counter() - start)
     return 2 * m * k * n / best / 1e9
 
@@ -229,11 +240,14 @@ def gemm_shapes(settings: Settings, cfg: Any) -> dict[str, tuple[int, int, int]]
 
 
 def measure_peaks(settings: Settings, shapes: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
-    """Best-of-reps GFLOP/s of torch.mm per dtype and shape."""
+    """Best-of-reps GFLOP/s per dtype, shape and GEMM library (torch.mm and oneDNN)."""
     return {
         name: {
-            label: matmul_gflops(getattr(torch, name), *shape, settings.matmul_reps)
+            f"{label} ({backend})": matmul_gflops(
+                getattr(torch, name), *shape, settings.matmul_reps, backend
+            )
             for label, shape in shapes.items()
+            for backend in ("torch.mm", "oneDNN")
         }
         for name in settings.dtypes
     }
@@ -645,8 +659,8 @@ def markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     sq = s["matmul_n"]
 
-    def square(dtype: str) -> float:
-        return max(report["matmul"][w][dtype][f"square {sq}"] for w in ("start", "end"))
+    def square(dtype: str, backend: str) -> float:
+        return max(report["matmul"][w][dtype][f"square {sq} ({backend})"] for w in ("start", "end"))
 
     lines = [
         f"# Prefill: padded vs. packed ({report['date']})",
@@ -656,10 +670,15 @@ def markdown(report: dict[str, Any]) -> str:
         f"({report['model']['params'] / 1e6:.0f}M params); {s['num_prompts']} prompts per "
         f"distribution, median of {s['repeats']} interleaved repeats; load average "
         f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end.",
-        f"Matmul peak (best torch.mm of {report['matmul']['reps']} reps over square "
-        f"{sq}/1024 and the model's GEMM shapes, at start and end): "
-        + ", ".join(f"{k} {v:.0f} GFLOP/s ({sq}x{sq}: {square(k):.0f})" for k, v in mm.items())
-        + ".",
+        f"Matmul peak (best of {report['matmul']['reps']} reps of torch.mm and of oneDNN with a "
+        f"prepacked operand, over square {sq}/1024 and the model's GEMM shapes, at start and "
+        "end): "
+        + ", ".join(
+            f"{k} {v:.0f} GFLOP/s ({sq}x{sq}: torch.mm {square(k, 'torch.mm'):.0f}, "
+            f"oneDNN {square(k, 'oneDNN'):.0f})"
+            for k, v in mm.items()
+        )
+        + ". The model's linear layers run on oneDNN (`--linear-backend onednn`).",
         "",
         "tok/s = real prompt tokens per second; x = speedup over padded; ideal = padded tokens "
         "computed / real tokens; MiB = peak RSS growth; % peak = model FLOP/s on real tokens / "

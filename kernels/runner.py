@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from transformers import PreTrainedModel
@@ -12,7 +13,10 @@ from packserve.scheduler import RunnerOutput, ScheduledSequence, SchedulerOutput
 from .attention import AttentionBackend
 from .inputs import ModelInputs, decode_inputs, prefill_inputs
 from .kv_cache import KVCache, KVCacheSpec
+from .linear import can_pack, pack_linears
 from .sampler import sample
+
+LinearBackend = Literal["onednn", "torch"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +24,7 @@ class RunnerConfig:
     """How the runner computes attention and how large its KV pool is."""
 
     attention_backend: AttentionBackend = "varlen"
+    linear_backend: LinearBackend = "onednn"  # "torch": leave the model's nn.Linear as is
     block_size: int = 16
     kv_cache_memory_bytes: int = 1 << 30  # the pool's size; the block count follows from it
     num_kv_blocks: int | None = None  # overrides the memory budget when set (tests)
@@ -28,6 +33,8 @@ class RunnerConfig:
     def __post_init__(self) -> None:
         if self.attention_backend not in ("dense", "varlen"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
+        if self.linear_backend not in ("onednn", "torch"):
+            raise ValueError(f"unknown linear backend {self.linear_backend!r}")
         if self.block_size < 1 or self.kv_cache_memory_bytes < 1:
             raise ValueError("block_size and kv_cache_memory_bytes must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -54,6 +61,8 @@ class Runner:
     def __init__(self, model: PreTrainedModel, config: RunnerConfig) -> None:
         self.model = model
         self.config = config
+        if config.linear_backend == "onednn" and can_pack(model):
+            pack_linears(model)
         self.device = model.device
         spec = kv_cache_spec(model, config.block_size)
         num_blocks = config.num_kv_blocks or spec.num_blocks_for(config.kv_cache_memory_bytes)

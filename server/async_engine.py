@@ -36,6 +36,12 @@ class _Submission:
     loop: asyncio.AbstractEventLoop
 
 
+def _deliver(batch: list[tuple[_Submission, Timed]]) -> None:
+    """On the event loop: put each item into its request's collector."""
+    for sub, item in batch:
+        sub.collector.put_nowait(item)
+
+
 class AsyncEngine:
     """Runs `Engine.step` in one thread. Adds and aborts are queued and drained between steps,
     so the engine is only ever touched by its own thread."""
@@ -116,8 +122,7 @@ class AsyncEngine:
             except Exception as exc:  # a scheduler bug must not kill the loop: fail everyone
                 log.exception("engine step failed")
                 deltas = self._fail_all(f"{type(exc).__name__}: {exc}")
-            for delta in deltas:
-                self._publish(Timed(delta, start))
+            self._publish([Timed(delta, start) for delta in deltas])
             if self.on_step and self.engine.last_stats:
                 self.on_step(self.engine.last_stats)
 
@@ -136,19 +141,25 @@ class AsyncEngine:
             self._collectors.pop(request_id, None)
             self.engine.abort(request_id)
 
-    def _publish(self, item: Timed) -> None:
-        sub = self._collectors.get(item.delta.request_id)
-        if sub is None:
-            return
-        if item.delta.finish_reason is not None:
-            del self._collectors[item.delta.request_id]
-        self._send(sub, item)
+    def _publish(self, items: list[Timed]) -> None:
+        """Hand a step's deltas to their collectors: one wake-up per event loop per step."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Submission, Timed]]] = {}
+        for item in items:
+            sub = self._collectors.get(item.delta.request_id)
+            if sub is None:
+                continue
+            if item.delta.finish_reason is not None:
+                del self._collectors[item.delta.request_id]
+            batches.setdefault(sub.loop, []).append((sub, item))
+        for loop, batch in batches.items():
+            # RuntimeError: the caller's event loop is gone; nobody is listening.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_deliver, batch)
 
     @staticmethod
     def _send(sub: _Submission, item: Timed) -> None:
-        # RuntimeError: the caller's event loop is gone; nobody is listening.
         with contextlib.suppress(RuntimeError):
-            sub.loop.call_soon_threadsafe(sub.collector.put_nowait, item)
+            sub.loop.call_soon_threadsafe(_deliver, [(sub, item)])
 
     def _fail_all(self, message: str) -> list[Delta]:
         deltas = []

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from packserve.kernels.attention import AttentionBackend
 from packserve.kernels.loader import load_model
-from packserve.kernels.runner import Runner, RunnerConfig
+from packserve.kernels.runner import LinearBackend, Runner, RunnerConfig
 from packserve.scheduler import (
     PrefillMode,
     Request,
@@ -38,6 +38,7 @@ class EngineConfig:
     trust_remote_code: bool = False
     max_model_len: int | None = None  # None: the model's context, capped at 4096
     attention_backend: AttentionBackend = "varlen"
+    linear_backend: LinearBackend = "onednn"
     prefill_mode: PrefillMode = "packed"
     block_size: int = 16
     max_num_seqs: int = 64
@@ -54,6 +55,7 @@ class EngineConfig:
     def runner_config(self) -> RunnerConfig:
         return RunnerConfig(
             attention_backend=self.attention_backend,
+            linear_backend=self.linear_backend,
             block_size=self.block_size,
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             num_kv_blocks=self.num_kv_blocks,

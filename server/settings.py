@@ -67,6 +67,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "max-model-len", int, None, "context length (default: the model's, <= 4096)")
     _flag(parser, "attention-backend", str, d.attention_backend, "varlen or dense")
     _flag(parser, "prefill-mode", str, d.prefill_mode, "packed (FFD rows) or padded")
+    _flag(parser, "linear-backend", str, d.linear_backend, "onednn (prepacked, CPU) or torch")
     _flag(parser, "block-size", int, d.block_size, "tokens per KV block")
     _flag(parser, "max-num-seqs", int, d.max_num_seqs, "most sequences running at once")
     _flag(parser, "max-num-batched-tokens", int, None, "token budget of one step")
@@ -91,6 +92,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         attention_backend=args.attention_backend,
         prefill_mode=args.prefill_mode,
+        linear_backend=args.linear_backend,
         block_size=args.block_size,
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,

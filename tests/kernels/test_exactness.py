@@ -13,6 +13,7 @@ GREEDY = SamplingParams(temperature=0)
 CONFIGS = [
     pytest.param({"attention_backend": "varlen"}, id="packed-varlen"),
     pytest.param({"attention_backend": "dense"}, id="packed-dense"),
+    pytest.param({"attention_backend": "varlen", "linear_backend": "torch"}, id="torch-linear"),
     pytest.param({"attention_backend": "varlen", "prefill_mode": "padded"}, id="padded-varlen"),
     pytest.param({"attention_backend": "dense", "prefill_mode": "padded"}, id="padded-dense"),
     # Small rows and budget: many rows per step and prompts arriving over several steps.
