@@ -38,14 +38,24 @@ def test_pack_linears_swaps_every_linear_of_a_model(tiny_model_dir):
     with torch.inference_mode():
         expected = model(ids).logits
     assert can_pack(model)
-    assert pack_linears(model) == len(before) > 0
+    assert pack_linears(model, min_weight_elements=0) == len(before) > 0
     after = {name for name, m in model.named_modules() if isinstance(m, PackedLinear)}
     assert after == before
     assert not any(type(m) is nn.Linear for m in model.modules())
     assert dict(model.named_parameters()) == params  # the same parameters, still there
     with torch.inference_mode():
         torch.testing.assert_close(model(ids).logits, expected, atol=1e-4, rtol=0)
-    assert pack_linears(model) == 0  # nothing left to swap
+    assert pack_linears(model, min_weight_elements=0) == 0  # nothing left to swap
+
+
+def test_small_layers_stay_unpacked(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    sizes = {n: m.weight.numel() for n, m in model.named_modules() if type(m) is nn.Linear}
+    threshold = sorted(sizes.values())[len(sizes) // 2]  # about half are below it
+    pack_linears(model, min_weight_elements=threshold)
+    for name, module in model.named_modules():
+        if name in sizes:
+            assert isinstance(module, PackedLinear) == (sizes[name] >= threshold), name
 
 
 def test_engine_packs_by_default_and_torch_keeps_nn_linear(make_engine):
