@@ -5,8 +5,10 @@ packserve `Runner`, in the same process, interleaved round-robin over repeats:
 
 - padded:        random order, batches of B, one prompt per row, dense attention
 - sorted:        all prompts sorted by length, then batches of B, one per row, dense attention
-- packed-dense:  the padded batches, each packed with FFD into rows of capacity = its longest
-                 prompt (the paper's choice), dense attention with a block-diagonal mask
+- packed-dense:  the padded batches, each packed into rows as the engine packs them
+                 (`pack_rows`: FFD at the row capacity among longest prompt x 1, 2, 4, ...
+                 up to MAX_ROW_LEN that computes the fewest tokens; the paper uses x 1 only),
+                 dense attention with a block-diagonal mask
 - packed-varlen: the same rows, attention computed per prompt segment only
 
 Usage: .venv/bin/python bench/prefill.py [--quick] [--out bench/results] [--profile]
@@ -46,13 +48,14 @@ from packserve.scheduler import (
     ScheduledSequence,
     SchedulerOutput,
     blocks_for,
-    pack_ffd,
+    pack_rows,
 )
 
 METHODS = ("padded", "sorted", "packed-dense", "packed-varlen")
 PACKED = ("packed-dense", "packed-varlen")
 BLOCK_SIZE = 16
 MEDIAN_LEN, MIN_LEN, MAX_LEN = 100, 8, 1000
+MAX_ROW_LEN = 1024  # the widest packed row (the engine's --max-prefill-row-len)
 # Prompt lengths: lognormal around a median of 100 tokens, clipped to [MIN_LEN, MAX_LEN].
 DISTRIBUTIONS = {"narrow": 0.2, "wide": 1.0}  # name -> sigma of log(length)
 TARGET_PEAK_FRACTION = 0.85
@@ -314,7 +317,7 @@ def batches(seqs: list[ScheduledSequence], method: str, batch_size: int) -> list
         batch = order[start : start + batch_size]
         if method in PACKED:
             lengths = [s.num_tokens for s in batch]
-            rows = pack_ffd(lengths, max(lengths))
+            rows = pack_rows(lengths, MAX_ROW_LEN)
             steps.append(tuple(tuple(batch[i] for i in row) for row in rows))
         else:
             steps.append(tuple((s,) for s in batch))
