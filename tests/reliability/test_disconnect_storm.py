@@ -74,7 +74,8 @@ async def _drop(url: str, plan: dict[str, Any]) -> int:
             return 0  # leaves as soon as the headers are in
         async for line in r.aiter_lines():
             if line.startswith("data: "):
-                assert "[DONE]" not in line and '"error"' not in line, line
+                assert line != "data: [DONE]", "the stream ended before the client left"
+                assert "error" not in json.loads(line.removeprefix("data: ")), line
                 seen += 1
                 if seen >= plan["events"]:
                     break
