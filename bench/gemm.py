@@ -18,12 +18,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from packserve.kernels.linear import pack_weight, packed_linear
+
 SHAPES = {"q/o": (768, 768), "k/v": (768, 256), "gate/up": (768, 2048), "down": (2048, 768)}
 ROWS = (1, 8, 16, 32, 64, 256, 1024, 4096)
 OUT = Path(__file__).parent / "results"
 
 
-def best_gflops(fn, flops: int, seconds: float = 0.3) -> float:
+def best_rate(fn, amount: float, seconds: float = 0.3) -> float:
+    """`amount` (FLOPs, bytes) per second of fn's best run, in billions."""
     fn()
     best, deadline, runs = float("inf"), time.perf_counter() + seconds, 0
     while runs < 5 or time.perf_counter() < deadline:
@@ -31,7 +34,7 @@ def best_gflops(fn, flops: int, seconds: float = 0.3) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
         runs += 1
-    return flops / best / 1e9
+    return amount / best / 1e9
 
 
 def main() -> None:
@@ -40,7 +43,7 @@ def main() -> None:
         for m in ROWS:
             for name, (k, n) in SHAPES.items():
                 x, w = torch.randn(m, k).to(dtype), torch.randn(n, k).to(dtype)
-                packed = torch.ops.mkldnn._reorder_linear_weight(w, None)
+                packed = pack_weight(w)
                 flops = 2 * m * k * n
                 rows.append(
                     {
@@ -49,12 +52,9 @@ def main() -> None:
                         "shape": name,
                         "k": k,
                         "n": n,
-                        "torch_gflops": best_gflops(lambda x=x, w=w: F.linear(x, w), flops),
-                        "onednn_gflops": best_gflops(
-                            lambda x=x, p=packed: torch.ops.mkldnn._linear_pointwise(
-                                x, p, None, "none", [], ""
-                            ),
-                            flops,
+                        "torch_gflops": best_rate(lambda x=x, w=w: F.linear(x, w), flops),
+                        "onednn_gflops": best_rate(
+                            lambda x=x, p=packed: packed_linear(x, p), flops
                         ),
                     }
                 )

@@ -40,6 +40,7 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedModel
 
 from packserve.kernels.corpus import corpus_documents
+from packserve.kernels.linear import pack_weight, packed_linear
 from packserve.kernels.loader import load_model
 from packserve.kernels.model_maker import default_model_dir
 from packserve.kernels.runner import Runner, RunnerConfig
@@ -207,10 +208,10 @@ def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int, reps: int, backend
     a = torch.randn(m, k, generator=gen).to(dtype)
     b = torch.randn(k, n, generator=gen).to(dtype)
     if backend == "oneDNN":
-        packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
+        packed = pack_weight(b.t())
 
         def run() -> None:
-            torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], "")
+            packed_linear(a, packed)
     else:
         out = torch.empty(m, n, dtype=dtype)
 

@@ -29,20 +29,12 @@ from torch.profiler import profile
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve  # noqa: E402
 from compare_servers import DEFAULT_PROMPTS  # noqa: E402
+from gemm import best_rate  # noqa: E402
 
+from packserve.kernels.linear import pack_weight, packed_linear  # noqa: E402
 from packserve.kernels.model_maker import default_model_dir  # noqa: E402
 from packserve.scheduler import SamplingParams  # noqa: E402
 from packserve.server.engine import Engine, EngineConfig  # noqa: E402
-
-
-def best_seconds(fn, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def machine_floors() -> dict[str, float]:
@@ -50,15 +42,13 @@ def machine_floors() -> dict[str, float]:
     which the model's linear layers use) and memory bandwidth (GB/s, read + write of a 256 MiB
     copy)."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    packed = torch.ops.mkldnn._reorder_linear_weight(b.t().contiguous(), None)
+    packed = pack_weight(b.t())
     src, dst = torch.empty(1 << 26), torch.empty(1 << 26)
     flops = 2 * 2048**3
     return {
-        "matmul_gflops": flops / best_seconds(lambda: torch.mm(a, b)) / 1e9,
-        "onednn_gflops": flops
-        / best_seconds(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
-        / 1e9,
-        "copy_gbps": 2 * src.numel() * 4 / best_seconds(lambda: dst.copy_(src)) / 1e9,
+        "matmul_gflops": best_rate(lambda: torch.mm(a, b), flops),
+        "onednn_gflops": best_rate(lambda: packed_linear(a, packed), flops),
+        "copy_gbps": best_rate(lambda: dst.copy_(src), 2 * src.numel() * 4),
     }
 
 
@@ -100,9 +90,9 @@ def summarize(
     for s in decode:
         by_batch[-(-s["decode_tokens"] // 8) * 8].append(s["seconds"])
     read_ms = weight_bytes / (floors["copy_gbps"] / 2 * 1e9) * 1e3  # one read of every weight
+    peak = max(floors["matmul_gflops"], floors["onednn_gflops"])
     rows = []
     for batch, times in sorted(by_batch.items()):
-        peak = max(floors["matmul_gflops"], floors["onednn_gflops"])
         gemm_ms = 2 * batch * params / (peak * 1e9) * 1e3
         rows.append(
             {

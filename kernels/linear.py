@@ -2,7 +2,7 @@
 
 torch's default CPU GEMM for float32 (MKL) and oneDNN with a weight packed once into its
 blocked layout differ a lot on some CPUs: on this project's 2-core AMD EPYC machine,
-measured by bench/gemm.py, MKL reaches about 220 GFLOP/s and oneDNN 400-540. The model code
+measured by bench/gemm.py, MKL reaches about 220 GFLOP/s and oneDNN 400-560. The model code
 stays as it is: `pack_linears` swaps each large `nn.Linear` module for a `PackedLinear` that keeps
 the same weight parameter (so state dicts, tying and dtype checks see what they expect) and
 multiplies with its packed copy.
@@ -30,6 +30,18 @@ def can_pack(model: nn.Module) -> bool:
     )
 
 
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """oneDNN's blocked copy of an [out, in] weight, for `packed_linear`."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+
+
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` computed by oneDNN from `pack_weight(weight)`."""
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
 class PackedLinear(nn.Module):
     """`nn.Linear` computed by oneDNN from a prepacked copy of the weight."""
 
@@ -39,10 +51,10 @@ class PackedLinear(nn.Module):
         self.out_features = linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
-        self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        self.packed = pack_weight(linear.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return packed_linear(x, self.packed, self.bias)
 
 
 def pack_linears(model: nn.Module, min_weight_elements: int = MIN_WEIGHT_ELEMENTS) -> int:
