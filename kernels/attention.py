@@ -66,7 +66,8 @@ class DecodeBucket:
     start: int
     end: int
     context_slots: torch.Tensor  # [b, L] slots of each sequence's tokens, padded with slot 0
-    mask: torch.Tensor  # [b, 1, 1, L] additive: 0 within the sequence's length, -inf past it
+    # [b, 1, 1, L] additive: 0 within the sequence's length, -inf past it; None: all length L
+    mask: torch.Tensor | None
 
 
 @dataclass(frozen=True, slots=True)

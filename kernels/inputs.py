@@ -99,10 +99,14 @@ def length_buckets(
 
 
 def decode_inputs(
-    decodes: tuple[ScheduledSequence, ...], kv_cache: KVCache, dtype: torch.dtype
+    decodes: tuple[ScheduledSequence, ...],
+    kv_cache: KVCache,
+    dtype: torch.dtype,
+    one_per_bucket: bool = False,
 ) -> ModelInputs:
     """A ragged batch: one token per sequence at its own position. The model sees the batch
-    longest context first, cut into length buckets; `sample_index` restores the given order."""
+    longest context first, cut into length buckets (`one_per_bucket`: each sequence alone,
+    unpadded, for batch invariance); `sample_index` restores the given order."""
     block_size = kv_cache.spec.block_size
     device = kv_cache.k.device
     order = sorted(range(len(decodes)), key=lambda i: -decodes[i].start_pos)
@@ -118,10 +122,14 @@ def decode_inputs(
     )  # [B, max_blocks]
     length = torch.tensor(lengths, device=device)
     buckets = []
-    for start, end in length_buckets(lengths):
+    runs = [(i, i + 1) for i in range(len(seqs))] if one_per_bucket else length_buckets(lengths)
+    for start, end in runs:
         pos = torch.arange(lengths[start], device=device)  # [L]
-        mask = torch.zeros(end - start, 1, 1, lengths[start], dtype=dtype, device=device)
-        mask.masked_fill_((pos[None, :] >= length[start:end, None])[:, None, None], float("-inf"))
+        mask = None
+        if lengths[end - 1] < lengths[start]:  # padded: mask each sequence's tail
+            mask = torch.zeros(end - start, 1, 1, lengths[start], dtype=dtype, device=device)
+            past = (pos[None, :] >= length[start:end, None])[:, None, None]  # [b, 1, 1, L]
+            mask.masked_fill_(past, float("-inf"))
         slots = tables[start:end, pos // block_size] * block_size + pos % block_size  # [b, L]
         buckets.append(DecodeBucket(start, end, slots, mask))
     new_slots = [

@@ -1,9 +1,10 @@
 """Build small, deterministic, random-weight Hugging Face models that work fully offline.
 
-The default model of packserve: no hub download is possible, so tests, CI and benchmarks
-use a model built here. Weights are random (seeded) and the tokenizer is a byte-level BPE
-trained on text shipped with the OS and CPython (see ``corpus.py``), so the same
-``(size, seed, family)`` yields byte-identical files on every machine of the same image.
+No hub download is possible, so fast tests and benchmarks use models built here. Weights
+are random (seeded, drawn as integers and scaled exactly, so no CPU's vectorized random
+normal or rounding enters) and the tokenizer is a byte-level BPE trained on the corpus that
+ships in the repository (see ``corpus.py``), so the same ``(size, seed, family)`` yields
+byte-identical files on every machine.
 
 Tokenization convention: ``tokenizer(text)`` prepends ``<|bos|>``. The chat template also
 starts with ``<|bos|>``, so a rendered chat prompt must be encoded with
@@ -16,6 +17,7 @@ import errno
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +39,7 @@ from transformers import (
 from .corpus import corpus_documents
 
 # Bump whenever the output of make_model changes, so stale cached models are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 # Std of the random init. The HF default 0.02 leaves the logits nearly tied (median
 # top1-top2 gap ~0.05 on tiny); 0.1 gives a median gap ~0.28 (tiny) / ~0.48 (bench) against
@@ -156,12 +158,20 @@ def build_tokenizer(size: str = "tiny") -> PreTrainedTokenizerFast:
 
 
 def build_model(size: str = "tiny", seed: int = 0, family: str = "llama") -> PreTrainedModel:
-    """Return the seeded random-weight float32 model, without touching the disk."""
+    """Return the seeded random-weight float32 model, without touching the disk.
+
+    Every matrix is uniform with standard deviation INITIALIZER_RANGE: integers from torch's
+    seeded generator (exact on any CPU) times one constant (one IEEE rounding). Vectors keep
+    transformers' init (norm weights 1, biases 0)."""
     config = build_config(size, family)
-    # fork_rng: seeding must not perturb the caller's global RNG stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(seed)
+    scale = INITIALIZER_RANGE * 3**0.5 / 2**23  # uniform on [-a, a] has std a / sqrt(3)
+    with torch.no_grad():
+        for _, param in sorted(model.named_parameters()):  # tied weights listed once
+            if param.dim() >= 2:
+                ints = torch.randint(-(2**23), 2**23, param.shape, generator=generator)
+                param.copy_(ints.to(torch.float32) * scale)  # ints below 2^24: exact floats
     return model.eval()
 
 
@@ -171,15 +181,29 @@ def make_model(out_dir: Path, size: str = "tiny", seed: int = 0, family: str = "
     Built in a temporary sibling folder and renamed into place, so readers never see a
     partial folder. Raises ``FileExistsError`` if ``out_dir`` exists and is not empty.
     """
+
+    def build(tmp: Path) -> None:
+        build_model(size, seed, family).save_pretrained(tmp, safe_serialization=True)
+        build_tokenizer(size).save_pretrained(tmp)
+
+    return write_dir_atomically(out_dir, build)
+
+
+def write_dir_atomically(out_dir: Path, build: Callable[[Path], object]) -> Path:
+    """Run ``build(tmp)`` on a fresh temporary sibling folder of ``out_dir``, then rename it
+    to ``out_dir``, so readers never see a partial folder; files end up world-readable.
+
+    Raises ``FileExistsError`` if ``out_dir`` exists and is not empty (also when another
+    process renamed its own copy into place first). The temporary folder never outlives
+    the call.
+    """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} already exists and is not empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        model = build_model(size, seed, family)
-        model.save_pretrained(tmp, safe_serialization=True)
-        build_tokenizer(size).save_pretrained(tmp)
+        build(tmp)
         # mkdtemp (0o700) and safetensors (0o600) are private; the cache may be shared.
         tmp.chmod(0o755)
         for file in tmp.iterdir():

@@ -12,6 +12,7 @@ from packserve.scheduler import RunnerOutput, ScheduledSequence, SchedulerOutput
 
 from .attention import AttentionBackend
 from .inputs import ModelInputs, decode_inputs, prefill_inputs
+from .invariant import DEFAULT_TILE_ROWS, make_batch_invariant
 from .kv_cache import KVCache, KVCacheSpec
 from .linear import can_pack, pack_linears
 from .sampler import sample
@@ -29,10 +30,19 @@ class RunnerConfig:
     kv_cache_memory_bytes: int = 1 << 30  # the pool's size; the block count follows from it
     num_kv_blocks: int | None = None  # overrides the memory budget when set (tests)
     seed: int | None = None  # for requests without a seed of their own
+    # Bitwise batch invariance (kernels/invariant.py): per-token modules on fixed row tiles,
+    # a tabulated rotary embedding, attention per sequence, a fixed thread count.
+    batch_invariant: bool = False
+    tile_rows: int = DEFAULT_TILE_ROWS  # rows per tile in batch-invariant mode
+    max_model_len: int = 4096  # positions the rotary table covers in batch-invariant mode
 
     def __post_init__(self) -> None:
         if self.attention_backend not in ("dense", "varlen"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
+        if self.batch_invariant and self.attention_backend != "varlen":
+            raise ValueError("batch-invariant mode needs the varlen attention backend")
+        if self.tile_rows < 1 or self.max_model_len < 1:
+            raise ValueError("tile_rows and max_model_len must be positive")
         if self.linear_backend not in ("onednn", "torch"):
             raise ValueError(f"unknown linear backend {self.linear_backend!r}")
         if self.block_size < 1 or self.kv_cache_memory_bytes < 1:
@@ -63,6 +73,10 @@ class Runner:
         self.config = config
         if config.linear_backend == "onednn" and can_pack(model):
             pack_linears(model)
+        if config.batch_invariant:
+            make_batch_invariant(model, config.tile_rows, config.max_model_len)
+        # Kernels split work by thread count: batch-invariant steps all run with this one.
+        self.num_threads = torch.get_num_threads()
         self.device = model.device
         spec = kv_cache_spec(model, config.block_size)
         num_blocks = config.num_kv_blocks or spec.num_blocks_for(config.kv_cache_memory_bytes)
@@ -76,6 +90,8 @@ class Runner:
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
         """Prefill the packed rows, decode the running batch, sample."""
+        if self.config.batch_invariant and torch.get_num_threads() != self.num_threads:
+            torch.set_num_threads(self.num_threads)
         seqs: list[ScheduledSequence] = []
         logits: list[torch.Tensor] = []
         if output.prefill_bins:
@@ -86,9 +102,10 @@ class Runner:
             )
             seqs += output.prefills
         if output.decodes:
-            logits.append(
-                self.forward(decode_inputs(output.decodes, self.kv_cache, self.model.dtype))
+            inputs = decode_inputs(
+                output.decodes, self.kv_cache, self.model.dtype, self.config.batch_invariant
             )
+            logits.append(self.forward(inputs))
             seqs += output.decodes
         if not seqs:
             return RunnerOutput(sampled_token_ids={}, logprobs={})

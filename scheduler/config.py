@@ -21,6 +21,9 @@ class SchedulerConfig:
     max_prefill_row_len: int = 0  # widest packed prefill row; 0 means max_model_len
     prefill_mode: PrefillMode = "packed"  # "padded": one prompt per row (classic batching)
     packing_window_s: float = 0.0  # when idle, wait this long for more prompts to fill bins
+    # After a preemption, prefill the prompt only and feed the generated tokens back one per
+    # decode step (bitwise the computation they first had) instead of prefilling them all.
+    replay_preempted: bool = False
 
     def __post_init__(self) -> None:
         if self.max_model_len < 1 or self.block_size < 1 or self.max_num_seqs < 1:

@@ -13,7 +13,7 @@ class ScheduledSequence:
     """One sequence's work in a step: a whole prefill, or one decode token."""
 
     request_id: str
-    token_ids: tuple[int, ...]  # tokens to run: the whole sequence (prefill) or the last token
+    token_ids: tuple[int, ...]  # tokens to run: a prefill's, or the one token a decode runs
     start_pos: int  # position of token_ids[0]; 0 for a prefill
     block_ids: tuple[int, ...]  # block table covering start_pos + len(token_ids) tokens
     params: SamplingParams

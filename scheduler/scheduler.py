@@ -67,7 +67,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Choose this step's work: one token for each running sequence, then new prefills."""
         preempted = self._reserve_decode_slots()
-        decodes = tuple(self._scheduled(r, r.num_computed_tokens) for r in self.running)
+        decodes = tuple(
+            self._scheduled(r, r.num_computed_tokens, r.num_computed_tokens + 1)
+            for r in self.running
+        )
         # Admitting while preempting would only evict again; vLLM makes the same choice.
         budget = self.config.max_num_batched_tokens - len(decodes)
         admitted = [] if preempted else self._admit(budget)
@@ -78,14 +81,17 @@ class Scheduler:
         )
 
     def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[TokenEvent]:
-        """Record the sampled tokens, finish what is done, and emit one delta per sequence."""
+        """Record the sampled tokens, finish what is done, and emit one delta per sequence
+        that gained a token (a replaying sequence gains none until it has caught up)."""
         events = []
         for seq in (*output.prefills, *output.decodes):
             request = self.requests.get(seq.request_id)
             if request is None:  # finished by the caller while the step ran
                 continue
-            token = result.sampled_token_ids[seq.request_id]
             request.num_computed_tokens = seq.start_pos + seq.num_tokens
+            if request.num_computed_tokens < request.num_tokens:  # replaying known tokens
+                continue
+            token = result.sampled_token_ids[seq.request_id]
             request.output_token_ids.append(token)
             status = self._finished_status(request, token)
             if status is not None:
@@ -150,8 +156,9 @@ class Scheduler:
         admitted: list[Request] = []
         while self.waiting and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            need = blocks_for(request.num_tokens, self.config.block_size)
-            if request.num_tokens > token_budget or need > self.allocator.num_free:
+            num_tokens = self._prefill_len(request)
+            need = blocks_for(num_tokens, self.config.block_size)
+            if num_tokens > token_budget or need > self.allocator.num_free:
                 break
             self.waiting.popleft()
             request.block_ids = self.allocator.allocate(need)
@@ -160,22 +167,31 @@ class Scheduler:
                 request.admitted_time = time.monotonic()
             self.running.append(request)
             admitted.append(request)
-            token_budget -= request.num_tokens
+            token_budget -= num_tokens
         return admitted
+
+    def _prefill_len(self, request: Request) -> int:
+        """Tokens prefilled on admission: all known ones, or the prompt alone when replaying."""
+        if self.config.replay_preempted:
+            return len(request.prompt_token_ids)
+        return request.num_tokens
 
     def _pack(self, admitted: list[Request]) -> tuple[tuple[ScheduledSequence, ...], ...]:
         """Group admitted prompts into prefill rows: FFD when packed, one per row when padded."""
         if self.config.prefill_mode == "padded":
             bins = [[i] for i in range(len(admitted))]
         else:
-            bins = pack_rows([r.num_tokens for r in admitted], self.config.row_capacity)
-        return tuple(tuple(self._scheduled(admitted[i], 0) for i in row) for row in bins)
+            bins = pack_rows([self._prefill_len(r) for r in admitted], self.config.row_capacity)
+        return tuple(
+            tuple(self._scheduled(admitted[i], 0, self._prefill_len(admitted[i])) for i in row)
+            for row in bins
+        )
 
-    def _scheduled(self, request: Request, start_pos: int) -> ScheduledSequence:
-        """The runner's view of a request; from `start_pos` to the end of its tokens."""
+    def _scheduled(self, request: Request, start_pos: int, end_pos: int) -> ScheduledSequence:
+        """The runner's view of a request: its tokens at positions [start_pos, end_pos)."""
         return ScheduledSequence(
             request_id=request.request_id,
-            token_ids=tuple(request.all_token_ids[start_pos:]),
+            token_ids=tuple(request.all_token_ids[start_pos:end_pos]),
             start_pos=start_pos,
             block_ids=tuple(request.block_ids),
             params=request.params,

@@ -48,11 +48,16 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # overrides kv_cache_memory_bytes
     packing_window_s: float = 0.0
     seed: int | None = None  # for requests without a seed
+    # Bitwise batch invariance: a request's logits do not depend on the rest of the step.
+    batch_invariant: bool = False
     # Test-only fault hook, off by default: a step that would run this token id raises, so
     # tests can prove that a failing step fails only its own requests.
     fault_token_id: int | None = None
 
-    def runner_config(self) -> RunnerConfig:
+    def resolved_max_model_len(self, model_max_len: int) -> int:
+        return self.max_model_len or min(model_max_len, 4096)
+
+    def runner_config(self, model_max_len: int) -> RunnerConfig:
         return RunnerConfig(
             attention_backend=self.attention_backend,
             linear_backend=self.linear_backend,
@@ -60,10 +65,12 @@ class EngineConfig:
             kv_cache_memory_bytes=self.kv_cache_memory_bytes,
             num_kv_blocks=self.num_kv_blocks,
             seed=self.seed,
+            batch_invariant=self.batch_invariant,
+            max_model_len=self.resolved_max_model_len(model_max_len),
         )
 
     def scheduler_config(self, model_max_len: int, num_kv_blocks: int) -> SchedulerConfig:
-        max_model_len = self.max_model_len or min(model_max_len, 4096)
+        max_model_len = self.resolved_max_model_len(model_max_len)
         return SchedulerConfig(
             max_model_len=max_model_len,
             num_kv_blocks=num_kv_blocks,
@@ -73,6 +80,7 @@ class EngineConfig:
             max_prefill_row_len=self.max_prefill_row_len,
             prefill_mode=self.prefill_mode,
             packing_window_s=self.packing_window_s,
+            replay_preempted=self.batch_invariant,
         )
 
 
@@ -112,8 +120,8 @@ class Engine:
         self.model, self.tokenizer = load_model(
             config.model, config.dtype, config.device, config.trust_remote_code
         )
-        self.runner = Runner(self.model, config.runner_config())
         model_max_len = getattr(self.model.config, "max_position_embeddings", None) or 4096
+        self.runner = Runner(self.model, config.runner_config(model_max_len))
         self.scheduler = Scheduler(
             config.scheduler_config(model_max_len, self.runner.kv_cache.num_blocks),
             eos_token_ids=frozenset(self._eos_token_ids()),

