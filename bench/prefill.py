@@ -12,6 +12,7 @@ packserve `Runner`, in the same process, interleaved round-robin over repeats:
 - packed-varlen: the same rows, attention computed per prompt segment only
 
 Usage: .venv/bin/python bench/prefill.py [--quick] [--out bench/results] [--profile]
+       [--device cuda] [--dtypes float32,bfloat16] [--batch-sizes 16,32,64] [--distributions wide]
 See bench/README.md for what the numbers mean.
 """
 
@@ -76,6 +77,8 @@ class Settings:
     matmul_reps: int
     max_len: int  # prompt lengths are clipped to [MIN_LEN, max_len]
     stem: str  # output file name stem
+    distributions: tuple[str, ...] = tuple(DISTRIBUTIONS)  # which of DISTRIBUTIONS to run
+    device: str = "cpu"  # torch device of the model, the KV pool and the matmul peak
 
 
 FULL = Settings(
@@ -201,29 +204,46 @@ def cpu_flags() -> list[str]:
     return []
 
 
-def matmul_gflops(dtype: torch.dtype, m: int, k: int, n: int, reps: int, backend: str) -> float:
+def is_cuda(device: str | torch.device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def synchronize(device: str | torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so wall times cover it."""
+    if is_cuda(device):
+        torch.cuda.synchronize(device)
+
+
+def matmul_gflops(
+    dtype: torch.dtype, m: int, k: int, n: int, reps: int, backend: str, device: str = "cpu"
+) -> float:
     """Best-of-`reps` GFLOP/s of one [m, k] x [k, n] product: `torch.mm` (MKL on CPU for
-    float32), or oneDNN with the right-hand side prepacked (what `PackedLinear` runs)."""
+    float32), or oneDNN with the right-hand side prepacked (what `PackedLinear` runs). On a
+    GPU each rep times 10 back-to-back products between two synchronizations."""
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=gen).to(dtype)
-    b = torch.randn(k, n, generator=gen).to(dtype)
+    a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
     if backend == "oneDNN":
         packed = pack_weight(b.t())
 
         def run() -> None:
             packed_linear(a, packed)
     else:
-        out = torch.empty(m, n, dtype=dtype)
+        out = torch.empty(m, n, dtype=dtype, device=device)
 
         def run() -> None:
             torch.mm(a, b, out=out)
 
+    inner = 10 if is_cuda(device) else 1
     run()  # warm-up
+    synchronize(device)
     best = float("inf")
     for _ in range(reps):
         start = time.perf_counter()
-        run()
-        best = min(best, time.perf_counter() - start)
+        for _ in range(inner):
+            run()
+        synchronize(device)
+        best = min(best, (time.perf_counter() - start) / inner)
     return 2 * m * k * n / best / 1e9
 
 
@@ -244,14 +264,16 @@ def gemm_shapes(settings: Settings, cfg: Any) -> dict[str, tuple[int, int, int]]
 
 
 def measure_peaks(settings: Settings, shapes: dict[str, tuple[int, int, int]]) -> dict[str, Any]:
-    """Best-of-reps GFLOP/s per dtype, shape and GEMM library (torch.mm and oneDNN)."""
+    """Best-of-reps GFLOP/s per dtype, shape and GEMM library (torch.mm and, on the CPU,
+    oneDNN)."""
+    backends = ("torch.mm",) if is_cuda(settings.device) else ("torch.mm", "oneDNN")
     return {
         name: {
             f"{label} ({backend})": matmul_gflops(
-                getattr(torch, name), *shape, settings.matmul_reps, backend
+                getattr(torch, name), *shape, settings.matmul_reps, backend, settings.device
             )
             for label, shape in shapes.items()
-            for backend in ("torch.mm", "oneDNN")
+            for backend in backends
         }
         for name in settings.dtypes
     }
@@ -361,15 +383,26 @@ class Timing:
 
 
 def run_step(runner: Runner, bins: Bins, mem: RssSampler, timing: Timing) -> None:
-    """Execute one step, adding its wall time, CPU time and RSS growth to `timing`."""
+    """Execute one step, adding its wall time, CPU time and memory growth to `timing` (RSS on
+    the CPU; on a GPU the peak of the caching allocator's allocated bytes)."""
+    gpu = is_cuda(runner.device)
     release_free_memory()
+    if gpu:
+        synchronize(runner.device)
+        gpu_base = torch.cuda.memory_allocated(runner.device)
+        torch.cuda.reset_peak_memory_stats(runner.device)
     base, samples0, t0 = mem.window_start()
     cpu0 = process_cpu_seconds()
     start = time.perf_counter()
     result = runner.execute(SchedulerOutput(prefill_bins=bins, decodes=(), preempted_ids=()))
+    synchronize(runner.device)
     timing.seconds += time.perf_counter() - start
     timing.cpu_seconds += process_cpu_seconds() - cpu0
-    timing.peak_rss_delta = max(timing.peak_rss_delta, mem.window_peak() - base)
+    if gpu:
+        growth = torch.cuda.max_memory_allocated(runner.device) - gpu_base
+    else:
+        growth = mem.window_peak() - base
+    timing.peak_rss_delta = max(timing.peak_rss_delta, growth)
     timing.rss_samples += mem.samples - samples0
     timing.sampled_s += time.perf_counter() - t0
     timing.steps += 1
@@ -420,10 +453,15 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
     log(f"model {model_dir}; tokenizing the corpus")
     docs = corpus_token_windows(tokenizer)
     prompts: dict[str, list[tuple[int, ...]]] = {}
-    for i, (dist, sigma) in enumerate(DISTRIBUTIONS.items()):
-        rng = np.random.default_rng([settings.seed, i])
+    for dist in settings.distributions:  # seeded by the index in DISTRIBUTIONS: same prompts
+        rng = np.random.default_rng([settings.seed, list(DISTRIBUTIONS).index(dist)])
         prompts[dist] = make_prompts(
-            docs, tokenizer.bos_token_id, settings.num_prompts, sigma, settings.max_len, rng
+            docs,
+            tokenizer.bos_token_id,
+            settings.num_prompts,
+            DISTRIBUTIONS[dist],
+            settings.max_len,
+            rng,
         )
         lens = [len(p) for p in prompts[dist]]
         log(f"{dist}: {len(lens)} prompts, median {statistics.median(lens)}, max {max(lens)}")
@@ -438,7 +476,7 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
     loads: list[dict[str, Any]] = []
     model_info: dict[str, Any] = {}
     for dtype in settings.dtypes:
-        model, _ = load_model(str(model_dir), dtype=dtype)
+        model, _ = load_model(str(model_dir), dtype=dtype, device=settings.device)
         model_info = {
             "path": str(model_dir),
             "size": settings.model_size,
@@ -451,7 +489,7 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
             "intermediate": cfg.intermediate_size,
             "vocab": cfg.vocab_size,
         }
-        for dist in DISTRIBUTIONS:
+        for dist in settings.distributions:
             seqs, num_blocks = make_sequences(prompts[dist])
             runners = {
                 backend: Runner(
@@ -512,12 +550,15 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
     for row in results:
         row["matmul_peak_gflops"] = peaks[row["dtype"]]
         row["peak_fraction"] = row["model_gflops"] / peaks[row["dtype"]]
+    gpu = is_cuda(settings.device)
     report = {
         "settings": asdict(settings),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "machine": {
             "cpu_model": cpu_model(),
             "cpu_flags": cpu_flags(),
+            "device": settings.device,
+            "gpu": torch.cuda.get_device_name(settings.device) if gpu else None,
             "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -535,7 +576,7 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
                 "clip": [MIN_LEN, settings.max_len],
                 "lengths": [len(p) for p in prompts[dist]],
             }
-            for dist in DISTRIBUTIONS
+            for dist in settings.distributions
         },
         "matmul": {
             "shapes_mkn": shapes,
@@ -545,6 +586,12 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
             "peak_gflops": peaks,  # the best of every shape, start and end
         },
         "memory_method": (
+            "GPU: per step, torch.cuda.max_memory_allocated() during the step minus "
+            "memory_allocated() just before it (the KV pool is preallocated, so not counted); "
+            "the max over steps and repeats is reported"
+        )
+        if gpu
+        else (
             "a background thread reads this process's RSS from /proc/self/statm every ~1 ms "
             "(see rss_samples_per_s); per step, the peak RSS during the step minus the RSS "
             "just before it, after gc.collect() and glibc malloc_trim(0) (so memory freed "
@@ -616,7 +663,7 @@ def check_targets(results: list[dict[str, Any]], settings: Settings) -> dict[str
     by = {(r["dtype"], r["distribution"], r["batch_size"], r["method"]): r for r in results}
     ideal, vs_sorted, peak = [], [], []
     for dtype in settings.dtypes:
-        for dist in DISTRIBUTIONS:
+        for dist in settings.distributions:
             for b in settings.batch_sizes:
                 for method in PACKED:
                     r = by[(dtype, dist, b, method)]
@@ -666,26 +713,37 @@ def markdown(report: dict[str, Any]) -> str:
     def square(dtype: str, backend: str) -> float:
         return max(report["matmul"][w][dtype][f"square {sq} ({backend})"] for w in ("start", "end"))
 
+    gpu = m.get("gpu")
+    if gpu:
+        where = f"GPU {gpu} (`{m['device']}`), host {m['cpu_model']}"
+        peak_how = "torch.mm on the GPU"
+        squares = {k: f"{sq}x{sq}: {square(k, 'torch.mm'):.0f}" for k in mm}
+        backend_note = "The model's linear layers run as torch's nn.Linear (cuBLAS)."
+        memory = "peak GPU memory growth (allocated bytes)"
+    else:
+        where = f"{m['cpu_model']}, {m['cores']} cores"
+        peak_how = "torch.mm and of oneDNN with a prepacked operand"
+        squares = {
+            k: f"{sq}x{sq}: torch.mm {square(k, 'torch.mm'):.0f}, oneDNN {square(k, 'oneDNN'):.0f}"
+            for k in mm
+        }
+        backend_note = "The model's linear layers run on oneDNN (`--linear-backend onednn`)."
+        memory = "peak RSS growth"
     lines = [
         f"# Prefill: padded vs. packed ({report['date']})",
         "",
-        f"{m['cpu_model']}, {m['cores']} cores, torch {m['torch']}, transformers "
+        f"{where}, torch {m['torch']}, transformers "
         f"{m['transformers']}; model `{report['model']['size']}` "
         f"({report['model']['params'] / 1e6:.0f}M params); {s['num_prompts']} prompts per "
         f"distribution, median of {s['repeats']} interleaved repeats; load average "
         f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end.",
-        f"Matmul peak (best of {report['matmul']['reps']} reps of torch.mm and of oneDNN with a "
-        f"prepacked operand, over square {sq}/1024 and the model's GEMM shapes, at start and "
-        "end): "
-        + ", ".join(
-            f"{k} {v:.0f} GFLOP/s ({sq}x{sq}: torch.mm {square(k, 'torch.mm'):.0f}, "
-            f"oneDNN {square(k, 'oneDNN'):.0f})"
-            for k, v in mm.items()
-        )
-        + ". The model's linear layers run on oneDNN (`--linear-backend onednn`).",
+        f"Matmul peak (best of {report['matmul']['reps']} reps of {peak_how}, over square "
+        f"{sq}/1024 and the model's GEMM shapes, at start and end): "
+        + ", ".join(f"{k} {v:.0f} GFLOP/s ({squares[k]})" for k, v in mm.items())
+        + f". {backend_note}",
         "",
         "tok/s = real prompt tokens per second; x = speedup over padded; ideal = padded tokens "
-        "computed / real tokens; MiB = peak RSS growth; % peak = model FLOP/s on real tokens / "
+        f"computed / real tokens; MiB = {memory}; % peak = model FLOP/s on real tokens / "
         "matmul peak. Methods: pad / sort / p-dense / p-varlen.",
         "",
         "| dtype | dist | B | tok/s pad | tok/s sort | tok/s p-dense | tok/s p-varlen "
@@ -769,8 +827,9 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{dist}: {len(lens)} prompts, median {int(np.median(lens))}, max {max(lens)}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
-    model, cpu = report["model"]["size"], report["machine"]["cpu_model"]
-    fig.suptitle(f"Prefill speedup over padded, {model} model, {cpu}")
+    model = report["model"]["size"]
+    where = report["machine"].get("gpu") or report["machine"]["cpu_model"]
+    fig.suptitle(f"Prefill speedup over padded, {model} model, {where}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -893,6 +952,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--prompts", type=int, help="override the prompt count per distribution")
     parser.add_argument("--repeats", type=int, help="override the number of timed repeats")
+    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    parser.add_argument("--dtypes", help="comma-separated subset, e.g. float32,bfloat16")
+    parser.add_argument("--batch-sizes", help="comma-separated batch sizes, e.g. 16,32,64")
+    parser.add_argument(
+        "--distributions", help=f"comma-separated subset of {','.join(DISTRIBUTIONS)}"
+    )
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     overrides: dict[str, Any] = {}
@@ -900,6 +965,17 @@ def main(argv: list[str] | None = None) -> int:
         overrides["num_prompts"] = args.prompts
     if args.repeats:
         overrides["repeats"] = args.repeats
+    if args.device != "cpu":
+        overrides["device"] = args.device
+    if args.dtypes:
+        overrides["dtypes"] = tuple(args.dtypes.split(","))
+    if args.batch_sizes:
+        overrides["batch_sizes"] = tuple(int(b) for b in args.batch_sizes.split(","))
+    if args.distributions:
+        unknown = set(args.distributions.split(",")) - set(DISTRIBUTIONS)
+        if unknown:
+            parser.error(f"unknown distributions {sorted(unknown)}")
+        overrides["distributions"] = tuple(args.distributions.split(","))
     if overrides:
         settings = Settings(**(asdict(settings) | overrides))
     log(f"settings: {settings}")

@@ -10,6 +10,7 @@ import torch
 from packserve.scheduler import ScheduledSequence
 
 from .attention import AttentionBackend, DecodeBucket, DecodeMetadata, PrefillMetadata
+from .invariant import SingleThreadWorkers
 from .kv_cache import KVCache
 
 
@@ -98,21 +99,43 @@ def length_buckets(
     return runs
 
 
+def _equal_runs(values: Sequence[int]) -> list[tuple[int, int]]:
+    """Runs [start, end) of equal consecutive values."""
+    runs: list[tuple[int, int]] = []
+    for i, v in enumerate(values):
+        if runs and values[runs[-1][0]] == v:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
 def decode_inputs(
     decodes: tuple[ScheduledSequence, ...],
     kv_cache: KVCache,
     dtype: torch.dtype,
-    one_per_bucket: bool = False,
+    invariant_pad: int = 0,
+    workers: SingleThreadWorkers | None = None,
 ) -> ModelInputs:
     """A ragged batch: one token per sequence at its own position. The model sees the batch
-    longest context first, cut into length buckets (`one_per_bucket`: each sequence alone,
-    unpadded, for batch invariance); `sample_index` restores the given order."""
+    longest context first, cut into length buckets; `sample_index` restores the given order.
+
+    `invariant_pad` > 0 (batch-invariant mode): a sequence of context L always attends over
+    L rounded up to a multiple of it, masked past L, in a bucket of the sequences with the
+    same rounded length, on single-threaded `workers` (see `DecodeMetadata.workers`; on CPU),
+    so its attention computes the same whatever else is in the batch."""
     block_size = kv_cache.spec.block_size
     device = kv_cache.k.device
     order = sorted(range(len(decodes)), key=lambda i: -decodes[i].start_pos)
     seqs = [decodes[i] for i in order]
     lengths = [seq.start_pos + 1 for seq in seqs]  # tokens each sequence attends to
-    max_blocks = -(-lengths[0] // block_size)
+    if invariant_pad:
+        padded = [-(-n // invariant_pad) * invariant_pad for n in lengths]
+        runs = _equal_runs(padded)
+    else:
+        runs = length_buckets(lengths)
+        padded = [lengths[start] for start, end in runs for _ in range(start, end)]
+    max_blocks = -(-padded[0] // block_size)
     tables = torch.tensor(
         [
             list(seq.block_ids[:max_blocks]) + [0] * (max_blocks - len(seq.block_ids))
@@ -122,12 +145,11 @@ def decode_inputs(
     )  # [B, max_blocks]
     length = torch.tensor(lengths, device=device)
     buckets = []
-    runs = [(i, i + 1) for i in range(len(seqs))] if one_per_bucket else length_buckets(lengths)
     for start, end in runs:
-        pos = torch.arange(lengths[start], device=device)  # [L]
+        pos = torch.arange(padded[start], device=device)  # [L]
         mask = None
-        if lengths[end - 1] < lengths[start]:  # padded: mask each sequence's tail
-            mask = torch.zeros(end - start, 1, 1, lengths[start], dtype=dtype, device=device)
+        if invariant_pad or lengths[end - 1] < padded[start]:  # mask each sequence's tail
+            mask = torch.zeros(end - start, 1, 1, padded[start], dtype=dtype, device=device)
             past = (pos[None, :] >= length[start:end, None])[:, None, None]  # [b, 1, 1, L]
             mask.masked_fill_(past, float("-inf"))
         slots = tables[start:end, pos // block_size] * block_size + pos % block_size  # [b, L]
@@ -140,6 +162,7 @@ def decode_inputs(
         kv_cache=kv_cache,
         slot_mapping=torch.tensor(new_slots, device=device),
         buckets=tuple(buckets),
+        workers=workers,
     )
     rank = [0] * len(order)  # rank[i]: where decodes[i] sits in the model's batch
     for r, i in enumerate(order):

@@ -1,35 +1,52 @@
 """Batch-invariant execution: a token's numbers never depend on what else is in the step.
 
-CPU kernels pick their blocking, vector tails and thread split from a tensor's shape, so the
+Kernels pick their blocking, vector tails and thread split from a tensor's shape, so the
 same token computed in a batch of 1 or of 300 rows can round differently (GEMM kernels for
 M=1 and M=64 reduce in different orders; an elementwise op's scalar tail covers different
 elements). This module removes every such dependence for the parts of a decoder that work
 token by token, without touching the model's code:
 
-- `RowTiled` runs a per-token module (a linear layer, a whole MLP) on fixed tiles of
-  `tile_rows` rows, the last tile padded with zeros. Every call has one shape, so the kernel,
-  its reduction order and its thread split are the same for every token; a token's row inside
-  a tile does not matter either (`row_tile_invariant` checks that contract on this machine).
+- `RowTiled` runs a per-token module (a linear layer, a norm, a whole MLP) on fixed row tiles,
+  the last tile padded with zeros. Every call has one shape, so the kernel, its reduction
+  order and its thread split are the same for every token; a token's row inside a tile does
+  not matter either (`row_tile_invariant` checks that contract on this machine). Prefill
+  forwards use tall tiles (GEMM efficiency), decode forwards short ones (a decode batch is
+  small): a token's tile height depends on its phase, never on its batch. The LM head always
+  runs on short tiles: it only sees the rows that are sampled.
 - `TabulatedRotary` replaces the rotary embedding by a table computed once in fixed chunks of
   positions, so a position's cos/sin never depend on the other positions in the step.
 
-Attention is made invariant by the runner instead: each prefill segment and each decode
-sequence attends alone (varlen prefill, one decode bucket per sequence). What stays
-shape-dependent is attention itself: a position computed in a prefill and the same position
-computed by a decode step use different SDPA shapes, so preempted sequences are replayed
-token by token (the scheduler's `replay_preempted`) rather than recomputed in one prefill.
+Attention is made invariant by the runner instead: each prefill segment attends alone
+(varlen); each decode sequence attends over its context rounded up to a fixed multiple,
+masked past its length, batched only with sequences of the same rounded length, on one
+thread (where the CPU flash kernel computes each sequence alike whatever the batch). A
+position computed in a prefill and the same position computed by a decode step still use
+different attention shapes, so preempted sequences are replayed token by token (the
+scheduler's `replay_preempted`) rather than recomputed in one prefill.
 """
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from .linear import PackedLinear
 
-# Rows per tile. Small enough that a decode step of one sequence wastes little, large enough
-# that prefill tiles keep the GEMM efficient; chosen by bench/batch_invariant.py.
-DEFAULT_TILE_ROWS = 32
+# Rows per tile, chosen by bench/batch_invariant.py: prefill tiles tall enough to keep the
+# GEMMs efficient, decode tiles short enough that small batches waste little.
+DEFAULT_PREFILL_TILE_ROWS = 128
+DEFAULT_DECODE_TILE_ROWS = 16
+# Decode attention pads each context to a multiple of this many keys (inputs.decode_inputs),
+# so sequences of similar length share one attention call.
+DEFAULT_DECODE_CONTEXT_PAD = 64
 # Positions per chunk of the rotary table: every chunk is computed by one call of this shape.
 ROTARY_CHUNK = 64
 # Rotary variants whose cos/sin depend on the position alone (dynamic ones rescale with the
@@ -37,22 +54,29 @@ ROTARY_CHUNK = 64
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
 
 
-class RowTiled(nn.Module):
-    """`module` applied to fixed tiles of `tile_rows` rows of its input's last dimension."""
+@dataclass(slots=True)
+class TileRows:
+    """The tile height of a group of `RowTiled` modules; the runner sets it per forward."""
 
-    def __init__(self, module: nn.Module, tile_rows: int) -> None:
+    rows: int
+
+
+class RowTiled(nn.Module):
+    """`module` applied to fixed tiles of `tiles.rows` rows of its input's last dimension."""
+
+    def __init__(self, module: nn.Module, tiles: TileRows) -> None:
         super().__init__()
         self.inner = module
-        self.tile_rows = tile_rows
+        self.tiles = tiles
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
+        lead, height = x.shape[:-1], self.tiles.rows
         rows = x.reshape(-1, x.shape[-1])  # [M, in]
         num_rows = rows.shape[0]
-        pad = -num_rows % self.tile_rows
+        pad = -num_rows % height
         if pad:
             rows = torch.cat([rows, rows.new_zeros(pad, rows.shape[1])])  # [M + pad, in]
-        out = torch.cat([self.inner(tile) for tile in rows.split(self.tile_rows)])  # [M + pad, out]
+        out = torch.cat([self.inner(tile) for tile in rows.split(height)])  # [M + pad, out]
         return out[:num_rows].reshape(*lead, out.shape[-1])
 
 
@@ -78,10 +102,11 @@ class TabulatedRotary(nn.Module):
         return self.cos[position_ids].to(x.dtype), self.sin[position_ids].to(x.dtype)
 
 
-def make_batch_invariant(model: nn.Module, tile_rows: int, num_positions: int) -> None:
+def make_batch_invariant(model: PreTrainedModel, decode_rows: int, num_positions: int) -> TileRows:
     """Wrap `model`'s per-token modules in `RowTiled` and tabulate its rotary embedding, in
     place. Each decoder layer's `mlp` is tiled whole (its activation then also sees one
-    shape); every other linear layer, the LM head included, is tiled alone."""
+    shape); every other linear layer and every norm is tiled alone. The decoder's tiles share
+    the returned height (set it per forward); the LM head's is `decode_rows` always."""
     for parent in list(model.modules()):
         rotary = getattr(parent, "rotary_emb", None)
         if rotary is None:
@@ -92,15 +117,19 @@ def make_batch_invariant(model: nn.Module, tile_rows: int, num_positions: int) -
                 f"batch-invariant mode cannot tabulate {rope_type!r} rotary embeddings"
             )
         parent.rotary_emb = TabulatedRotary(rotary, num_positions)
-    _tile(model, tile_rows)
+    model.set_output_embeddings(RowTiled(model.get_output_embeddings(), TileRows(decode_rows)))
+    tiles = TileRows(decode_rows)
+    _tile(model.get_decoder(), tiles)
+    return tiles
 
 
-def _tile(module: nn.Module, tile_rows: int) -> None:
+def _tile(module: nn.Module, tiles: TileRows) -> None:
     for name, child in module.named_children():
-        if name == "mlp" or isinstance(child, nn.Linear | PackedLinear):
-            setattr(module, name, RowTiled(child, tile_rows))
+        per_token = name == "mlp" or name.endswith("norm")  # norms reduce over a row
+        if per_token or isinstance(child, nn.Linear | PackedLinear):
+            setattr(module, name, RowTiled(child, tiles))
         else:
-            _tile(child, tile_rows)
+            _tile(child, tiles)
 
 
 def row_tile_invariant(module: nn.Module, x: torch.Tensor) -> bool:
@@ -112,3 +141,48 @@ def row_tile_invariant(module: nn.Module, x: torch.Tensor) -> bool:
             torch.equal(module(x.roll(shift, 0)).roll(-shift, 0), ref)
             for shift in range(1, x.shape[0])
         )
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class SingleThreadWorkers:
+    """Threads whose torch ops each run on one intra-op thread, so that work split between
+    them computes exactly as it would serially on one thread. Where torch's OpenMP runtime
+    cannot be reached (another build), one worker: the caller's thread, set to one thread."""
+
+    def __init__(self, num_workers: int) -> None:
+        libgomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+        self._pool: ThreadPoolExecutor | None = None
+        self.num_workers = 1
+        if num_workers > 1 and libgomp.is_file():
+            # OpenMP's thread count is a per-thread setting: set it in each worker only.
+            set_threads = ctypes.CDLL(str(libgomp)).omp_set_num_threads
+            self._pool = ThreadPoolExecutor(num_workers, initializer=lambda: set_threads(1))
+            self.num_workers = num_workers
+
+    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        if self._pool is not None:
+            return list(self._pool.map(fn, items))
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [fn(item) for item in items]
+        finally:
+            torch.set_num_threads(threads)
+
+
+def split_evenly(items: Sequence[T], costs: Sequence[int], parts: int) -> list[Sequence[T]]:
+    """Cut `items` into at most `parts` consecutive runs of about equal total cost."""
+    total = sum(costs)
+    runs: list[Sequence[T]] = []
+    start, acc = 0, 0
+    for i, cost in enumerate(costs):
+        acc += cost
+        if len(runs) < parts - 1 and acc * parts >= total * (len(runs) + 1):
+            runs.append(items[start : i + 1])
+            start = i + 1
+    if start < len(items):
+        runs.append(items[start:])
+    return runs

@@ -10,9 +10,16 @@ from transformers import PreTrainedModel
 
 from packserve.scheduler import RunnerOutput, ScheduledSequence, SchedulerOutput
 
-from .attention import AttentionBackend
+from .attention import AttentionBackend, PrefillMetadata
 from .inputs import ModelInputs, decode_inputs, prefill_inputs
-from .invariant import DEFAULT_TILE_ROWS, make_batch_invariant
+from .invariant import (
+    DEFAULT_DECODE_CONTEXT_PAD,
+    DEFAULT_DECODE_TILE_ROWS,
+    DEFAULT_PREFILL_TILE_ROWS,
+    SingleThreadWorkers,
+    TileRows,
+    make_batch_invariant,
+)
 from .kv_cache import KVCache, KVCacheSpec
 from .linear import can_pack, pack_linears
 from .sampler import sample
@@ -33,7 +40,10 @@ class RunnerConfig:
     # Bitwise batch invariance (kernels/invariant.py): per-token modules on fixed row tiles,
     # a tabulated rotary embedding, attention per sequence, a fixed thread count.
     batch_invariant: bool = False
-    tile_rows: int = DEFAULT_TILE_ROWS  # rows per tile in batch-invariant mode
+    prefill_tile_rows: int = DEFAULT_PREFILL_TILE_ROWS  # batch-invariant tile heights
+    decode_tile_rows: int = DEFAULT_DECODE_TILE_ROWS
+    # Batch-invariant decode attention runs over each context rounded up to this multiple.
+    decode_context_pad: int = DEFAULT_DECODE_CONTEXT_PAD
     max_model_len: int = 4096  # positions the rotary table covers in batch-invariant mode
 
     def __post_init__(self) -> None:
@@ -41,8 +51,9 @@ class RunnerConfig:
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
         if self.batch_invariant and self.attention_backend != "varlen":
             raise ValueError("batch-invariant mode needs the varlen attention backend")
-        if self.tile_rows < 1 or self.max_model_len < 1:
-            raise ValueError("tile_rows and max_model_len must be positive")
+        sizes = (self.prefill_tile_rows, self.decode_tile_rows, self.decode_context_pad)
+        if min(*sizes, self.max_model_len) < 1:
+            raise ValueError("tile sizes, decode_context_pad and max_model_len must be positive")
         if self.linear_backend not in ("onednn", "torch"):
             raise ValueError(f"unknown linear backend {self.linear_backend!r}")
         if self.block_size < 1 or self.kv_cache_memory_bytes < 1:
@@ -73,10 +84,14 @@ class Runner:
         self.config = config
         if config.linear_backend == "onednn" and can_pack(model):
             pack_linears(model)
+        self.tiles: TileRows | None = None
         if config.batch_invariant:
-            make_batch_invariant(model, config.tile_rows, config.max_model_len)
+            self.tiles = make_batch_invariant(model, config.decode_tile_rows, config.max_model_len)
         # Kernels split work by thread count: batch-invariant steps all run with this one.
         self.num_threads = torch.get_num_threads()
+        self.attention_workers: SingleThreadWorkers | None = None
+        if config.batch_invariant and model.device.type == "cpu":
+            self.attention_workers = SingleThreadWorkers(self.num_threads)
         self.device = model.device
         spec = kv_cache_spec(model, config.block_size)
         num_blocks = config.num_kv_blocks or spec.num_blocks_for(config.kv_cache_memory_bytes)
@@ -102,8 +117,9 @@ class Runner:
             )
             seqs += output.prefills
         if output.decodes:
+            pad = self.config.decode_context_pad if self.config.batch_invariant else 0
             inputs = decode_inputs(
-                output.decodes, self.kv_cache, self.model.dtype, self.config.batch_invariant
+                output.decodes, self.kv_cache, self.model.dtype, pad, self.attention_workers
             )
             logits.append(self.forward(inputs))
             seqs += output.decodes
@@ -119,6 +135,11 @@ class Runner:
 
     def forward(self, inputs: ModelInputs) -> torch.Tensor:
         """Logits [num_seqs, V] at each sequence's last token; the lm head runs only there."""
+        if self.tiles is not None:  # the tile height follows the phase, never the batch
+            prefill = isinstance(inputs.meta, PrefillMetadata)
+            self.tiles.rows = (
+                self.config.prefill_tile_rows if prefill else self.config.decode_tile_rows
+            )
         hidden = self.model.get_decoder()(
             input_ids=inputs.input_ids,
             position_ids=inputs.position_ids,

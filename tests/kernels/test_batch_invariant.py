@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import packserve.kernels.runner as runner_module
-from packserve.kernels.invariant import RowTiled, TabulatedRotary, row_tile_invariant
+from packserve.kernels.invariant import RowTiled, TabulatedRotary, TileRows, row_tile_invariant
 from packserve.scheduler import SamplingParams
-from packserve.server.engine import Engine
+from packserve.server.engine import Engine, EngineConfig
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
@@ -136,9 +136,9 @@ def test_seeded_sampling_ignores_neighbours(invariant_engine, prompts_128):
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=3, max_tokens=16, ignore_eos=True)
     target = prompts_128[7]
     alone = invariant_engine.generate([target], params)[0].token_ids
-    crowd = [SamplingParams(temperature=1.0, max_tokens=12)] * 20
+    crowd = SamplingParams(temperature=1.0, max_tokens=12)  # unseeded neighbours
     ids = [invariant_engine.add_request(target, params)]
-    ids += [invariant_engine.add_request(p, c) for p, c in zip(prompts_128[20:40], crowd, strict=True)]
+    ids += [invariant_engine.add_request(p, crowd) for p in prompts_128[20:40]]
     tokens: list[int] = []
     while invariant_engine.has_unfinished:
         tokens += [
@@ -160,16 +160,19 @@ def test_row_tiles_are_row_position_invariant_here(invariant_engine):
     # The machine-level fact RowTiled relies on: inside one fixed-shape call, a row's result
     # does not depend on where in the tile it sits. Checked on this machine's kernels.
     layer = invariant_engine.model.get_decoder().layers[0]
-    tile = layer.mlp.tile_rows
-    x = torch.randn(tile, invariant_engine.model.config.hidden_size)
-    assert row_tile_invariant(layer.mlp.inner, x)
-    assert row_tile_invariant(layer.self_attn.q_proj.inner, x)
+    config = invariant_engine.runner.config
+    for tile in (config.prefill_tile_rows, config.decode_tile_rows):
+        hidden = invariant_engine.model.config.hidden_size
+        x = torch.randn(tile, hidden, device=invariant_engine.model.device)
+        assert row_tile_invariant(layer.mlp.inner, x)
+        assert row_tile_invariant(layer.self_attn.q_proj.inner, x)
+        assert row_tile_invariant(invariant_engine.model.get_output_embeddings().inner, x)
 
 
 def test_row_tiled_equals_module_up_to_rounding():
     linear = torch.nn.Linear(64, 48)
     x = torch.randn(3, 37, 64)
-    tiled = RowTiled(linear, 16)
+    tiled = RowTiled(linear, TileRows(16))
     with torch.inference_mode():
         torch.testing.assert_close(tiled(x), linear(x))
         assert tiled(x).shape == (3, 37, 48)
@@ -178,3 +181,24 @@ def test_row_tiled_equals_module_up_to_rounding():
 def test_batch_invariant_mode_refuses_dense_attention(make_engine):
     with pytest.raises(ValueError, match="varlen"):
         make_engine(batch_invariant=True, attention_backend="dense")
+
+
+def test_smollm2_logits_batched_and_preempted_equal_alone_bitwise(smollm2_dir, monkeypatch):
+    """The real default model: 16 prompts of 1..1000 tokens, packed and batched, then again
+    with a KV pool small enough to preempt; every logits row equals the prompt alone."""
+    engine = Engine(EngineConfig(model=str(smollm2_dir), batch_invariant=True))
+    prompts = random_prompts(engine.model.config.vocab_size, 16, 1000, seed=12)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    alone = logits_alone(engine, prompts, params, monkeypatch)
+    with recorded_logits(monkeypatch) as rows:
+        ids = run_together(engine, prompts, params)
+    assert_bitwise(alone, rows, ids)
+    small = Engine(
+        EngineConfig(
+            model=str(smollm2_dir), batch_invariant=True, num_kv_blocks=100, max_model_len=1024
+        )
+    )
+    with recorded_logits(monkeypatch) as rows:
+        ids = run_together(small, prompts, params)
+    assert small.scheduler.num_preemptions_total > 0
+    assert_bitwise(alone, rows, ids)

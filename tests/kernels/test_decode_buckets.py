@@ -34,7 +34,7 @@ def test_bucketed_decode_logits_match_alone(make_engine, reference_model, mixed_
     engine = make_engine()
     kv = engine.runner.kv_cache
     block_size = engine.config.block_size
-    cases = [(p, expected[0]) for p, _, expected in mixed_workload[:16]]
+    cases = [(p, expected.tokens[0]) for p, _, expected in mixed_workload[:16]]
     prefills, decodes = [], []
     next_block = 0
     for i, (prompt, first) in enumerate(cases):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -40,22 +42,24 @@ def run(engine, workload):
 
 
 @pytest.mark.parametrize("overrides", CONFIGS)
-def test_greedy_equals_generate_alone(make_engine, mixed_workload, overrides):
+def test_greedy_equals_generate_alone(make_engine, mixed_workload, greedy_reference, overrides):
+    _, assert_matches = greedy_reference
     engine = make_engine(**overrides)
     outputs = run(engine, mixed_workload)
     for (prompt, _, expected), got in zip(mixed_workload, outputs, strict=True):
-        assert got == expected, f"prompt of {len(prompt)} tokens diverged"
+        assert_matches(got, expected, f"prompt of {len(prompt)} tokens")
     assert engine.scheduler.allocator.num_used == 0
 
 
 @pytest.mark.parametrize("backend", ["varlen", "dense"])
-def test_greedy_exact_under_preemption(make_engine, mixed_workload, backend):
+def test_greedy_exact_under_preemption(make_engine, mixed_workload, greedy_reference, backend):
+    _, assert_matches = greedy_reference
     # 40 blocks of 16 = 640 slots: a few long prompts fill it, so decodes must preempt.
     engine = make_engine(attention_backend=backend, num_kv_blocks=40, max_model_len=512)
     outputs = run(engine, mixed_workload)
     assert engine.scheduler.num_preemptions_total > 0
     for (prompt, _, expected), got in zip(mixed_workload, outputs, strict=True):
-        assert got == expected, f"prompt of {len(prompt)} tokens diverged"
+        assert_matches(got, expected, f"prompt of {len(prompt)} tokens")
     assert engine.scheduler.allocator.num_used == 0
 
 
@@ -77,7 +81,8 @@ def test_packed_prefill_logits_match_alone(make_engine, reference_model, mixed_w
             prefill_inputs(bins, engine.runner.kv_cache, backend, torch.float32)
         )
         for i, prompt in enumerate(prompts):
-            alone = reference_model(torch.tensor([prompt])).logits[0, -1]
+            ids = torch.tensor([prompt], device=reference_model.device)
+            alone = reference_model(ids).logits[0, -1]
             torch.testing.assert_close(packed[i], alone, atol=1e-4, rtol=0)
 
 
@@ -109,3 +114,39 @@ def test_seeded_sampling_ignores_batch_neighbours(make_engine, mixed_workload):
         temperature=0.8, top_p=0.9, top_k=50, seed=8, max_tokens=24, ignore_eos=True
     )
     assert sample_with([], params=other_seed) != alone
+
+
+SMOLLM2_QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "How do I reverse a list in Python?",
+    "Why is the sky blue? Answer in one sentence.",
+    "Translate 'good morning' into Spanish.",
+]
+
+
+def test_smollm2_greedy_matches_generate_alone(smollm2_dir, greedy_reference):
+    """The real default model, batched and packed: greedy output equals transformers
+    `generate` on each prompt alone (up to near-ties, the default mode's contract)."""
+    from transformers import AutoModelForCausalLM
+
+    from packserve.server.engine import Engine, EngineConfig
+
+    reference_greedy, assert_matches = greedy_reference
+    engine = Engine(EngineConfig(model=str(smollm2_dir)))
+    tok = engine.tokenizer
+    prompts = [
+        tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        for q in SMOLLM2_QUESTIONS
+    ]
+    rng = random.Random(5)
+    prompts += [[rng.randrange(100, 49152) for _ in range(n)] for n in (1, 37, 300, 800)]
+    outputs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=24))
+    reference = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
+    answered = 0
+    for prompt, out in zip(prompts, outputs, strict=True):
+        expected = reference_greedy(reference, list(prompt), 24)
+        assert_matches(list(out.token_ids), expected, f"prompt of {len(prompt)} tokens")
+        answered += "Paris" in out.text
+    assert answered == 1  # a real model: the first question is answered

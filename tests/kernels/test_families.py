@@ -12,18 +12,13 @@ from packserve.server.engine import Engine, EngineConfig
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
-def test_family_greedy_equals_generate(tmp_path, family, mixed_workload):
+def test_family_greedy_equals_generate(tmp_path, family, mixed_workload, greedy_reference):
+    reference_greedy, assert_matches = greedy_reference
     path = make_model(tmp_path / family, size="tiny", seed=3, family=family)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     engine = Engine(EngineConfig(model=str(path)))
     prompts = [p for p, _, _ in mixed_workload[:8]]
     outputs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
     for prompt, out in zip(prompts, outputs, strict=True):
-        with torch.inference_mode():
-            expected = reference.generate(
-                torch.tensor([prompt]),
-                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                max_new_tokens=12,
-                do_sample=False,
-            )[0, len(prompt) :].tolist()
-        assert list(out.token_ids) == expected
+        expected = reference_greedy(reference, prompt, 12)
+        assert_matches(list(out.token_ids), expected, f"{family}, prompt of {len(prompt)} tokens")

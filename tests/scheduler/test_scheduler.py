@@ -198,11 +198,12 @@ def check_schedule(sched: Scheduler, before: Snapshot, out: SchedulerOutput) -> 
         assert sorted(prefill_ids) == sorted(ids(admitted))
         if sched.waiting:  # admission stopped for a reason: seats, token budget or KV blocks
             head = sched.waiting[0]
+            head_len = prefill_len(cfg, head)
             left = cfg.max_num_batched_tokens - len(out.decodes) - out.num_prefill_tokens
             assert (
                 len(sched.running) >= cfg.max_num_seqs
-                or head.num_tokens > left
-                or blocks_for(head.num_tokens, bs) > sched.allocator.num_free
+                or head_len > left
+                or blocks_for(head_len, bs) > sched.allocator.num_free
             ), f"{head.request_id} could have been admitted"
 
     # Budgets.
@@ -219,13 +220,14 @@ def check_schedule(sched: Scheduler, before: Snapshot, out: SchedulerOutput) -> 
         assert [len(row) for row in out.prefill_bins] == [1] * len(admitted)
         assert prefill_ids == ids(admitted)
     else:
-        lengths = [r.num_tokens for r in admitted]
+        lengths = [prefill_len(cfg, r) for r in admitted]
         bins = reference_rows(lengths, cfg.row_capacity)
         expect = [[admitted[i].request_id for i in b] for b in bins]
         assert [[s.request_id for s in row] for row in out.prefill_bins] == expect
 
     # Each sequence's view and block table.
     old_tables = {r.request_id: b for r, _, b in before.running}
+    computed = {r.request_id: c for r, c, _ in before.running}
     for seq in (*out.prefills, *out.decodes):
         r = sched.requests[seq.request_id]
         assert len(seq.block_ids) == blocks_for(seq.start_pos + seq.num_tokens, bs)
@@ -234,10 +236,11 @@ def check_schedule(sched: Scheduler, before: Snapshot, out: SchedulerOutput) -> 
         assert list(seq.output_token_ids) == before.outputs[r.request_id]
         if seq.request_id in prefill_ids:
             assert seq.start_pos == 0
-            assert list(seq.token_ids) == r.prompt_token_ids + before.outputs[r.request_id]
-        else:
-            assert seq.start_pos == r.num_tokens - 1
-            assert seq.token_ids == (r.all_token_ids[-1],)
+            assert list(seq.token_ids) == r.all_token_ids[: prefill_len(cfg, r)]
+        else:  # the next token without K/V: the last one, or a replayed one
+            assert seq.start_pos == computed[seq.request_id] < r.num_tokens
+            assert cfg.replay_preempted or seq.start_pos == r.num_tokens - 1
+            assert seq.token_ids == (r.all_token_ids[seq.start_pos],)
             old = old_tables[seq.request_id]
             assert list(seq.block_ids[: len(old)]) == old, "a running sequence's blocks moved"
     check_blocks(sched)
@@ -285,15 +288,23 @@ class Harness:
         check_schedule(self.sched, before, out)
         for rid in abort_mid:  # the caller ends requests while the runner works
             self.abort(rid)
+        # A replaying sequence runs a token it already has: it gains none in this step.
+        replaying = {
+            s.request_id
+            for s in (*out.prefills, *out.decodes)
+            if s.start_pos + s.num_tokens < self.requests[s.request_id].num_tokens
+        }
         events = self.sched.update(out, self.runner(out))
-        self._check_events(out, events)
+        self._check_events(out, events, replaying)
         self.history.append(out)
         return out, events
 
-    def _check_events(self, out: SchedulerOutput, events: list[TokenEvent]) -> None:
-        scheduled = [s.request_id for s in (*out.prefills, *out.decodes)]
-        live = [rid for rid in scheduled if self.reasons.get(rid) != "abort"]
-        assert sorted(e.request_id for e in events) == sorted(live)
+    def _check_events(
+        self, out: SchedulerOutput, events: list[TokenEvent], replaying: set[str]
+    ) -> None:
+        scheduled = (*out.prefills, *out.decodes)
+        live = {s.request_id for s in scheduled if self.reasons.get(s.request_id) != "abort"}
+        assert sorted(e.request_id for e in events) == sorted(live - replaying)
         for e in events:
             assert e.request_id not in self.reasons, "event after the request ended"
             r = self.requests[e.request_id]
@@ -334,6 +345,11 @@ class Harness:
 
     def tokens(self, rid: str) -> list[int]:
         return list(self.requests[rid].output_token_ids)
+
+
+def prefill_len(cfg: SchedulerConfig, request: Request) -> int:
+    """Tokens a request prefills when admitted: the prompt alone when replaying."""
+    return len(request.prompt_token_ids) if cfg.replay_preempted else request.num_tokens
 
 
 def config(**kw) -> SchedulerConfig:
@@ -666,6 +682,40 @@ def test_preemption_evicts_the_latest_and_recomputes():
         assert h.tokens(rid) == reference(h.requests[rid].prompt_token_ids, sp, (), 12)[0]
 
 
+def test_replay_after_preemption_feeds_known_tokens_back_one_per_step():
+    cfg = config(max_model_len=12, num_kv_blocks=6, block_size=2, replay_preempted=True)
+    h = Harness(cfg, eos=NO_EOS)
+    for i, rid in enumerate("ABC"):
+        h.add(rid, prompt(i + 1, 3), max_tokens=6)
+    h.run()  # the harness checks each step, and that replay steps emit nothing
+    assert h.sched.num_preemptions_total >= 2
+    replayed = 0
+    for rid, request in h.requests.items():
+        final = request.all_token_ids
+        expected_pos = None
+        decodes = 0
+        for out in h.history:
+            for seq in out.prefills:
+                if seq.request_id == rid:  # the prompt alone, first time or after preemption
+                    assert list(seq.token_ids) == request.prompt_token_ids
+                    expected_pos = len(request.prompt_token_ids)
+            for seq in out.decodes:
+                if seq.request_id == rid:  # the next position, with the token known there
+                    assert seq.start_pos == expected_pos
+                    assert seq.token_ids == (final[seq.start_pos],)
+                    expected_pos += 1
+                    decodes += 1
+            if rid in out.preempted_ids:
+                expected_pos = None
+        # Without replay each decode yields one of the outputs after the first.
+        replayed += decodes - (len(request.output_token_ids) - 1)
+    assert replayed > 0
+    big = preemption_workload(num_kv_blocks=1000)
+    big.run()
+    for rid in "ABC":
+        assert h.tokens(rid) == big.tokens(rid) and h.reasons[rid] == "length"
+
+
 def test_request_can_preempt_itself():
     # Two blocks of 4: A (1 token) and B (4 tokens) take one each; B's fifth token needs a
     # second block, and B is the most recent, so B is the one to go.
@@ -805,6 +855,7 @@ def workloads(draw):
         max_num_batched_tokens=draw(st.integers(max_model_len, 3 * max_model_len)),
         max_prefill_row_len=draw(st.sampled_from([0, max_model_len, 2 * max_model_len])),
         prefill_mode=draw(st.sampled_from(["packed", "padded"])),
+        replay_preempted=draw(st.booleans()),
     )
     jobs = []
     for i in range(draw(st.integers(1, 12))):
