@@ -7,7 +7,6 @@ function writes the new K/V into the paged pool and attends.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from .invariant import SingleThreadWorkers, split_evenly
 from .kv_cache import KVCache
 
 ATTENTION_NAME = "packserve"
@@ -81,34 +79,29 @@ class DecodeMetadata:
     kv_cache: KVCache
     slot_mapping: torch.Tensor  # [B] cache slot of each new token
     buckets: tuple[DecodeBucket, ...]
-    # Batch-invariant mode on CPU: the buckets run on single-threaded workers. torch's CPU
-    # flash kernel parallelizes a call differently when it holds fewer sequences than there
-    # are threads, which changes a sequence's rounding with the number of sequences beside
-    # it (measured, torch 2.13); on one thread every call takes the same path.
-    workers: SingleThreadWorkers | None = None
+    # Batch-invariant mode on CPU: attend on one thread. torch's CPU flash kernel parallelizes
+    # a call differently when it holds fewer sequences than there are threads, which changes
+    # a sequence's rounding with the number of sequences beside it (measured, torch 2.13);
+    # on one thread every call takes the same path.
+    single_thread: bool = False
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
         # q: [B, H, 1, D]; k, v: [B, Hkv, 1, D]
         self.kv_cache.write(layer, self.slot_mapping, k[:, :, 0], v[:, :, 0])
-        if self.workers is None:
-            outs = self._attend(layer, q, scale, self.buckets)
-        else:
-            costs = [(b.end - b.start) * b.context_slots.shape[1] for b in self.buckets]
-            groups = split_evenly(self.buckets, costs, self.workers.num_workers)
-            outs = [
-                out
-                for group in self.workers.map(lambda g: self._attend(layer, q, scale, g), groups)
-                for out in group
-            ]
-        return torch.cat(outs).transpose(1, 2)  # [B, 1, H, D]
+        if not self.single_thread:
+            return self._attend(layer, q, scale)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._attend(layer, q, scale)
+        finally:
+            torch.set_num_threads(threads)
 
-    def _attend(
-        self, layer: int, q: torch.Tensor, scale: float, buckets: Sequence[DecodeBucket]
-    ) -> list[torch.Tensor]:
+    def _attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
         outs = []
-        for bucket in buckets:
+        for bucket in self.buckets:
             keys, values = self.kv_cache.gather(layer, bucket.context_slots)  # [b, Hkv, L, D]
             outs.append(
                 F.scaled_dot_product_attention(
@@ -120,7 +113,7 @@ class DecodeMetadata:
                     enable_gqa=True,
                 )
             )  # [b, H, 1, D]
-        return outs
+        return torch.cat(outs).transpose(1, 2)  # [B, 1, H, D]
 
 
 def packserve_attention(

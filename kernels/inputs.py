@@ -10,7 +10,6 @@ import torch
 from packserve.scheduler import ScheduledSequence
 
 from .attention import AttentionBackend, DecodeBucket, DecodeMetadata, PrefillMetadata
-from .invariant import SingleThreadWorkers
 from .kv_cache import KVCache
 
 
@@ -115,23 +114,27 @@ def decode_inputs(
     kv_cache: KVCache,
     dtype: torch.dtype,
     invariant_pad: int = 0,
-    workers: SingleThreadWorkers | None = None,
 ) -> ModelInputs:
     """A ragged batch: one token per sequence at its own position. The model sees the batch
     longest context first, cut into length buckets; `sample_index` restores the given order.
 
-    `invariant_pad` > 0 (batch-invariant mode): a sequence of context L always attends over
-    L rounded up to a multiple of it, masked past L, in a bucket of the sequences with the
-    same rounded length, on single-threaded `workers` (see `DecodeMetadata.workers`; on CPU),
-    so its attention computes the same whatever else is in the batch."""
+    `invariant_pad` > 0 (batch-invariant mode): on CPU a sequence of context L attends over L
+    rounded up to a multiple of `invariant_pad`, masked past L, in a bucket of the sequences
+    with the same rounded length, on one thread (see `DecodeMetadata.single_thread`); on
+    other devices, whose kernels choose their split by batch size, each sequence attends
+    alone. Either way its attention computes the same whatever else is in the batch."""
     block_size = kv_cache.spec.block_size
     device = kv_cache.k.device
     order = sorted(range(len(decodes)), key=lambda i: -decodes[i].start_pos)
     seqs = [decodes[i] for i in order]
     lengths = [seq.start_pos + 1 for seq in seqs]  # tokens each sequence attends to
-    if invariant_pad:
+    padded_buckets = bool(invariant_pad) and device.type == "cpu"
+    if padded_buckets:
         padded = [-(-n // invariant_pad) * invariant_pad for n in lengths]
         runs = _equal_runs(padded)
+    elif invariant_pad:
+        padded = lengths
+        runs = [(i, i + 1) for i in range(len(seqs))]
     else:
         runs = length_buckets(lengths)
         padded = [lengths[start] for start, end in runs for _ in range(start, end)]
@@ -148,7 +151,7 @@ def decode_inputs(
     for start, end in runs:
         pos = torch.arange(padded[start], device=device)  # [L]
         mask = None
-        if invariant_pad or lengths[end - 1] < padded[start]:  # mask each sequence's tail
+        if padded_buckets or lengths[end - 1] < padded[start]:  # mask each sequence's tail
             mask = torch.zeros(end - start, 1, 1, padded[start], dtype=dtype, device=device)
             past = (pos[None, :] >= length[start:end, None])[:, None, None]  # [b, 1, 1, L]
             mask.masked_fill_(past, float("-inf"))
@@ -162,7 +165,7 @@ def decode_inputs(
         kv_cache=kv_cache,
         slot_mapping=torch.tensor(new_slots, device=device),
         buckets=tuple(buckets),
-        workers=workers,
+        single_thread=padded_buckets,
     )
     rank = [0] * len(order)  # rank[i]: where decodes[i] sits in the model's batch
     for r, i in enumerate(order):

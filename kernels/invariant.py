@@ -27,12 +27,7 @@ scheduler's `replay_preempted`) rather than recomputed in one prefill.
 
 from __future__ import annotations
 
-import ctypes
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TypeVar
 
 import torch
 from torch import nn
@@ -141,48 +136,3 @@ def row_tile_invariant(module: nn.Module, x: torch.Tensor) -> bool:
             torch.equal(module(x.roll(shift, 0)).roll(-shift, 0), ref)
             for shift in range(1, x.shape[0])
         )
-
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-class SingleThreadWorkers:
-    """Threads whose torch ops each run on one intra-op thread, so that work split between
-    them computes exactly as it would serially on one thread. Where torch's OpenMP runtime
-    cannot be reached (another build), one worker: the caller's thread, set to one thread."""
-
-    def __init__(self, num_workers: int) -> None:
-        libgomp = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
-        self._pool: ThreadPoolExecutor | None = None
-        self.num_workers = 1
-        if num_workers > 1 and libgomp.is_file():
-            # OpenMP's thread count is a per-thread setting: set it in each worker only.
-            set_threads = ctypes.CDLL(str(libgomp)).omp_set_num_threads
-            self._pool = ThreadPoolExecutor(num_workers, initializer=lambda: set_threads(1))
-            self.num_workers = num_workers
-
-    def map(self, fn: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        if self._pool is not None:
-            return list(self._pool.map(fn, items))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return [fn(item) for item in items]
-        finally:
-            torch.set_num_threads(threads)
-
-
-def split_evenly(items: Sequence[T], costs: Sequence[int], parts: int) -> list[Sequence[T]]:
-    """Cut `items` into at most `parts` consecutive runs of about equal total cost."""
-    total = sum(costs)
-    runs: list[Sequence[T]] = []
-    start, acc = 0, 0
-    for i, cost in enumerate(costs):
-        acc += cost
-        if len(runs) < parts - 1 and acc * parts >= total * (len(runs) + 1):
-            runs.append(items[start : i + 1])
-            start = i + 1
-    if start < len(items):
-        runs.append(items[start:])
-    return runs

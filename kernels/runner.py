@@ -16,7 +16,6 @@ from .invariant import (
     DEFAULT_DECODE_CONTEXT_PAD,
     DEFAULT_DECODE_TILE_ROWS,
     DEFAULT_PREFILL_TILE_ROWS,
-    SingleThreadWorkers,
     TileRows,
     make_batch_invariant,
 )
@@ -89,9 +88,6 @@ class Runner:
             self.tiles = make_batch_invariant(model, config.decode_tile_rows, config.max_model_len)
         # Kernels split work by thread count: batch-invariant steps all run with this one.
         self.num_threads = torch.get_num_threads()
-        self.attention_workers: SingleThreadWorkers | None = None
-        if config.batch_invariant and model.device.type == "cpu":
-            self.attention_workers = SingleThreadWorkers(self.num_threads)
         self.device = model.device
         spec = kv_cache_spec(model, config.block_size)
         num_blocks = config.num_kv_blocks or spec.num_blocks_for(config.kv_cache_memory_bytes)
@@ -118,9 +114,7 @@ class Runner:
             seqs += output.prefills
         if output.decodes:
             pad = self.config.decode_context_pad if self.config.batch_invariant else 0
-            inputs = decode_inputs(
-                output.decodes, self.kv_cache, self.model.dtype, pad, self.attention_workers
-            )
+            inputs = decode_inputs(output.decodes, self.kv_cache, self.model.dtype, pad)
             logits.append(self.forward(inputs))
             seqs += output.decodes
         if not seqs:
