@@ -283,6 +283,21 @@ def measure_peaks(settings: Settings, shapes: dict[str, tuple[int, int, int]]) -
 # Prompts
 
 
+def seeded_prompts(
+    docs: list[list[int]], tokenizer: Any, settings: Settings, dist: str
+) -> list[tuple[int, ...]]:
+    """The prompts of distribution `dist`, seeded by its index: every run gets the same."""
+    rng = np.random.default_rng([settings.seed, list(DISTRIBUTIONS).index(dist)])
+    return make_prompts(
+        docs,
+        tokenizer.bos_token_id,
+        settings.num_prompts,
+        DISTRIBUTIONS[dist],
+        settings.max_len,
+        rng,
+    )
+
+
 def corpus_token_windows(tokenizer: Any) -> list[list[int]]:
     """Every corpus document tokenized (no special tokens), longest first."""
     docs = corpus_documents()
@@ -454,15 +469,7 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
     docs = corpus_token_windows(tokenizer)
     prompts: dict[str, list[tuple[int, ...]]] = {}
     for dist in settings.distributions:  # seeded by the index in DISTRIBUTIONS: same prompts
-        rng = np.random.default_rng([settings.seed, list(DISTRIBUTIONS).index(dist)])
-        prompts[dist] = make_prompts(
-            docs,
-            tokenizer.bos_token_id,
-            settings.num_prompts,
-            DISTRIBUTIONS[dist],
-            settings.max_len,
-            rng,
-        )
+        prompts[dist] = seeded_prompts(docs, tokenizer, settings, dist)
         lens = [len(p) for p in prompts[dist]]
         log(f"{dist}: {len(lens)} prompts, median {statistics.median(lens)}, max {max(lens)}")
 
@@ -871,15 +878,7 @@ def run_profile(settings: Settings, out_dir: Path) -> None:
     for dtype, dist in PROFILE_CASES:
         model, tokenizer = load_model(str(model_dir), dtype=dtype)
         docs = corpus_token_windows(tokenizer)
-        rng = np.random.default_rng([settings.seed, list(DISTRIBUTIONS).index(dist)])
-        prompts = make_prompts(
-            docs,
-            tokenizer.bos_token_id,
-            settings.num_prompts,
-            DISTRIBUTIONS[dist],
-            settings.max_len,
-            rng,
-        )
+        prompts = seeded_prompts(docs, tokenizer, settings, dist)
         seqs, num_blocks = make_sequences(prompts)
         gemms = measure_peaks(Settings(**(asdict(settings) | {"dtypes": (dtype,)})), shapes)
         peak = max(gemms[dtype].values())

@@ -128,11 +128,16 @@ def gguf_model_dir(gguf_path: Path) -> Path:
     digest = sha256_file(gguf_path)
     path = cache_root() / f"gguf-{gguf_path.stem}-{digest[:16]}-v{FORMAT_VERSION}"
     if not (path / "config.json").is_file():
-        progress(f"converting {gguf_path.name} to a float32 Hugging Face folder ...")
-        try:
-            convert_gguf(gguf_path, path)
-        except FileExistsError:
-            if not (path / "config.json").is_file():
-                raise
+        convert_once(gguf_path, path)
         progress(f"ready: {path}")
     return path
+
+
+def convert_once(gguf_path: Path, path: Path) -> None:
+    """`convert_gguf` into the cache folder `path`, unless a concurrent caller did first."""
+    progress(f"converting {gguf_path.name} to a float32 Hugging Face folder ...")
+    try:
+        convert_gguf(gguf_path, path)
+    except FileExistsError:
+        if not (path / "config.json").is_file():
+            raise

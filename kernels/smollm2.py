@@ -19,7 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .gguf import FORMAT_VERSION, convert_gguf, progress, sha256_file
+from .gguf import FORMAT_VERSION, convert_once, progress, sha256_file
 from .model_maker import cache_root
 
 MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -156,13 +156,7 @@ def default_model_dir() -> Path:
     # Next to the cache (same filesystem, and /tmp may be small), removed whatever happens.
     work = Path(tempfile.mkdtemp(prefix=f".{path.name}.fetch-", dir=path.parent))
     try:
-        gguf = fetch_gguf(work)
-        progress(f"converting {gguf.name} to a float32 Hugging Face folder ...")
-        try:
-            convert_gguf(gguf, path)
-        except FileExistsError:
-            if not (path / "config.json").is_file():
-                raise
+        convert_once(fetch_gguf(work), path)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     progress(f"ready: {path}")

@@ -137,7 +137,9 @@ def test_smollm2_greedy_matches_generate_alone(smollm2_dir, greedy_reference):
     engine = Engine(EngineConfig(model=str(smollm2_dir)))
     tok = engine.tokenizer
     prompts = [
-        tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False
+        )
         for q in SMOLLM2_QUESTIONS
     ]
     rng = random.Random(5)

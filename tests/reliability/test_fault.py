@@ -1,5 +1,5 @@
-"""Engine fault isolation, through the test-only hook `--debug-fault-token-id 4000`: any
-engine step that would run token 4000 raises, and exactly the requests in that step fail
+"""Engine fault isolation, through the test-only hook `--debug-fault-token-id T`: any
+engine step that would run token T raises, and exactly the requests in that step fail
 (a streamed one with an error event then [DONE], a non-streamed one with a 500 error
 object). Requests in other steps are untouched; afterwards the server is ready, exact, and
 holds no KV block.
@@ -10,7 +10,9 @@ requests that share a faulty prompt's step are exactly those running when it is 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -18,17 +20,46 @@ import pytest
 
 pytestmark = pytest.mark.allow_server_500  # the 500s are the point here
 
-FAULT = 4000  # decodes to " sec"
-# A token-id prompt whose greedy continuation produces token 4000 as its 16th token (found
-# with the offline engine; the test checks it still does).
-DECODE_FAULT_PROMPT = [1284, 532, 1944, 2322, 2620, 8128, 4671, 1278, 2543, 1534, 5250, 4477]
-DECODE_FAULT_PROMPT += [5941, 6621, 4444, 1850, 6911]
-DECODE_FAULT_AT = 15
+DECODE_FAULT_AT = 15  # the fault token is the 16th a prompt generates
+RUNNING_PROMPTS = [f"Running request {i} shares the step with the faulty prompt" for i in range(6)]
+EXACT_PROMPTS = [f"After the fault, request {i} is fine" for i in range(3)]
+
+
+@dataclass(frozen=True)
+class FaultCase:
+    """The fault token and prompts around it, derived from the model at hand (no token id
+    is pinned: the model's tokenizer and outputs are whatever this machine builds)."""
+
+    token: int  # the token whose step fails
+    decode_prompt: list[int]  # greedy: generates `token` as its 16th token, not before
+    prompt: list[int]  # a token-id prompt holding `token`
+    chat_content: str  # chat text whose prompt holds `token`
 
 
 @pytest.fixture(scope="module")
-def faulty(launch):
-    server = launch("--debug-fault-token-id", str(FAULT))
+def case(offline, tok, chat_ids) -> FaultCase:
+    """The first of some seeded token-id prompts whose 16th greedy token is new to it and
+    to every other prompt these tests run, so only the chosen requests ever meet it."""
+    others = [offline(p, 12) for p in EXACT_PROMPTS]
+    others += [offline(p, 300, ignore_eos=True) for p in RUNNING_PROMPTS]
+    seen = {t for c in others for t in (*c.prompt_token_ids, *c.token_ids)}
+    rng = random.Random(15)
+    vocab = len(tok)
+    for _ in range(50):
+        decode_prompt = [rng.randrange(16, vocab) for _ in range(17)]
+        exp = offline(decode_prompt, DECODE_FAULT_AT + 1, ignore_eos=True)
+        token = exp.token_ids[DECODE_FAULT_AT]
+        if token in seen or token in decode_prompt or token in exp.token_ids[:-1]:
+            continue
+        content = f"the{tok.decode([token])} of it"
+        if token in chat_ids([{"role": "user", "content": content}]):
+            return FaultCase(token, decode_prompt, [0, 2513, 321, token, 265], content)
+    raise AssertionError("no seeded prompt gives a usable fault token")
+
+
+@pytest.fixture(scope="module")
+def faulty(launch, case):
+    server = launch("--debug-fault-token-id", str(case.token))
     yield server
     server.stop()
 
@@ -49,8 +80,7 @@ def _assert_error_event_then_done(events: list[Any], h, after: int | None = 0) -
 
 def _exact(url: str, offline, tok, h, n: int = 3) -> None:
     """A few ordinary greedy requests, each equal to its prompt alone offline."""
-    for i in range(n):
-        prompt = f"After the fault, request {i} is fine"
+    for prompt in EXACT_PROMPTS[:n]:
         body = {"prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 0}
         r = httpx.post(url + "/v1/completions", json=body, timeout=h.HTTP_TIMEOUT)
         assert r.status_code == 200, r.text
@@ -69,9 +99,11 @@ def _assert_recovered(url: str, offline, tok, h) -> int:
     return blocks
 
 
-def test_prompt_with_the_fault_token_fails_with_an_error_body(faulty, offline, tok, h, figures):
+def test_prompt_with_the_fault_token_fails_with_an_error_body(
+    faulty, case, offline, tok, h, figures
+):
     url = faulty.url
-    prompt = [0, 2513, 321, FAULT, 265]
+    prompt = case.prompt
     before = h.gauges(url)
     # non-streamed: a 500 with an OpenAI error object
     r = httpx.post(
@@ -86,11 +118,11 @@ def test_prompt_with_the_fault_token_fails_with_an_error_body(faulty, offline, t
                 await h.stream(
                     client, "/v1/completions", {"prompt": prompt, "max_tokens": 8}, False
                 ),
-                # chat: " sec" tokenizes to 4000; the role chunk comes first
+                # chat: the content holds the fault token; the role chunk comes first
                 await h.stream(
                     client,
                     "/v1/chat/completions",
-                    {"messages": [{"role": "user", "content": "the sec of it"}], "max_tokens": 8},
+                    {"messages": [{"role": "user", "content": case.chat_content}], "max_tokens": 8},
                     False,
                 ),
                 # with usage requested: the usage chunk still comes, after the error
@@ -116,22 +148,20 @@ def test_prompt_with_the_fault_token_fails_with_an_error_body(faulty, offline, t
     )
 
 
-def test_generated_fault_token_fails_the_step_that_would_run_it(faulty, offline, tok, h):
-    """Decode path: the request streams its tokens up to and including 4000 (sampled in a
-    healthy step); the next step would run 4000 and fails it. With max_tokens ending on that
-    token the request finishes normally: 4000 is never run."""
+def test_generated_fault_token_fails_the_step_that_would_run_it(faulty, case, offline, tok, h):
+    """Decode path: the request streams its tokens up to and including the fault token
+    (sampled in a healthy step); the next step would run it and fails. With max_tokens ending
+    on that token the request finishes normally: the fault token is never run."""
     url = faulty.url
-    exp = offline(DECODE_FAULT_PROMPT, DECODE_FAULT_AT + 1, ignore_eos=True)
-    assert exp.token_ids[DECODE_FAULT_AT] == FAULT and FAULT not in exp.token_ids[:-1]
-    assert FAULT not in DECODE_FAULT_PROMPT
+    exp = offline(case.decode_prompt, DECODE_FAULT_AT + 1, ignore_eos=True)
 
-    body = {"prompt": DECODE_FAULT_PROMPT, "max_tokens": DECODE_FAULT_AT + 1, "logprobs": 0}
+    body = {"prompt": case.decode_prompt, "max_tokens": DECODE_FAULT_AT + 1, "logprobs": 0}
     body |= {"temperature": 0, "ignore_eos": True}
     r = httpx.post(url + "/v1/completions", json=body, timeout=h.HTTP_TIMEOUT)
     assert r.status_code == 200, r.text
     choice = r.json()["choices"][0]
     assert choice["text"] == exp.text and choice["finish_reason"] == "length"
-    assert choice["logprobs"]["tokens"][-1] == tok.decode([FAULT])
+    assert choice["logprobs"]["tokens"][-1] == tok.decode([case.token])
 
     longer = {**body, "max_tokens": 40}
     r = httpx.post(url + "/v1/completions", json=longer, timeout=h.HTTP_TIMEOUT)
@@ -189,7 +219,9 @@ async def _fault_scenario(url: str, h, running: list[dict], fault_body: dict):
         return fault, results
 
 
-def test_requests_sharing_the_faulty_step_fail_others_succeed(faulty, offline, tok, h, figures):
+def test_requests_sharing_the_faulty_step_fail_others_succeed(
+    faulty, case, offline, tok, h, figures
+):
     url = faulty.url
     h.wait_idle(url)
     before = h.gauges(url)
@@ -197,12 +229,11 @@ def test_requests_sharing_the_faulty_step_fail_others_succeed(faulty, offline, t
     _exact(url, offline, tok, h, n=2)
 
     running = []
-    for i in range(6):
-        prompt = f"Running request {i} shares the step with the faulty prompt"
+    for i, prompt in enumerate(RUNNING_PROMPTS):
         body = {"prompt": prompt, "max_tokens": 300, "temperature": 0, "ignore_eos": True}
         body["logprobs"] = 0
         running.append({"body": body, "stream": i % 3 != 2})
-    fault_body = {"prompt": [0, 2513, 321, FAULT, 265], "max_tokens": 8}
+    fault_body = {"prompt": case.prompt, "max_tokens": 8}
 
     start = time.monotonic()
     (fault_status, fault_events), results = h.run(_fault_scenario(url, h, running, fault_body), 180)
@@ -222,9 +253,9 @@ def test_requests_sharing_the_faulty_step_fail_others_succeed(faulty, offline, t
         n = len(got["tokens"])
         assert 1 <= n < 300 and got["finish_reason"] is None
         _assert_error_event_then_done(out, h, after=None)
-        # up to the fault, each was exact, and never ran 4000 itself
+        # up to the fault, each was exact, and never ran the fault token itself
         exp = offline(prompt, n, ignore_eos=True)
-        assert FAULT not in exp.token_ids
+        assert case.token not in exp.token_ids
         assert got["tokens"] == [tok.decode([t]) for t in exp.token_ids]
         assert exp.text.startswith(got["text"])
 
