@@ -37,7 +37,7 @@ class RunnerConfig:
     num_kv_blocks: int | None = None  # overrides the memory budget when set (tests)
     seed: int | None = None  # for requests without a seed of their own
     # Bitwise batch invariance (kernels/invariant.py): per-token modules on fixed row tiles,
-    # a tabulated rotary embedding, attention per sequence, a fixed thread count.
+    # a tabulated rotary embedding, attention shaped by each sequence alone, one thread count.
     batch_invariant: bool = False
     prefill_tile_rows: int = DEFAULT_PREFILL_TILE_ROWS  # batch-invariant tile heights
     decode_tile_rows: int = DEFAULT_DECODE_TILE_ROWS
