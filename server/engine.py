@@ -8,7 +8,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from packserve.kernels.attention import AttentionBackend
-from packserve.kernels.invariant import DEFAULT_DECODE_TILE_ROWS, DEFAULT_PREFILL_TILE_ROWS
 from packserve.kernels.loader import load_model
 from packserve.kernels.runner import LinearBackend, Runner, RunnerConfig
 from packserve.scheduler import (
@@ -51,9 +50,6 @@ class EngineConfig:
     seed: int | None = None  # for requests without a seed
     # Bitwise batch invariance: a request's logits do not depend on the rest of the step.
     batch_invariant: bool = False
-    # Tile heights of batch-invariant mode (kernels/invariant.py), for benchmarks.
-    prefill_tile_rows: int = DEFAULT_PREFILL_TILE_ROWS
-    decode_tile_rows: int = DEFAULT_DECODE_TILE_ROWS
     # Test-only fault hook, off by default: a step that would run this token id raises, so
     # tests can prove that a failing step fails only its own requests.
     fault_token_id: int | None = None
@@ -70,8 +66,6 @@ class EngineConfig:
             num_kv_blocks=self.num_kv_blocks,
             seed=self.seed,
             batch_invariant=self.batch_invariant,
-            prefill_tile_rows=self.prefill_tile_rows,
-            decode_tile_rows=self.decode_tile_rows,
             max_model_len=self.resolved_max_model_len(model_max_len),
         )
 
