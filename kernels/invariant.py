@@ -9,7 +9,7 @@ token by token, without touching the model's code:
 - `RowTiled` runs a per-token module (a linear layer, a norm, a whole MLP) on fixed row tiles,
   the last tile padded with zeros. Every call has one shape, so the kernel, its reduction
   order and its thread split are the same for every token; a token's row inside a tile does
-  not matter either (`row_tile_invariant` checks that contract on this machine). Prefill
+  not matter either (tests/kernels/test_batch_invariant.py checks that on the machine). Prefill
   forwards use tall tiles (GEMM efficiency), decode forwards short ones (a decode batch is
   small): a token's tile height depends on its phase, never on its batch. The LM head always
   runs on short tiles: it only sees the rows that are sampled.
@@ -35,8 +35,9 @@ from transformers import PreTrainedModel
 
 from .linear import PackedLinear
 
-# Rows per tile, chosen by bench/batch_invariant.py: prefill tiles tall enough to keep the
-# GEMMs efficient, decode tiles short enough that small batches waste little.
+# Rows per tile: prefill tiles tall enough to keep the GEMMs efficient, decode tiles short
+# enough that small batches waste little (measured, SmolLM2-135M, batch-16 decode step on a
+# 2-core AMD EPYC: 16 rows 202 ms, 32 rows 239 ms, 64 rows 275 ms).
 DEFAULT_PREFILL_TILE_ROWS = 128
 DEFAULT_DECODE_TILE_ROWS = 16
 # Decode attention pads each context to a multiple of this many keys (inputs.decode_inputs),
@@ -125,14 +126,3 @@ def _tile(module: nn.Module, tiles: TileRows) -> None:
             setattr(module, name, RowTiled(child, tiles))
         else:
             _tile(child, tiles)
-
-
-def row_tile_invariant(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether `module` gives each row of a [tile, in] input the same bits at every row
-    position of the tile (rolled through all positions): the contract `RowTiled` relies on."""
-    with torch.inference_mode():
-        ref = module(x)
-        return all(
-            torch.equal(module(x.roll(shift, 0)).roll(-shift, 0), ref)
-            for shift in range(1, x.shape[0])
-        )

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import packserve.kernels.runner as runner_module
-from packserve.kernels.invariant import RowTiled, TabulatedRotary, TileRows, row_tile_invariant
+from packserve.kernels.invariant import RowTiled, TabulatedRotary, TileRows
 from packserve.scheduler import SamplingParams
 from packserve.server.engine import Engine, EngineConfig
 
@@ -71,6 +71,17 @@ def assert_bitwise(alone: list[dict[int, torch.Tensor]], rows: Rows, ids: list[s
                 f"prompt {i} position {position}: logits differ from the prompt alone by up "
                 f"to {(row - expected).abs().max().item():.3g}"
             )
+
+
+def row_tile_invariant(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module` gives each row of a [tile, in] input the same bits at every row
+    position of the tile (rolled through all positions): the contract `RowTiled` relies on."""
+    with torch.inference_mode():
+        ref = module(x)
+        return all(
+            torch.equal(module(x.roll(shift, 0)).roll(-shift, 0), ref)
+            for shift in range(1, x.shape[0])
+        )
 
 
 def random_prompts(vocab: int, count: int, max_len: int, seed: int) -> list[list[int]]:
