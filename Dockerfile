@@ -42,9 +42,7 @@ RUN python3 -m venv /opt/venv \
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
-COPY server ./server
-COPY scheduler ./scheduler
-COPY kernels ./kernels
+COPY packserve ./packserve
 # The project must not have replaced that torch (the check fails the build if it did).
 RUN pip install . \
     && python3 -c "import torch; v = torch.__version__; assert v.split('+')[0] == '${TORCH_VERSION}', v"

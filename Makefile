@@ -26,7 +26,7 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy scheduler kernels server
+	$(BIN)/mypy packserve
 
 bench-prefill: install
 	$(BIN)/python bench/prefill.py

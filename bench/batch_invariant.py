@@ -33,9 +33,9 @@ import serve  # noqa: E402
 from prefill import cpu_model  # noqa: E402
 from profile_engine import run_level  # noqa: E402
 
-from packserve.kernels.smollm2 import default_model_dir  # noqa: E402
+from packserve.engine.engine import Engine, EngineConfig  # noqa: E402
+from packserve.models.smollm2 import default_model_dir  # noqa: E402
 from packserve.scheduler import SamplingParams  # noqa: E402
-from packserve.server.engine import Engine, EngineConfig  # noqa: E402
 
 MODES = {"default": {}, "invariant": {"batch_invariant": True}}
 REQUESTS = {16: 48, 64: 128}  # per level: enough for several turns of the closed loop

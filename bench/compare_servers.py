@@ -249,8 +249,8 @@ def engine_child(model_dir: str, prompts_file: str, level: int, where: str) -> N
     """Drive packserve's Engine directly with at most `level` requests in flight (the same
     closed loop as the HTTP client), and print one JSON summary line. where="worker" steps
     the engine in a second thread, as the server's engine loop does; "main" in the main one."""
+    from packserve.engine.engine import Engine, EngineConfig
     from packserve.scheduler import SamplingParams
-    from packserve.server.engine import Engine, EngineConfig
 
     prompts = [serve.Prompt(**p) for p in json.loads(Path(prompts_file).read_text())]
     engine = Engine(EngineConfig(model=model_dir))
@@ -701,7 +701,7 @@ def main() -> None:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
 
-    from packserve.kernels.model_maker import default_model_dir
+    from packserve.models.model_maker import default_model_dir
 
     sizes = args.sizes.split(",")
     levels = [int(x) for x in args.levels.split(",")]

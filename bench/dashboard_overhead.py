@@ -19,10 +19,10 @@ import random
 import statistics
 import time
 
-from packserve.kernels.model_maker import default_model_dir
+from packserve.engine.engine import Engine, EngineConfig
+from packserve.models.model_maker import default_model_dir
 from packserve.scheduler import Request, SamplingParams, StepStats
 from packserve.server.dashboard import DashboardRecorder
-from packserve.server.engine import Engine, EngineConfig
 
 
 def engine_run(steps: int, seed: int = 0) -> dict[str, float]:

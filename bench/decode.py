@@ -22,9 +22,9 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from packserve.kernels.model_maker import default_model_dir
+from packserve.engine.engine import Engine, EngineConfig
+from packserve.models.model_maker import default_model_dir
 from packserve.scheduler import SamplingParams
-from packserve.server.engine import Engine, EngineConfig
 
 
 def prompts_for(batch: int, vocab: int, seed: int) -> list[list[int]]:

@@ -66,7 +66,7 @@ for name in ("tokenizers", "safetensors", "numpy", "pytest", "hypothesis", "matp
         print(name, __import__(name).__version__)
     except Exception as exc:  # noqa: BLE001
         print(name, "missing:", exc)
-import packserve.server.engine  # noqa: E402,F401  the engine imports no HTTP stack
+import packserve.engine.engine  # noqa: E402,F401  the engine imports no HTTP stack
 
 print("packserve from", list(__import__("packserve").__path__))
 EOF
@@ -75,7 +75,7 @@ cat "$OUT_DIR/env.txt"
 
 phase "building the tiny and bench models (packserve make-model, seeded, offline)"
 BENCH_MODEL=$(timeout 75 "$PY" -c '
-from packserve.kernels.model_maker import default_model_dir
+from packserve.models.model_maker import default_model_dir
 default_model_dir("tiny")
 print(default_model_dir("bench"))' 2>"$OUT_DIR/make_model.err" | tail -1)
 finished "make-model" $?

@@ -39,11 +39,11 @@ from typing import Any
 
 import torch
 
-from packserve.kernels.corpus import corpus_documents
-from packserve.kernels.model_maker import default_model_dir
+from packserve.engine.async_engine import AsyncEngine, Timed
+from packserve.engine.engine import Engine, EngineConfig
+from packserve.models.corpus import corpus_documents
+from packserve.models.model_maker import default_model_dir
 from packserve.scheduler import SamplingParams, StepStats
-from packserve.server.async_engine import AsyncEngine, Timed
-from packserve.server.engine import Engine, EngineConfig
 
 WINDOWS_MS = (0, 2, 5, 10, 20)
 # Request rates (req/s) per model: from mostly idle to moderately loaded on 2 CPU cores.

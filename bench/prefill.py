@@ -40,11 +40,11 @@ import torch
 import transformers
 from transformers import AutoTokenizer, PreTrainedModel
 
-from packserve.kernels.corpus import corpus_documents
 from packserve.kernels.linear import pack_weight, packed_linear
 from packserve.kernels.loader import load_model
-from packserve.kernels.model_maker import default_model_dir
 from packserve.kernels.runner import Runner, RunnerConfig
+from packserve.models.corpus import corpus_documents
+from packserve.models.model_maker import default_model_dir
 from packserve.scheduler import (
     SamplingParams,
     ScheduledSequence,

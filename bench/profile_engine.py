@@ -31,10 +31,10 @@ import serve  # noqa: E402
 from compare_servers import DEFAULT_PROMPTS  # noqa: E402
 from gemm import best_rate  # noqa: E402
 
+from packserve.engine.engine import Engine, EngineConfig  # noqa: E402
 from packserve.kernels.linear import pack_weight, packed_linear  # noqa: E402
-from packserve.kernels.model_maker import default_model_dir  # noqa: E402
+from packserve.models.model_maker import default_model_dir  # noqa: E402
 from packserve.scheduler import SamplingParams  # noqa: E402
-from packserve.server.engine import Engine, EngineConfig  # noqa: E402
 
 
 def machine_floors() -> dict[str, float]:

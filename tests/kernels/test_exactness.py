@@ -131,7 +131,7 @@ def test_smollm2_greedy_matches_generate_alone(smollm2_dir, greedy_reference):
     `generate` on each prompt alone (up to near-ties, the default mode's contract)."""
     from transformers import AutoModelForCausalLM
 
-    from packserve.server.engine import Engine, EngineConfig
+    from packserve.engine.engine import Engine, EngineConfig
 
     reference_greedy, assert_matches = greedy_reference
     engine = Engine(EngineConfig(model=str(smollm2_dir)))

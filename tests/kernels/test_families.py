@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from packserve.kernels.model_maker import make_model
+from packserve.engine.engine import Engine, EngineConfig
+from packserve.models.model_maker import make_model
 from packserve.scheduler import SamplingParams
-from packserve.server.engine import Engine, EngineConfig
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])

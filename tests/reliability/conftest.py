@@ -30,8 +30,8 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 
+from packserve.engine.engine import Completion, Engine
 from packserve.scheduler import SamplingParams
-from packserve.server.engine import Completion, Engine
 
 HOST = "127.0.0.1"
 READY_TIMEOUT_S = 120.0  # importing torch and loading the model on a busy 2-core machine

@@ -17,9 +17,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from packserve.kernels.gguf import FORMAT_VERSION, convert_gguf, gguf_model_dir
+from packserve.engine.engine import Engine, EngineConfig
 from packserve.kernels.loader import load_model
-from packserve.kernels.smollm2 import (
+from packserve.models import resolve_model
+from packserve.models.gguf import FORMAT_VERSION, convert_gguf, gguf_model_dir
+from packserve.models.smollm2 import (
     GGUF_SHA256,
     MODEL_NAME,
     ModelFetchError,
@@ -28,7 +30,6 @@ from packserve.kernels.smollm2 import (
     verify_file,
 )
 from packserve.scheduler import SamplingParams
-from packserve.server.engine import Engine, EngineConfig
 from packserve.server.settings import add_engine_args, add_server_args, settings_from_args
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
@@ -96,7 +97,8 @@ def test_gguf_path_loads_the_same_weights_and_conversion_is_byte_identical(
     smollm2_gguf: Path, smollm2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path / "cache"))
-    model, tokenizer = load_model(str(smollm2_gguf))  # converts into the temporary cache
+    # Converts into the temporary cache.
+    model, tokenizer = load_model(resolve_model(str(smollm2_gguf)))
     converted = gguf_model_dir(smollm2_gguf)  # now cached: no second conversion
     assert converted.parent == tmp_path / "cache"
     assert converted.name.startswith(f"gguf-{smollm2_gguf.stem}-{GGUF_SHA256[:16]}-")
@@ -121,7 +123,7 @@ def test_gguf_path_loads_the_same_weights_and_conversion_is_byte_identical(
 
 def test_missing_gguf_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no GGUF file"):
-        load_model(str(tmp_path / "absent.gguf"))
+        load_model(resolve_model(str(tmp_path / "absent.gguf")))
 
 
 def test_hash_or_size_mismatch_is_a_clear_error(tmp_path: Path) -> None:
@@ -157,7 +159,8 @@ def test_served_model_name_defaults(smollm2_dir: Path, monkeypatch: pytest.Monke
     add_server_args(parser)
 
     default = settings_from_args(parser.parse_args([]))
-    assert default.engine.model == str(smollm2_dir)
+    assert default.engine.model is None  # the engine resolves it to the default model
+    assert resolve_model(None) == str(smollm2_dir)
     assert default.served_model_name == MODEL_NAME
     gguf = settings_from_args(parser.parse_args(["--model", "/models/SmolLM2.Q4_1.gguf"]))
     assert gguf.served_model_name == "SmolLM2.Q4_1"

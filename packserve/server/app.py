@@ -18,11 +18,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from packserve.engine.async_engine import AsyncEngine
+from packserve.engine.engine import Engine
 from packserve.scheduler import StepStats
 
-from .async_engine import AsyncEngine
 from .dashboard import dashboard_router
-from .engine import Engine
 from .logs import configure_logging
 from .metrics import Metrics
 from .openai_api import openai_router

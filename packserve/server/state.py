@@ -6,7 +6,8 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 
-from .async_engine import AsyncEngine
+from packserve.engine.async_engine import AsyncEngine
+
 from .dashboard import DashboardRecorder
 from .metrics import Metrics
 from .protocol import APIError

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from packserve.kernels.attention import AttentionBackend
 from packserve.kernels.loader import load_model
 from packserve.kernels.runner import LinearBackend, Runner, RunnerConfig
+from packserve.models import resolve_model
 from packserve.scheduler import (
     PrefillMode,
     Request,
@@ -32,7 +33,7 @@ Prompt = str | Sequence[int]
 class EngineConfig:
     """Everything that shapes an engine; the server's settings hold one of these."""
 
-    model: str  # local folder or hub id
+    model: str | None = None  # folder, hub id or .gguf file; None: SmolLM2-135M-Instruct
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
@@ -118,7 +119,7 @@ class Engine:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model, self.tokenizer = load_model(
-            config.model, config.dtype, config.device, config.trust_remote_code
+            resolve_model(config.model), config.dtype, config.device, config.trust_remote_code
         )
         model_max_len = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.runner = Runner(self.model, config.runner_config(model_max_len))

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def _make_model(args: argparse.Namespace) -> None:
-    from packserve.kernels.model_maker import make_model
+    from packserve.models.model_maker import make_model
 
     path = make_model(Path(args.dir), size=args.size, seed=args.seed, family=args.family)
     print(path)
@@ -16,9 +16,9 @@ def _make_model(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     """Offline: run prompts through the engine and print one JSON line per completion."""
+    from packserve.engine.engine import Engine
     from packserve.scheduler import SamplingParams
 
-    from .engine import Engine
     from .settings import engine_config_from_args
 
     engine = Engine(engine_config_from_args(args))

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from .engine import EngineConfig
+from packserve.engine.engine import EngineConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,13 +87,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
-    model = args.model
-    if model is None:
-        from packserve.kernels.smollm2 import default_model_dir
-
-        model = str(default_model_dir())
     return EngineConfig(
-        model=model,
+        model=args.model,
         dtype=args.dtype,
         device=args.device,
         trust_remote_code=args.trust_remote_code,
@@ -133,11 +128,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "log-prompts", bool, False, "include prompt text in request logs")
 
 
-def default_served_model_name(model_arg: str | None, model: str) -> str:
+def default_served_model_name(model: str | None) -> str:
     """The API's model name when none is given: SmolLM2-135M-Instruct for the default model
-    (``model_arg`` None), a .gguf file's stem, else the folder's or hub id's last part."""
-    if model_arg is None:
-        from packserve.kernels.smollm2 import MODEL_NAME
+    (``model`` None), a .gguf file's stem, else the folder's or hub id's last part."""
+    if model is None:
+        from packserve.models.smollm2 import MODEL_NAME
 
         return MODEL_NAME
     base = os.path.basename(os.path.normpath(model))
@@ -146,7 +141,7 @@ def default_served_model_name(model_arg: str | None, model: str) -> str:
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     engine = engine_config_from_args(args)
-    name = args.served_model_name or default_served_model_name(args.model, engine.model)
+    name = args.served_model_name or default_served_model_name(engine.model)
     return Settings(
         engine=engine,
         served_model_name=name,

@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from packserve.kernels.corpus import corpus_documents
-from packserve.kernels.model_maker import (
+from packserve.models.corpus import corpus_documents
+from packserve.models.model_maker import (
     FAMILIES,
     build_config,
     default_model_dir,
@@ -86,7 +86,7 @@ def test_same_seed_is_byte_identical_across_processes(tiny_dir: Path, tmp_path: 
     # catches per-process hash randomisation (Python and Rust) leaking into the output.
     other = tmp_path / "again"
     code = "import sys; from pathlib import Path; "
-    code += "from packserve.kernels.model_maker import make_model; make_model(Path(sys.argv[1]))"
+    code += "from packserve.models.model_maker import make_model; make_model(Path(sys.argv[1]))"
     subprocess.run([sys.executable, "-c", code, str(other)], check=True, capture_output=True)
     assert _hashes(other) == _hashes(tiny_dir)
 

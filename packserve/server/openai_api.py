@@ -12,8 +12,9 @@ from fastapi import APIRouter, Request
 from fastapi.params import Depends
 from fastapi.responses import StreamingResponse
 
+from packserve.engine.engine import Delta
+
 from .admission import chat_prompt, check_token_ids, completion_prompts, encode, make_choices
-from .engine import Delta
 from .protocol import (
     APIError,
     ChatCompletionRequest,

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from packserve.server.text import TextStream
+from packserve.engine.text import TextStream
 
 TEXT = "héllo wörld 🚀 日本語"
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -19,15 +17,10 @@ def load_model(
     device: str = "cpu",
     trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """A local folder, a hub id or a ``.gguf`` file, through transformers' Auto classes, in
-    eval mode. A ``.gguf`` file is converted once into a cached float32 folder (see
-    ``gguf.py``) and loaded from there."""
+    """A local folder or a hub id, through transformers' Auto classes, in eval mode
+    (``packserve.models.resolve_model`` turns a ``.gguf`` file into such a folder)."""
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
-    if str(name_or_path).lower().endswith(".gguf") and not Path(name_or_path).is_dir():
-        from .gguf import gguf_model_dir
-
-        name_or_path = str(gguf_model_dir(Path(name_or_path)))
     model = AutoModelForCausalLM.from_pretrained(
         name_or_path,
         dtype=DTYPES[dtype],

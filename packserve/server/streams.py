@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from packserve.engine.async_engine import AsyncEngine, Timed
 from packserve.scheduler import SamplingParams, TokenLogprobs
 
-from .async_engine import AsyncEngine, Timed
 from .metrics import Metrics, RequestTimings
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from packserve.engine.engine import Engine
 from packserve.scheduler import SamplingParams
 
-from .engine import Engine
 from .protocol import MAX_CHOICES, MAX_STOP, APIError, ChatMessage, SamplingFields
 from .state import ServerState
 from .streams import Choice
