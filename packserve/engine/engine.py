@@ -51,9 +51,6 @@ class EngineConfig:
     seed: int | None = None  # for requests without a seed
     # Bitwise batch invariance: a request's logits do not depend on the rest of the step.
     batch_invariant: bool = False
-    # Test-only fault hook, off by default: a step that would run this token id raises, so
-    # tests can prove that a failing step fails only its own requests.
-    fault_token_id: int | None = None
 
     def resolved_max_model_len(self, model_max_len: int) -> int:
         return self.max_model_len or min(model_max_len, 4096)
@@ -167,7 +164,6 @@ class Engine:
         if output.is_empty:
             return []
         try:
-            self._inject_fault(output)
             result = self.runner.execute(output)
         except Exception as exc:  # the step's requests fail; everyone else carries on
             deltas = self._fail(output, f"{type(exc).__name__}: {exc}")
@@ -225,13 +221,6 @@ class Engine:
             text += text_stream.finish()
             del self._texts[event.request_id]
         return Delta(event.request_id, event.new_token_ids, text, reason, event.logprobs)
-
-    def _inject_fault(self, output: SchedulerOutput) -> None:
-        fault = self.config.fault_token_id
-        if fault is None:
-            return
-        if any(fault in seq.token_ids for seq in (*output.prefills, *output.decodes)):
-            raise RuntimeError(f"injected fault: token {fault} was scheduled")
 
     def _fail(self, output: SchedulerOutput, message: str) -> list[Delta]:
         deltas = []

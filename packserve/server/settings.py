@@ -83,7 +83,6 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     _flag(parser, "packing-window-ms", float, 0.0, "when idle, wait this long to fill bins")
     _flag(parser, "seed", int, None, "seed for requests that bring none")
     _flag(parser, "batch-invariant", bool, False, "bitwise the same logits whatever the batch")
-    _flag(parser, "debug-fault-token-id", int, None, "tests only: fail any step running this id")
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
@@ -104,7 +103,6 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         packing_window_s=args.packing_window_ms / 1000,
         seed=args.seed,
         batch_invariant=args.batch_invariant,
-        fault_token_id=args.debug_fault_token_id,
     )
 
 
