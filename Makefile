@@ -29,4 +29,4 @@ lint: install
 	$(BIN)/mypy packserve
 
 bench-prefill: install
-	$(BIN)/python bench/prefill.py
+	$(BIN)/python -m bench.prefill

@@ -7,9 +7,9 @@ alternate (default, invariant, then invariant, default in the next round), so a 
 a shared machine hits both. Reported: output tokens/s per level and mode (median of rounds),
 the invariant/default ratio, and where the time went (prefill steps vs decode-only steps).
 
-    .venv/bin/python bench/batch_invariant.py                 # SmolLM2-135M, c=16 and c=64
-    .venv/bin/python bench/batch_invariant.py --model DIR --levels 16 --rounds 1
-    python bench/batch_invariant.py --device cuda --model DIR --levels 64 --rounds 1
+    .venv/bin/python -m bench.batch_invariant                 # SmolLM2-135M, c=16 and c=64
+    .venv/bin/python -m bench.batch_invariant --model DIR --levels 16 --rounds 1
+    python -m bench.batch_invariant --device cuda --model DIR --levels 64 --rounds 1
 
 Writes bench/results/batch_invariant.{json,md} (or --name).
 """
@@ -28,14 +28,12 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve  # noqa: E402
-from prefill import cpu_model  # noqa: E402
-from profile_engine import run_level  # noqa: E402
-
-from packserve.engine.engine import Engine, EngineConfig  # noqa: E402
-from packserve.models.smollm2 import default_model_dir  # noqa: E402
-from packserve.scheduler import SamplingParams  # noqa: E402
+from bench import serve
+from bench.prefill import cpu_model
+from bench.profile_engine import run_level
+from packserve.engine import Engine, EngineConfig
+from packserve.models.smollm2 import default_model_dir
+from packserve.scheduler import SamplingParams
 
 MODES = {"default": {}, "invariant": {"batch_invariant": True}}
 REQUESTS = {16: 48, 64: 128}  # per level: enough for several turns of the closed loop
@@ -154,7 +152,7 @@ def main() -> None:
             "loadavg_end": os.getloadavg()[0],
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         },
-        "command": "python bench/batch_invariant.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m bench.batch_invariant", *sys.argv[1:]]),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,8 @@ recorded with the load average.
 
 Writes bench/results/serve_compare.json, serve_compare.md and serve_compare_*.png.
 
-    .venv/bin/python bench/compare_servers.py                 # the full comparison
-    .venv/bin/python bench/compare_servers.py --sizes tiny --levels 1,4 --prompt-scale 0.25
+    .venv/bin/python -m bench.compare_servers                 # the full comparison
+    .venv/bin/python -m bench.compare_servers --sizes tiny --levels 1,4 --prompt-scale 0.25
 """
 
 from __future__ import annotations
@@ -36,8 +36,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve  # noqa: E402  (bench/serve.py, the load generator)
+from bench import serve  # the load generator
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -170,7 +169,8 @@ def server_command(system: str, model_dir: str, name: str, port: int, args) -> l
     if system == "static":
         return [
             sys.executable,
-            str(ROOT / "bench" / "static_server.py"),
+            "-m",
+            "bench.static_server",
             "--model",
             model_dir,
             "--port",
@@ -249,7 +249,7 @@ def engine_child(model_dir: str, prompts_file: str, level: int, where: str) -> N
     """Drive packserve's Engine directly with at most `level` requests in flight (the same
     closed loop as the HTTP client), and print one JSON summary line. where="worker" steps
     the engine in a second thread, as the server's engine loop does; "main" in the main one."""
-    from packserve.engine.engine import Engine, EngineConfig
+    from packserve.engine import Engine, EngineConfig
     from packserve.scheduler import SamplingParams
 
     prompts = [serve.Prompt(**p) for p in json.loads(Path(prompts_file).read_text())]
@@ -319,7 +319,8 @@ def run_engine(
 ) -> dict:
     f = tmp / f"prompts-{level}.json"
     f.write_text(json.dumps([asdict(p) for p in prompts]))
-    cmd = [sys.executable, __file__, "--engine-child", model_dir, str(f), str(level), where]
+    cmd = [sys.executable, "-m", "bench.compare_servers", "--engine-child", model_dir, str(f)]
+    cmd += [str(level), where]
     proc = subprocess.Popen(
         cmd,
         stdout=subprocess.PIPE,
@@ -647,7 +648,7 @@ def git_state() -> dict[str, Any]:
         r = subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True, timeout=30)
         return r.stdout.strip()
 
-    dirty = git("status", "--porcelain", "--", "server", "kernels", "scheduler")
+    dirty = git("status", "--porcelain", "--", "packserve")
     return {"head": git("rev-parse", "HEAD"), "engine_files_modified": dirty.splitlines()}
 
 
@@ -780,7 +781,8 @@ def main() -> None:
         subprocess.run(
             [
                 sys.executable,
-                str(ROOT / "bench" / "decode.py"),
+                "-m",
+                "bench.decode",
                 "--size",
                 "bench",
                 "--batch",

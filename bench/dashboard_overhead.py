@@ -7,7 +7,7 @@ makes after it on the engine thread. Then the recorder's worst case on its own: 
 256 running requests forced on every call (normally at most 4 per second). The feed's cost
 is off the engine thread; it is timed too, for scale.
 
-Usage: .venv/bin/python bench/dashboard_overhead.py [--steps N] [--json]
+Usage: .venv/bin/python -m bench.dashboard_overhead [--steps N] [--json]
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import random
 import statistics
 import time
 
-from packserve.engine.engine import Engine, EngineConfig
+from packserve.engine import Engine, EngineConfig
 from packserve.models.model_maker import default_model_dir
 from packserve.scheduler import Request, SamplingParams, StepStats
 from packserve.server.dashboard import DashboardRecorder

@@ -4,7 +4,7 @@ Both decode the same batch of prompts (varied lengths) greedily for the same num
 on the same model; runs alternate so machine drift hits both alike. Reports tokens/s of the
 decode steps alone (prefill excluded) and the ratio.
 
-    .venv/bin/python bench/decode.py [--size bench|tiny] [--batch 32] [--steps 32]
+    .venv/bin/python -m bench.decode [--size bench|tiny] [--batch 32] [--steps 32]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from packserve.engine.engine import Engine, EngineConfig
+from packserve.engine import Engine, EngineConfig
 from packserve.models.model_maker import default_model_dir
 from packserve.scheduler import SamplingParams
 

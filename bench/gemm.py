@@ -2,7 +2,7 @@
 prepacked weight (what `PackedLinear` runs), at the bench model's layer shapes, for the row
 counts of decode (1..64) and prefill (256..4096), in float32 and bfloat16.
 
-    .venv/bin/python bench/gemm.py
+    .venv/bin/python -m bench.gemm
 
 Writes bench/results/gemm.json and gemm.md.
 """

@@ -3,14 +3,14 @@
 #   1. the exactness tests and the batch-invariant tests with engines and the reference model
 #      on the GPU (pytest --device cuda), junit xml + -rA logs;
 #   2. the prefill benchmark on the GPU (bench model, fp32 + bf16, B=16,32,64, wide prompts);
-#   3. the engine alone at c=64, default vs --batch-invariant (bench/batch_invariant.py), on a
+#   3. the engine alone at c=64, default vs --batch-invariant (bench.batch_invariant), on a
 #      bench-size model built on that machine;
 #   4. env.txt (nvidia-smi, versions) and summary.txt (pass/fail counts, the key figures).
 #
 # Usage: bash bench/gpu_check.sh [OUT_DIR]     (default bench/results/gpu)
 # Environment: PYTHON (default python3), DEVICE (default cuda). Needs torch with CUDA,
 # transformers, tokenizers, pytest, numpy, matplotlib; not fastapi/uvicorn/pydantic, and no
-# network: packserve is imported from this checkout through a shim folder on PYTHONPATH.
+# network: packserve and bench are imported from this checkout (its root on PYTHONPATH).
 # Every phase has its own time cap and runs even when an earlier one failed.
 
 set -uo pipefail
@@ -27,12 +27,9 @@ START=$SECONDS
 phase() { echo "=== [$((SECONDS - START))s] $*" | tee -a "$OUT_DIR/phases.log"; }
 finished() { echo "=== [$((SECONDS - START))s] $1: exit $2" | tee -a "$OUT_DIR/phases.log"; }
 
-# packserve.{server,scheduler,kernels} -> this checkout's server/, scheduler/, kernels/
-# (what `pip install -e .` maps), without pip, setuptools or a network.
-SHIM=$(mktemp -d /tmp/packserve-shim.XXXXXX)
-mkdir -p "$SHIM/packserve"
-for d in server scheduler kernels; do ln -s "$ROOT/$d" "$SHIM/packserve/$d"; done
-export PYTHONPATH="$SHIM${PYTHONPATH:+:$PYTHONPATH}"
+# packserve/ and bench/ from this checkout, without pip, setuptools or a network; on
+# PYTHONPATH (not only the working directory) so that processes the tests start find them too.
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 phase "environment -> env.txt"
 {
@@ -95,13 +92,13 @@ run_pytest exactness 100 tests/kernels/test_exactness.py
 run_pytest batch_invariant 110 tests/kernels/test_batch_invariant.py
 
 phase "prefill benchmark on $DEVICE (cap 80 s)"
-timeout 80 "$PY" bench/prefill.py --device "$DEVICE" --out "$OUT_DIR" --dtypes float32,bfloat16 \
+timeout 80 "$PY" -m bench.prefill --device "$DEVICE" --out "$OUT_DIR" --dtypes float32,bfloat16 \
     --batch-sizes 16,32,64 --distributions wide --prompts 64 --repeats 3 2>&1 |
     tee "$OUT_DIR/prefill.log"
 finished "prefill" "${PIPESTATUS[0]}"
 
 phase "engine only, c=64, default vs --batch-invariant, on $DEVICE (cap 85 s)"
-timeout 85 "$PY" bench/batch_invariant.py --device "$DEVICE" --model "$BENCH_MODEL" \
+timeout 85 "$PY" -m bench.batch_invariant --device "$DEVICE" --model "$BENCH_MODEL" \
     --levels 64 --rounds 1 --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/batch_invariant.log"
 finished "batch_invariant bench" "${PIPESTATUS[0]}"
 
@@ -149,5 +146,4 @@ if path.is_file():
 else:
     print("engine: no batch_invariant.json")
 EOF
-rm -rf "$SHIM"
 phase "done in $((SECONDS - START)) s; results in $OUT_DIR"

@@ -10,9 +10,9 @@ For every request rate and repetition the same prompts and arrival times are rep
 per window; windows are interleaved (rotated order) so machine drift hits all of them alike.
 Every `StepStats` is recorded through the `on_step` callback.
 
-    .venv/bin/python bench/packing_window.py                 # bench model (~88M), ~16 min
-    .venv/bin/python bench/packing_window.py --quick         # tiny model, < 1 min, to /tmp
-    .venv/bin/python bench/packing_window.py --model-size tiny
+    .venv/bin/python -m bench.packing_window                 # bench model (~88M), ~16 min
+    .venv/bin/python -m bench.packing_window --quick         # tiny model, < 1 min, to /tmp
+    .venv/bin/python -m bench.packing_window --model-size tiny
 
 Writes bench/results/packing_window.{json,md,png} (with --quick: a temporary folder, unless
 --out-dir is given).
@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
+from packserve.engine import Engine, EngineConfig
 from packserve.engine.async_engine import AsyncEngine, Timed
-from packserve.engine.engine import Engine, EngineConfig
 from packserve.models.corpus import corpus_documents
 from packserve.models.model_maker import default_model_dir
 from packserve.scheduler import SamplingParams, StepStats
@@ -573,7 +573,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     load_end = os.getloadavg()
     runtime = time.perf_counter() - started
-    command = " ".join(["bench/packing_window.py", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(
+        ["python -m bench.packing_window", *(sys.argv[1:] if argv is None else argv)]
+    )
     lines = conclusion(cells, small_cells)
     n_params = sum(p.numel() for p in engine.model.parameters())
     setup = {

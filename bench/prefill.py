@@ -11,7 +11,7 @@ packserve `Runner`, in the same process, interleaved round-robin over repeats:
                  dense attention with a block-diagonal mask
 - packed-varlen: the same rows, attention computed per prompt segment only
 
-Usage: .venv/bin/python bench/prefill.py [--quick] [--out bench/results] [--profile]
+Usage: .venv/bin/python -m bench.prefill [--quick] [--out bench/results] [--profile]
        [--device cuda] [--dtypes float32,bfloat16] [--batch-sizes 16,32,64] [--distributions wide]
 See bench/README.md for what the numbers mean.
 """

@@ -6,7 +6,7 @@ puts the decode steps next to this machine's floors: the time to read the weight
 (memory bandwidth, measured here) and the time of the step's GEMMs at the measured matmul
 peak. Then torch.profiler shows the operators of decode steps at each level's full batch.
 
-    .venv/bin/python bench/profile_engine.py [--size bench] [--levels 16,64]
+    .venv/bin/python -m bench.profile_engine [--size bench] [--levels 16,64]
 
 Writes bench/results/profile_engine.json and profile_engine.md.
 """
@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -26,15 +25,13 @@ from typing import Any
 import torch
 from torch.profiler import profile
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import serve  # noqa: E402
-from compare_servers import DEFAULT_PROMPTS  # noqa: E402
-from gemm import best_rate  # noqa: E402
-
-from packserve.engine.engine import Engine, EngineConfig  # noqa: E402
-from packserve.kernels.linear import pack_weight, packed_linear  # noqa: E402
-from packserve.models.model_maker import default_model_dir  # noqa: E402
-from packserve.scheduler import SamplingParams  # noqa: E402
+from bench import serve
+from bench.compare_servers import DEFAULT_PROMPTS
+from bench.gemm import best_rate
+from packserve.engine import Engine, EngineConfig
+from packserve.kernels.linear import pack_weight, packed_linear
+from packserve.models.model_maker import default_model_dir
+from packserve.scheduler import SamplingParams
 
 
 def machine_floors() -> dict[str, float]:

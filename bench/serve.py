@@ -15,7 +15,7 @@ Reports request throughput, output and total tokens/s, TTFT, TPOT, ITL and end-t
 (mean, p50, p90, p99), goodput under `--slo-ttft-ms`/`--slo-tpot-ms`; writes a JSON result
 file and PNG plots (latency CDFs; tokens/s and TTFT against concurrency when sweeping).
 
-    .venv/bin/python bench/serve.py --base-url http://127.0.0.1:8000 --tokenizer MODEL_DIR \\
+    .venv/bin/python -m bench.serve --base-url http://127.0.0.1:8000 --tokenizer MODEL_DIR \\
         --num-prompts 64 --max-concurrency 1,4,16 --out bench/results/serve_run
 """
 

@@ -15,8 +15,8 @@ median of the samples in the last minute. The run passes when both RSS and FD gr
 below ``--max-growth-pct`` (5 %), no request failed, the engine is idle afterwards (KV usage,
 running and waiting at 0) and the server drains on SIGTERM with exit code 0.
 
-    .venv/bin/python bench/soak.py                 # 30 minutes
-    .venv/bin/python bench/soak.py --minutes 2     # a short check (writes soak.short.*)
+    .venv/bin/python -m bench.soak                 # 30 minutes
+    .venv/bin/python -m bench.soak --minutes 2     # a short check (writes soak.short.*)
 
 Writes ``bench/results/soak.json``, ``soak.md`` and ``soak.png`` (``soak.short.*`` for runs
 shorter than 30 minutes unless ``--name`` says otherwise). Traffic goes to 127.0.0.1 only.
@@ -470,7 +470,7 @@ def main() -> int:
     ap.add_argument("--name", default=None, help="file stem (default soak, or soak.short)")
     args = ap.parse_args()
 
-    from packserve.engine.engine import Engine, EngineConfig
+    from packserve.engine import Engine, EngineConfig
     from packserve.models.model_maker import default_model_dir
 
     model = args.model or str(default_model_dir("tiny"))

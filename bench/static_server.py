@@ -6,7 +6,7 @@ only when the whole batch is done is each result returned, or streamed as SSE ch
 same wire format as /v1/completions. One batch runs at a time; EOS is never a stopping
 criterion for the batch (each row is cut at its own EOS unless it asked for ignore_eos).
 
-    .venv/bin/python bench/static_server.py --model DIR --port 8002 [--batch-size 16]
+    .venv/bin/python -m bench.static_server --model DIR --port 8002 [--batch-size 16]
 """
 
 from __future__ import annotations

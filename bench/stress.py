@@ -9,9 +9,9 @@ alone. All 512 are sent together (the server runs with --max-queued-requests 102
 refused; --max-num-seqs 128 by default). Afterwards the engine must be idle (no KV block in
 use) and the server must drain on SIGTERM and exit 0.
 
-    .venv/bin/python bench/stress.py                  # 512 requests, tiny model
-    .venv/bin/python bench/stress.py --requests 64    # a short check (writes stress.short.*)
-    .venv/bin/python bench/stress.py --batch-invariant --model smollm2 --name stress_smollm2
+    .venv/bin/python -m bench.stress                  # 512 requests, tiny model
+    .venv/bin/python -m bench.stress --requests 64    # a short check (writes stress.short.*)
+    .venv/bin/python -m bench.stress --batch-invariant --model smollm2 --name stress_smollm2
 
 With `--batch-invariant` the server and the offline engine both run in that mode, where
 every answer must be exact (no near-tie exception). `--model smollm2` is the default real
@@ -40,8 +40,7 @@ from typing import Any
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from prefill import cpu_model  # noqa: E402
+from bench.prefill import cpu_model
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
@@ -298,8 +297,8 @@ def main() -> int:
     ap.add_argument("--name", default=None, help="file stem (default stress, or stress.short)")
     args = ap.parse_args()
 
-    from packserve.engine.engine import Engine, EngineConfig
-    from packserve.kernels import smollm2
+    from packserve.engine import Engine, EngineConfig
+    from packserve.models import smollm2
     from packserve.models.model_maker import default_model_dir
 
     if args.model == "smollm2":
