@@ -9,12 +9,15 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from packserve.scheduler import SamplingParams, StepStats
+from packserve.scheduler import SamplingParams
 
-from .engine import Delta, Engine
+from .engine import Engine
+from .outputs import Delta
+from .stats import EngineLoad, StepStats
+from .text import decode
 
 log = logging.getLogger("packserve.engine")
 
@@ -44,17 +47,20 @@ def _deliver(batch: list[tuple[_Submission, Timed]]) -> None:
 
 class AsyncEngine:
     """Runs `Engine.step` in one thread. Adds and aborts are queued and drained between steps,
-    so the engine is only ever touched by its own thread."""
+    so the engine is only ever touched by its own thread; other threads read `info` (frozen),
+    `tokenizer` and `load` (a snapshot republished after every step and drain)."""
 
     def __init__(
         self,
         engine: Engine,
-        on_step: Callable[[StepStats], None] | None = None,
-        packing_window_s: float = 0.0,
+        on_step: Callable[[StepStats, EngineLoad], None] | None = None,
     ) -> None:
-        self.engine = engine
-        self.on_step = on_step
-        self.packing_window_s = packing_window_s
+        self._engine = engine
+        self.info = engine.info
+        self.tokenizer = engine.tokenizer
+        self.load = engine.load()
+        self.on_step = on_step  # engine thread, after every step
+        self.packing_window_s = engine.config.packing_window_s
         self._adds: deque[_Submission] = deque()
         self._aborts: deque[str] = deque()
         self._wake = threading.Event()
@@ -64,6 +70,9 @@ class AsyncEngine:
         self.num_in_flight = 0  # submitted and not yet finished; read by handlers (approximate)
 
     # -- asyncio side ---------------------------------------------------------------------------
+
+    def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return decode(self.tokenizer, token_ids, skip_special_tokens)
 
     def start(self) -> None:
         self._thread.start()
@@ -80,7 +89,7 @@ class AsyncEngine:
     @property
     def num_waiting(self) -> int:
         """Requests not yet running: queued here or waiting in the scheduler."""
-        return len(self._adds) + self.engine.scheduler.num_waiting
+        return len(self._adds) + self.load.num_waiting
 
     def submit(
         self,
@@ -108,9 +117,11 @@ class AsyncEngine:
     # -- engine thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        engine = self._engine
         while not self._stop.is_set():
-            self._drain()
-            if not self.engine.has_unfinished:
+            if self._drain():
+                self.load = engine.load()
+            if not engine.has_unfinished:
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()
                 if self.packing_window_s and self._adds:
@@ -118,19 +129,22 @@ class AsyncEngine:
                 continue
             start = time.perf_counter()
             try:
-                deltas = self.engine.step()
+                deltas = engine.step()
             except Exception as exc:  # a scheduler bug must not kill the loop: fail everyone
                 log.exception("engine step failed")
                 deltas = self._fail_all(f"{type(exc).__name__}: {exc}")
+            self.load = engine.load()
             self._publish([Timed(delta, start) for delta in deltas])
-            if self.on_step and self.engine.last_stats:
-                self.on_step(self.engine.last_stats)
+            if self.on_step and engine.last_stats:
+                self.on_step(engine.last_stats, self.load)
 
-    def _drain(self) -> None:
+    def _drain(self) -> bool:
+        """Take in queued adds and aborts; True if there were any."""
+        changed = bool(self._adds or self._aborts)
         while self._adds:
             sub = self._adds.popleft()
             try:
-                self.engine.add_request(sub.prompt_token_ids, sub.params, sub.request_id)
+                self._engine.add_request(sub.prompt_token_ids, sub.params, sub.request_id)
             except ValueError as exc:
                 error = Delta(sub.request_id, (), "", "error", error=str(exc))
                 self._send(sub, Timed(error, 0.0))
@@ -139,7 +153,8 @@ class AsyncEngine:
         while self._aborts:
             request_id = self._aborts.popleft()
             self._collectors.pop(request_id, None)
-            self.engine.abort(request_id)
+            self._engine.abort(request_id)
+        return changed
 
     def _publish(self, items: list[Timed]) -> None:
         """Hand a step's deltas to their collectors: one wake-up per event loop per step."""
@@ -164,6 +179,6 @@ class AsyncEngine:
     def _fail_all(self, message: str) -> list[Delta]:
         deltas = []
         for request_id in list(self._collectors):
-            self.engine.abort(request_id)
+            self._engine.abort(request_id)
             deltas.append(Delta(request_id, (), "", "error", error=message))
         return deltas

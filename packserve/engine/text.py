@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+
+def decode(
+    tokenizer: PreTrainedTokenizerBase, token_ids: Sequence[int], skip_special_tokens: bool = False
+) -> str:
+    """Token ids to text (the tokenizer's own decode, typed for one sequence)."""
+    text = tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
+    assert isinstance(text, str)
+    return text
 
 
 class TextStream:
@@ -37,9 +48,7 @@ class TextStream:
         return self._release(after[len(before) :])
 
     def _decode(self, ids: list[int]) -> str:
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        assert isinstance(text, str)
-        return text
+        return decode(self.tokenizer, ids, skip_special_tokens=True)
 
     def finish(self) -> str:
         """The request ended: release any text held back for a stop string."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from packserve.engine.engine import Engine
+from packserve.engine import AsyncEngine, Completion
 from packserve.scheduler import SamplingParams
 
 from .protocol import MAX_CHOICES, MAX_STOP, APIError, ChatMessage, SamplingFields
@@ -12,13 +12,15 @@ from .state import ServerState
 from .streams import Choice
 
 
-def check_token_ids(engine: Engine, ids: list[int], param: str) -> None:
-    vocab = engine.model.config.vocab_size
+def check_token_ids(engine: AsyncEngine, ids: list[int], param: str) -> None:
+    vocab = engine.info.vocab_size
     if any(not 0 <= t < vocab for t in ids):
         raise APIError(400, f"token ids must be in 0..{vocab - 1}", param=param)
 
 
-def encode(engine: Engine, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
+def encode(
+    engine: AsyncEngine, text: str, param: str, add_special_tokens: bool = True
+) -> list[int]:
     """Text to token ids; text the tokenizer cannot take (a lone surrogate) is a 400."""
     try:
         return list(engine.tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
@@ -26,7 +28,7 @@ def encode(engine: Engine, text: str, param: str, add_special_tokens: bool = Tru
         raise APIError(400, f"{param} cannot be tokenized: {exc}", param=param) from exc
 
 
-def completion_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
+def completion_prompts(engine: AsyncEngine, prompt: Any) -> list[list[int]]:
     """The four prompt forms (text, texts, ids, lists of ids) as token-id lists."""
     if isinstance(prompt, str) or prompt and isinstance(prompt[0], int):
         prompt = [prompt]
@@ -42,7 +44,7 @@ def completion_prompts(engine: Engine, prompt: Any) -> list[list[int]]:
     return out
 
 
-def chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
+def chat_prompt(engine: AsyncEngine, messages: list[ChatMessage]) -> list[int]:
     """Messages rendered with the model's chat template, as token ids."""
     if not engine.tokenizer.chat_template:
         raise APIError(400, "this model has no chat template", param="messages")
@@ -58,13 +60,14 @@ def chat_prompt(engine: Engine, messages: list[ChatMessage]) -> list[int]:
         raise APIError(
             400, f"messages do not fit the chat template: {exc}", param="messages"
         ) from exc
+    assert isinstance(text, str)  # tokenize=False: the rendered text
     # The template writes the special tokens itself.
     return encode(engine, text, "messages", add_special_tokens=False)
 
 
 def make_choices(
     state: ServerState,
-    engine: Engine,
+    engine: AsyncEngine,
     prompts: list[list[int]],
     body: SamplingFields,
     max_tokens: int | None,
@@ -74,21 +77,21 @@ def make_choices(
 
     `max_tokens` None means the context left; any value is capped by it. Choice j of a seeded
     request uses seed + j, so n > 1 draws n different samples."""
-    max_model_len = engine.scheduler.config.max_model_len
+    max_model_len = engine.info.max_model_len
     if len(prompts) * body.n > MAX_CHOICES:
         raise APIError(400, f"n x prompts must be at most {MAX_CHOICES}", param="n")
     stop = body.stop_strings()
     if len(stop) > MAX_STOP:
         raise APIError(400, f"at most {MAX_STOP} stop strings", param="stop")
-    assert state.engine is not None
     queue_limit = state.settings.max_queued_requests
     if len(prompts) * body.n > queue_limit:  # would never fit: retrying cannot help
         raise APIError(400, f"n x prompts must be at most {queue_limit} on this server", param="n")
-    if state.engine.num_waiting + len(prompts) * body.n > queue_limit:
+    if engine.num_waiting + len(prompts) * body.n > queue_limit:
         raise APIError(429, "too many requests are waiting; retry later")
     choices = []
     for p, ids in enumerate(prompts):
         room = max_model_len - len(ids)
+        prompt_ids = tuple(ids)  # shared by the prompt's n choices
         if room < 1:
             raise APIError(
                 400,
@@ -113,5 +116,6 @@ def make_choices(
                 )
             except ValueError as exc:
                 raise APIError(400, str(exc)) from exc
-            choices.append(Choice(p * body.n + j, f"req-{next(state.ids)}", ids, params))
+            out = Completion(f"req-{next(state.ids)}", prompt_ids)
+            choices.append(Choice(p * body.n + j, params, out))
     return choices

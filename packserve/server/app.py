@@ -18,9 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from packserve.engine.async_engine import AsyncEngine
-from packserve.engine.engine import Engine
-from packserve.scheduler import StepStats
+from packserve.engine import AsyncEngine, Engine, EngineLoad, StepStats
 
 from .dashboard import dashboard_router
 from .logs import configure_logging
@@ -78,7 +76,7 @@ class BodyLimit:
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The FastAPI app. The model loads in the background unless an engine is given, so
     /health answers at once and /ready turns 200 when loading is done."""
-    state = ServerState(settings, Metrics(settings.served_model_name))
+    state = ServerState(settings, Metrics(settings.model_name))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -139,7 +137,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     # Open like /metrics: counts and timings only, and a browser page cannot send a bearer key.
-    app.include_router(dashboard_router(state.dashboard, settings.served_model_name))
+    app.include_router(dashboard_router(state.dashboard, settings.model_name))
     app.include_router(openai_router(state, Depends(authorized)))
     return app
 
@@ -148,21 +146,14 @@ async def _start_engine(state: ServerState, engine: Engine | None) -> None:
     """Load the model (unless given), start the engine loop, wire metrics and dashboard."""
     if engine is None:
         engine = await asyncio.to_thread(Engine, state.settings.engine)
-    scheduler = engine.scheduler
 
-    def on_step(stats: StepStats) -> None:  # engine thread, after every step
+    def on_step(stats: StepStats, load: EngineLoad) -> None:  # engine thread, after every step
         state.metrics.observe_step(stats)
-        state.dashboard.observe_step(stats, scheduler)  # reads scheduler.running here
+        state.dashboard.observe_step(stats, load)
 
-    async_engine = AsyncEngine(engine, on_step, state.settings.engine.packing_window_s)
-    blocks = scheduler.allocator
-    state.metrics.track(
-        lambda: (
-            scheduler.num_running,
-            async_engine.num_waiting,
-            blocks.num_used / blocks.num_blocks,
-        )
-    )
+    async_engine = AsyncEngine(engine, on_step)
+    state.dashboard.set_info(async_engine.info)
+    state.metrics.track(lambda: async_engine.load, lambda: async_engine.num_waiting)
     async_engine.start()
     state.engine = async_engine
 

@@ -1,8 +1,8 @@
 """The live packing dashboard: a recorder fed by the engine loop, a JSON feed and a static page.
 
-`DashboardRecorder.observe_step` runs on the engine thread after every step; it only appends
-to bounded ring buffers (constant work per step, plus a sum over the step's prefill rows and,
-at most four times a second, a snapshot of the running requests' counts). Everything else,
+`DashboardRecorder.observe_step` runs on the engine thread after every step with the step's
+StepStats and the EngineLoad the engine just published; it only appends to bounded ring
+buffers (constant work per step, plus a sum over the step's prefill rows). Everything else,
 percentiles, padding arithmetic and JSON, happens in the feed handler on the event loop, when
 somebody is looking. `bench/dashboard_overhead.py` measures the per-step cost.
 
@@ -20,15 +20,16 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import asdict
 from importlib import resources
 from itertools import islice
-from typing import Any, Protocol
+from typing import Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse, Response
 
-from packserve.scheduler import StepStats
+from packserve.engine import EngineInfo, EngineLoad, StepStats
 
 from .metrics import RequestTimings
 
@@ -39,22 +40,6 @@ TTFT_WINDOW_S = 10  # the TTFT chart: one p50/p99 point per this many seconds
 RATE_WINDOW_S = 10  # tokens/s and friends: over this many complete seconds
 TTFT_KPI_WINDOW_S = 60  # the TTFT headline numbers: over the last minute
 MAX_RUNNING_ROWS = 100  # running requests listed (the total is always given)
-SNAPSHOT_EVERY_S = 0.25  # re-read the running list at most this often (or when its size changes)
-
-
-class _Running(Protocol):
-    request_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    arrival_time: float  # time.monotonic()
-
-
-class _Scheduler(Protocol):
-    @property
-    def running(self) -> Sequence[_Running]: ...
-
-    @property
-    def config(self) -> Any: ...
 
 
 class _Second:
@@ -123,38 +108,24 @@ class DashboardRecorder:
         self._seq = 0
         self._started = clock()
         self._seconds: deque[_Second] = deque(maxlen=history_s)
-        self._prefills: deque[tuple[int, float, tuple[tuple[int, ...], ...], float]] = deque(
-            maxlen=prefill_steps
-        )
+        self._prefills: deque[tuple[int, float, StepStats]] = deque(maxlen=prefill_steps)
         self._ttft: deque[tuple[float, float]] = deque(maxlen=TTFT_SAMPLES)
-        self._last: tuple[int, int, int, int, float] = (0, 0, 0, 0, 0.0)
+        self._last: tuple[StepStats, EngineLoad] | None = None  # the newest step and load
         self._last_at = -math.inf  # when the last step was recorded
-        self._running: tuple[tuple[str, int, int, float], ...] = ()
-        self._running_total = 0
-        self._running_at = -math.inf
-        self._config: dict[str, Any] | None = None
+        self._info: dict[str, Any] | None = None
 
     # -- writers --------------------------------------------------------------------------------
 
-    def observe_step(self, stats: StepStats, scheduler: _Scheduler | None = None) -> None:
-        """Engine thread, after every step. `scheduler` (the engine's own) is read here, on
-        its thread, for the running-requests table: counts only, never token ids."""
+    def set_info(self, info: EngineInfo) -> None:
+        """Once, when the engine has started: the settings the page labels its drawings with."""
+        self._info = asdict(info)
+        self._info["eos_token_ids"] = sorted(info.eos_token_ids)
+
+    def observe_step(self, stats: StepStats, load: EngineLoad) -> None:
+        """Engine thread, after every step: the step's figures and the load it left."""
         now = self._clock()
-        rows = stats.prefill_rows
-        prompt_tokens = sum(map(sum, rows)) if rows else 0
-        generated = stats.num_decode_tokens + (sum(map(len, rows)) if rows else 0)
-        snapshot, total = None, 0
-        if scheduler is not None:
-            running = scheduler.running
-            if now - self._running_at >= SNAPSHOT_EVERY_S or len(running) != self._running_total:
-                snapshot = tuple(
-                    (r.request_id, len(r.prompt_token_ids), len(r.output_token_ids), r.arrival_time)
-                    for r in islice(running, MAX_RUNNING_ROWS)
-                )
-                total = len(running)
-            if self._config is None:
-                self._config = _config_of(scheduler.config)
-        kv = stats.num_kv_blocks_used / stats.num_kv_blocks if stats.num_kv_blocks else 0.0
+        generated = stats.num_decode_tokens + stats.num_prefill_segments
+        kv = load.kv_cache_usage
         with self._lock:
             self._seq += 1
             seq = self._seq
@@ -165,27 +136,19 @@ class DashboardRecorder:
                 self._seconds.append(second)
             second.seq = seq
             second.steps += 1
-            second.prompt_tokens += prompt_tokens
+            second.prompt_tokens += stats.num_prefill_tokens
             second.gen_tokens += generated
             second.busy_s += stats.step_time_s
-            second.running = max(second.running, stats.num_running)
-            second.waiting = max(second.waiting, stats.num_waiting)
+            second.running = max(second.running, load.num_running)
+            second.waiting = max(second.waiting, load.num_waiting)
             second.kv = max(second.kv, kv)
-            second.running_end = stats.num_running
-            second.waiting_end = stats.num_waiting
+            second.running_end = load.num_running
+            second.waiting_end = load.num_waiting
             second.kv_end = kv
-            if rows:
-                self._prefills.append((seq, now, rows, stats.step_time_s))
+            if stats.prefill_rows:
+                self._prefills.append((seq, now, stats))
             self._last_at = now
-            self._last = (
-                stats.num_running,
-                stats.num_waiting,
-                stats.num_kv_blocks_used,
-                stats.num_kv_blocks,
-                stats.step_time_s,
-            )
-            if snapshot is not None:
-                self._running, self._running_total, self._running_at = snapshot, total, now
+            self._last = (stats, load)
 
     def observe_request(self, t: RequestTimings) -> None:
         """Event loop, when a request finished: keep its time to first token, if it got one."""
@@ -207,13 +170,9 @@ class DashboardRecorder:
             seconds = list(self._seconds)
             prefills = list(self._prefills)
             ttft = list(self._ttft)
-            last, last_at = self._last, self._last_at
-            running, running_total, running_at = (
-                self._running,
-                self._running_total,
-                self._running_at,
-            )
-            config = self._config
+            last, last_at, info = self._last, self._last_at, self._info
+        stats, load = last if last else (None, None)
+        running = load.running if load else ()
         nowsec = int(now)
         full = [s for s in seconds if nowsec - RATE_WINDOW_S <= s.sec < nowsec]
         packed = [_step_json(p, now) for p in prefills]
@@ -228,18 +187,18 @@ class DashboardRecorder:
             "uptime_s": round(now - self._started, 1),
             "history_s": self._seconds.maxlen,
             "last_step_age_s": round(now - last_at, 2) if last_at > -math.inf else None,
-            "config": config,
+            "config": info,
             "summary": {
                 "tokens_per_s": round(sum(s.gen_tokens for s in full) / RATE_WINDOW_S, 1),
                 "prompt_tokens_per_s": round(sum(s.prompt_tokens for s in full) / RATE_WINDOW_S, 1),
                 "steps_per_s": round(sum(s.steps for s in full) / RATE_WINDOW_S, 1),
                 "busy": round(min(1.0, sum(s.busy_s for s in full) / RATE_WINDOW_S), 3),
-                "running": last[0],
-                "waiting": last[1],
-                "kv_blocks_used": last[2],
-                "kv_blocks": last[3],
-                "kv_cache_usage": round(last[2] / last[3], 4) if last[3] else 0.0,
-                "last_step_ms": round(last[4] * 1000, 2),
+                "running": load.num_running if load else 0,
+                "waiting": load.num_waiting if load else 0,
+                "kv_blocks_used": load.num_kv_blocks_used if load else 0,
+                "kv_blocks": load.num_kv_blocks if load else 0,
+                "kv_cache_usage": round(load.kv_cache_usage, 4) if load else 0.0,
+                "last_step_ms": round(stats.step_time_s * 1000, 2) if stats else 0.0,
                 "ttft_p50_s": _percentile(recent, 0.5),
                 "ttft_p99_s": _percentile(recent, 0.99),
                 "ttft_n": len(recent),
@@ -255,46 +214,30 @@ class DashboardRecorder:
             "ttft_series": _ttft_series(ttft, now, self._seconds.maxlen or HISTORY_S),
             "running": [
                 {
-                    "id": rid,
-                    "prompt_tokens": prompt,
-                    "generated_tokens": generated,
-                    "age_s": round(max(0.0, now - arrival), 2),
+                    "id": r.request_id,
+                    "prompt_tokens": r.num_prompt_tokens,
+                    "generated_tokens": r.num_output_tokens,
+                    "age_s": round(max(0.0, now - r.arrival_time), 2),
                 }
-                for rid, prompt, generated, arrival in running
+                for r in islice(running, MAX_RUNNING_ROWS)
             ],
-            "running_total": running_total,
-            "running_age_s": round(now - running_at, 2) if running_at > -math.inf else None,
+            "running_total": len(running),
+            "running_age_s": round(now - last_at, 2) if last_at > -math.inf else None,
         }
 
 
-def _config_of(config: Any) -> dict[str, Any]:
-    """The scheduler settings the page labels its drawings with."""
-    return {
-        "prefill_mode": getattr(config, "prefill_mode", "packed"),
-        "row_capacity": getattr(config, "row_capacity", None),
-        "max_num_seqs": getattr(config, "max_num_seqs", None),
-        "max_model_len": getattr(config, "max_model_len", None),
-        "num_kv_blocks": getattr(config, "num_kv_blocks", None),
-        "block_size": getattr(config, "block_size", None),
-    }
-
-
-def _step_json(
-    step: tuple[int, float, tuple[tuple[int, ...], ...], float], now: float
-) -> dict[str, Any]:
+def _step_json(step: tuple[int, float, StepStats], now: float) -> dict[str, Any]:
     """One prefill step with its cost both ways: as packed (every row padded to the longest
-    row) and as padded batching would have run it (one prompt per row, padded to the longest
-    prompt)."""
-    seq, at, rows, seconds = step
-    prompts = [n for row in rows for n in row]
+    row) and as padded batching would have run it (one prompt per row)."""
+    seq, at, stats = step
     return {
         "seq": seq,
         "age_s": round(max(0.0, now - at), 2),
-        "step_ms": round(seconds * 1000, 2),
-        "rows": [list(row) for row in rows],
-        "real": sum(prompts),
-        "packed": max(map(sum, rows)) * len(rows),
-        "padded": max(prompts) * len(prompts),
+        "step_ms": round(stats.step_time_s * 1000, 2),
+        "rows": [list(row) for row in stats.prefill_rows],
+        "real": stats.num_prefill_tokens,
+        "packed": stats.num_padded_prefill_tokens,
+        "padded": stats.num_unpacked_prefill_tokens,
     }
 
 

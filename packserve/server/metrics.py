@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from packserve.scheduler import StepStats
+from packserve.engine import EngineLoad, StepStats
 
 PREFIX = "packserve:"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120)
@@ -109,19 +109,20 @@ class Metrics:
         for reason in ("stop", "length", "abort", "error"):
             self.success.labels(model_name, reason)
 
-    def track(self, load: Callable[[], tuple[int, int, float]]) -> None:
-        """Read the gauges at scrape time from `load()` = (running, waiting, KV usage), so
-        they are current also after an abort or while the engine idles."""
+    def track(self, load: Callable[[], EngineLoad], num_waiting: Callable[[], int]) -> None:
+        """Read the gauges at scrape time from the engine's latest published load, so they
+        are current also after an abort or while the engine idles. `num_waiting` also counts
+        requests submitted but not yet taken in by the engine thread."""
         m = self.model_name
-        self.running.labels(m).set_function(lambda: load()[0])
-        self.waiting.labels(m).set_function(lambda: load()[1])
-        self.kv_usage.labels(m).set_function(lambda: load()[2])
+        self.running.labels(m).set_function(lambda: load().num_running)
+        self.waiting.labels(m).set_function(num_waiting)
+        self.kv_usage.labels(m).set_function(lambda: load().kv_cache_usage)
 
     def observe_step(self, stats: StepStats) -> None:
         """Called by the engine thread after every step: the work counters."""
         m = self.model_name
         self.preemptions.labels(m).inc(stats.num_preempted)
-        self.iteration_tokens.labels(m).observe(stats.num_prefill_tokens + stats.num_decode_tokens)
+        self.iteration_tokens.labels(m).observe(stats.num_tokens)
         if stats.num_prefill_rows:
             self.prefill_rows.labels(m).inc(stats.num_prefill_rows)
             self.prefill_real.labels(m).inc(stats.num_prefill_tokens)

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request
 from fastapi.params import Depends
 from fastapi.responses import StreamingResponse
 
-from packserve.engine.engine import Delta
+from packserve.engine import Delta
 
 from .admission import chat_prompt, check_token_ids, completion_prompts, encode, make_choices
 from .protocol import (
@@ -36,23 +36,23 @@ ChunkOf = Callable[[Choice, Delta], dict[str, Any]]
 def openai_router(state: ServerState, auth: Depends) -> APIRouter:
     """The API routes, all behind `auth`."""
     router = APIRouter(dependencies=[auth], responses=ERRORS)
-    model_name = state.settings.served_model_name
+    model_name = state.settings.model_name
 
     @router.get("/v1/models")
     async def models() -> dict[str, Any]:
-        engine = state.live_engine().engine
+        engine = state.live_engine()
         card = {
             "id": model_name,
             "object": "model",
             "created": 0,
             "owned_by": "packserve",
-            "max_model_len": engine.scheduler.config.max_model_len,
+            "max_model_len": engine.info.max_model_len,
         }
         return {"object": "list", "data": [card]}
 
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        engine = state.live_engine().engine
+        engine = state.live_engine()
         state.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give exactly one of prompt and messages", param="prompt")
@@ -64,26 +64,25 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         return {
             "tokens": ids,
             "count": len(ids),
-            "max_model_len": engine.scheduler.config.max_model_len,
+            "max_model_len": engine.info.max_model_len,
         }
 
     @router.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> dict[str, str]:
-        engine = state.live_engine().engine
+        engine = state.live_engine()
         state.check_model(body.model)
         check_token_ids(engine, body.tokens, "tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens)}
+        return {"prompt": engine.decode(body.tokens)}
 
     @router.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Any:
-        async_engine = state.live_engine()
-        engine = async_engine.engine
+        engine = state.live_engine()
         state.check_model(body.model)
         prompts = completion_prompts(engine, body.prompt)
         choices = make_choices(state, engine, prompts, body, body.max_tokens, body.logprobs)
         # Submitted in the same event-loop turn as the queue check above.
-        generation = Generation(async_engine, choices, state.metrics, state.finished)
-        decode = engine.tokenizer.decode
+        generation = Generation(engine, choices, state.metrics, state.finished)
+        decode = engine.decode
         echo = [decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
@@ -95,11 +94,13 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         def logprobs_of(c: Choice, start: int, offset: int) -> dict[str, Any] | None:
             if body.logprobs is None:
                 return None
-            return completion_logprobs(c.logprobs[start:], c.token_ids[start:], decode, offset)
+            return completion_logprobs(
+                c.out.logprobs[start:], c.out.token_ids[start:], decode, offset
+            )
 
         def chunk_of(c: Choice, d: Delta) -> dict[str, Any]:
-            offset = len(echo[c.index // body.n]) + sum(map(len, c.text)) - len(d.text)
-            lp = logprobs_of(c, len(c.logprobs) - len(d.logprobs), offset)
+            offset = len(echo[c.index // body.n]) + len(c.out.text) - len(d.text)
+            lp = logprobs_of(c, len(c.out.logprobs) - len(d.logprobs), offset)
             return {
                 "index": c.index,
                 "text": d.text,
@@ -110,13 +111,13 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         def whole() -> dict[str, Any]:
             return {
                 **head,
-                "usage": usage(choices),
+                "usage": usage(choices, body.n),
                 "choices": [
                     {
                         "index": c.index,
-                        "text": echo[c.index // body.n] + "".join(c.text),
+                        "text": echo[c.index // body.n] + c.out.text,
                         "logprobs": logprobs_of(c, 0, len(echo[c.index // body.n])),
-                        "finish_reason": c.finish_reason,
+                        "finish_reason": c.out.finish_reason,
                     }
                     for c in choices
                 ],
@@ -136,15 +137,14 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
 
     @router.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        async_engine = state.live_engine()
-        engine = async_engine.engine
+        engine = state.live_engine()
         state.check_model(body.model)
         prompt = chat_prompt(engine, body.messages)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
         choices = make_choices(state, engine, [prompt], body, max_tokens, top)
-        generation = Generation(async_engine, choices, state.metrics, state.finished)
-        decode = engine.tokenizer.decode
+        generation = Generation(engine, choices, state.metrics, state.finished)
+        decode = engine.decode
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
@@ -154,13 +154,13 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         def logprobs_of(c: Choice, start: int) -> dict[str, Any] | None:
             if not body.logprobs:
                 return None
-            return chat_logprobs(c.logprobs[start:], c.token_ids[start:], decode)
+            return chat_logprobs(c.out.logprobs[start:], c.out.token_ids[start:], decode)
 
         def chunk_of(c: Choice, d: Delta) -> dict[str, Any]:
             return {
                 "index": c.index,
                 "delta": {"content": d.text} if d.text else {},
-                "logprobs": logprobs_of(c, len(c.logprobs) - len(d.logprobs)),
+                "logprobs": logprobs_of(c, len(c.out.logprobs) - len(d.logprobs)),
                 "finish_reason": d.finish_reason,
             }
 
@@ -168,13 +168,13 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
             return {
                 **head,
                 "object": "chat.completion",
-                "usage": usage(choices),
+                "usage": usage(choices, body.n),
                 "choices": [
                     {
                         "index": c.index,
-                        "message": {"role": "assistant", "content": "".join(c.text)},
+                        "message": {"role": "assistant", "content": c.out.text},
                         "logprobs": logprobs_of(c, 0),
-                        "finish_reason": c.finish_reason,
+                        "finish_reason": c.out.finish_reason,
                     }
                     for c in choices
                 ],
@@ -222,7 +222,7 @@ async def respond(
             elif d.text or d.finish_reason or d.logprobs:
                 yield sse({**head, "choices": [chunk_of(choice, d)]})
         if body.stream_options and body.stream_options.include_usage:
-            yield sse({**head, "choices": [], "usage": usage(generation.choices)})
+            yield sse({**head, "choices": [], "usage": usage(generation.choices, body.n)})
         yield sse("[DONE]")
 
     async def timed() -> AsyncIterator[str]:
@@ -267,6 +267,6 @@ async def _run_to_end(state: ServerState, generation: Generation, request: Reque
             raise APIError(400, "client disconnected")  # nobody is there to read it
         raise APIError(408, "the request timed out")
     work.result()
-    failed = [c.error for c in generation.choices if c.finish_reason == "error"]
+    failed = [c.out.error for c in generation.choices if c.out.finish_reason == "error"]
     if failed:
         raise APIError(500, f"generation failed: {failed[0]}")

@@ -6,7 +6,7 @@ import itertools
 import logging
 from dataclasses import dataclass, field
 
-from packserve.engine.async_engine import AsyncEngine
+from packserve.engine import AsyncEngine
 
 from .dashboard import DashboardRecorder
 from .metrics import Metrics
@@ -42,7 +42,7 @@ class ServerState:
 
     def check_model(self, model: str | None) -> None:
         """404 unless the request names the served model (or none)."""
-        served = self.settings.served_model_name
+        served = self.settings.model_name
         if model is not None and model != served:
             raise APIError(
                 404,
@@ -66,5 +66,5 @@ class ServerState:
             "finish_reason": t.finish_reason,
         }
         if self.settings.log_prompts:
-            fields["prompt_token_ids"] = choice.prompt_token_ids
+            fields["prompt_token_ids"] = choice.out.prompt_token_ids
         log.info("request finished", extra={"fields": fields})

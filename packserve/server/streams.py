@@ -9,7 +9,8 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from packserve.engine.async_engine import AsyncEngine, Timed
+from packserve.engine import AsyncEngine, Completion
+from packserve.engine.async_engine import Timed
 from packserve.scheduler import SamplingParams, TokenLogprobs
 
 from .metrics import Metrics, RequestTimings
@@ -17,35 +18,29 @@ from .metrics import Metrics, RequestTimings
 
 @dataclass(slots=True)
 class Choice:
-    """One generated sequence of a request (there are n x prompts of them)."""
+    """One generated sequence of a request (there are n x prompts of them): its output so
+    far and when its tokens arrived."""
 
     index: int
-    request_id: str
-    prompt_token_ids: list[int]
     params: SamplingParams
+    out: Completion  # request id, prompt, and everything generated so far
     arrival: float = field(default_factory=time.perf_counter)
-    token_ids: list[int] = field(default_factory=list)
-    text: list[str] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-    scheduled: float | None = None
+    scheduled: float | None = None  # start of the step that produced its first token
     token_times: list[float] = field(default_factory=list)
+
+    @property
+    def request_id(self) -> str:
+        return self.out.request_id
 
     def observe(self, item: Timed, metrics: Metrics) -> None:
         delta = item.delta
         if self.scheduled is None and delta.token_ids:
             self.scheduled = item.step_start
-            metrics.count_tokens(len(self.prompt_token_ids), 0)
+            metrics.count_tokens(len(self.out.prompt_token_ids), 0)
         if delta.token_ids:
             self.token_times.append(time.perf_counter())
             metrics.count_tokens(0, len(delta.token_ids))
-        self.token_ids += delta.token_ids
-        self.text.append(delta.text)
-        self.logprobs += delta.logprobs
-        if delta.finish_reason is not None:
-            self.finish_reason = delta.finish_reason
-            self.error = delta.error
+        self.out.add(delta)
 
     def timings(self) -> RequestTimings:
         return RequestTimings(
@@ -54,9 +49,9 @@ class Choice:
             first_token=self.token_times[0] if self.token_times else None,
             finished=time.perf_counter(),
             token_times=tuple(self.token_times),
-            num_prompt_tokens=len(self.prompt_token_ids),
-            num_generation_tokens=len(self.token_ids),
-            finish_reason=self.finish_reason or "abort",
+            num_prompt_tokens=len(self.out.prompt_token_ids),
+            num_generation_tokens=len(self.out.token_ids),
+            finish_reason=self.out.finish_reason or "abort",
         )
 
 
@@ -76,7 +71,7 @@ class Generation:
         self.on_done = on_done
         self.collector: asyncio.Queue[Timed] = asyncio.Queue()
         for c in choices:
-            engine.submit(c.request_id, c.prompt_token_ids, c.params, self.collector)
+            engine.submit(c.request_id, list(c.out.prompt_token_ids), c.params, self.collector)
 
     async def events(self) -> AsyncIterator[tuple[Choice, Timed]]:
         """Every choice's deltas as they arrive, each already recorded in its Choice.
@@ -88,12 +83,12 @@ class Generation:
                 item = await self.collector.get()
                 choice = by_id[item.delta.request_id]
                 choice.observe(item, self.metrics)
-                if choice.finish_reason is not None:
+                if choice.out.finish_reason is not None:
                     unfinished.discard(choice.request_id)
                 yield choice, item
         finally:  # no await here: this also runs when the client's cancellation lands
             for c in self.choices:
-                self.engine.release(c.request_id, finished=c.finish_reason is not None)
+                self.engine.release(c.request_id, finished=c.out.finish_reason is not None)
                 self.on_done(c)
 
 
@@ -102,9 +97,10 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-def usage(choices: list[Choice]) -> dict[str, int]:
-    prompts = {id(c.prompt_token_ids): len(c.prompt_token_ids) for c in choices}
-    completion = sum(len(c.token_ids) for c in choices)
+def usage(choices: list[Choice], n: int) -> dict[str, int]:
+    # The n choices of one prompt share its tokens: count them once.
+    prompts = {c.index // n: len(c.out.prompt_token_ids) for c in choices}
+    completion = sum(len(c.out.token_ids) for c in choices)
     prompt = sum(prompts.values())
     return {
         "prompt_tokens": prompt,

@@ -59,11 +59,10 @@ def container(objects) -> dict[str, Any]:
 
 def serve_flags() -> dict[str, argparse.Action]:
     """PACKSERVE_<FLAG> -> the argparse action of `packserve serve --flag`."""
-    from packserve.server.settings import add_engine_args, add_server_args
+    from packserve.server.settings import Settings, add_config_flags
 
     parser = argparse.ArgumentParser()
-    add_engine_args(parser)
-    add_server_args(parser)
+    add_config_flags(parser, Settings)
     out = {}
     for action in parser._actions:
         for option in action.option_strings:

@@ -30,7 +30,7 @@ from packserve.models.smollm2 import (
     verify_file,
 )
 from packserve.scheduler import SamplingParams
-from packserve.server.settings import add_engine_args, add_server_args, settings_from_args
+from packserve.server.settings import Settings, add_config_flags, config_from_args
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 IM_END = 2  # <|im_end|>: SmolLM2's end of a chat turn and its GGUF eos
@@ -155,14 +155,15 @@ def test_served_model_name_defaults(smollm2_dir: Path, monkeypatch: pytest.Monke
         if name.startswith("PACKSERVE_") and name != "PACKSERVE_CACHE_DIR":
             monkeypatch.delenv(name)
     parser = argparse.ArgumentParser()
-    add_engine_args(parser)
-    add_server_args(parser)
+    add_config_flags(parser, Settings)
 
-    default = settings_from_args(parser.parse_args([]))
+    default = config_from_args(Settings, parser.parse_args([]))
     assert default.engine.model is None  # the engine resolves it to the default model
     assert resolve_model(None) == str(smollm2_dir)
-    assert default.served_model_name == MODEL_NAME
-    gguf = settings_from_args(parser.parse_args(["--model", "/models/SmolLM2.Q4_1.gguf"]))
-    assert gguf.served_model_name == "SmolLM2.Q4_1"
-    named = settings_from_args(parser.parse_args(["--model", "x.gguf", "--served-model-name", "m"]))
-    assert named.served_model_name == "m"
+    assert default.model_name == MODEL_NAME
+    gguf = config_from_args(Settings, parser.parse_args(["--model", "/models/SmolLM2.Q4_1.gguf"]))
+    assert gguf.model_name == "SmolLM2.Q4_1"
+    named = config_from_args(
+        Settings, parser.parse_args(["--model", "x.gguf", "--served-model-name", "m"])
+    )
+    assert named.model_name == "m"

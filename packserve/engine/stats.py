@@ -1,0 +1,110 @@
+"""What the engine tells the world: EngineInfo once, StepStats and EngineLoad every step.
+
+The server reads only these (never the scheduler or the allocator, which the engine thread
+mutates): EngineInfo is frozen at start-up, EngineLoad is a fresh snapshot the engine thread
+publishes after each step, StepStats is the one home of every per-step figure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from packserve.scheduler import SchedulerOutput
+
+
+@dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """Facts about a loaded engine that never change while it runs."""
+
+    max_model_len: int  # tokens a request may reach, prompt and output together
+    vocab_size: int  # token ids are in 0..vocab_size-1
+    eos_token_ids: frozenset[int]
+    block_size: int  # tokens per KV block
+    num_kv_blocks: int  # size of the KV pool
+    max_num_seqs: int  # cap on running sequences
+    max_num_batched_tokens: int  # token budget of one step
+    row_capacity: int  # tokens one packed prefill row may hold
+    prefill_mode: str  # packed or padded
+    batch_invariant: bool
+
+
+@dataclass(frozen=True, slots=True)
+class RunningRequest:
+    """One running request as the dashboard lists it: counts only, never tokens."""
+
+    request_id: str
+    num_prompt_tokens: int
+    num_output_tokens: int
+    arrival_time: float  # time.monotonic() when it was queued
+
+
+@dataclass(frozen=True, slots=True)
+class EngineLoad:
+    """The engine's state after a step (or after adds and aborts were drained)."""
+
+    num_running: int
+    num_waiting: int  # in the scheduler's queue
+    num_kv_blocks_used: int
+    num_kv_blocks: int
+    running: tuple[RunningRequest, ...]  # in admission order
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV pool in use, 0..1."""
+        return self.num_kv_blocks_used / self.num_kv_blocks
+
+
+@dataclass(frozen=True, slots=True)
+class StepStats:
+    """What one engine step did; metrics, the dashboard and benchmarks read these."""
+
+    prefill_rows: tuple[tuple[int, ...], ...]  # [row][segment] prefill token counts, row order
+    num_decode_tokens: int
+    num_preempted: int
+    step_time_s: float
+
+    @classmethod
+    def of(cls, output: SchedulerOutput, step_time_s: float) -> StepStats:
+        """The figures of one scheduled step."""
+        return cls(
+            prefill_rows=tuple(tuple(seq.num_tokens for seq in row) for row in output.prefill_bins),
+            num_decode_tokens=len(output.decodes),
+            num_preempted=len(output.preempted_ids),
+            step_time_s=step_time_s,
+        )
+
+    @property
+    def num_prefill_rows(self) -> int:
+        return len(self.prefill_rows)
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        """Real prompt tokens prefilled."""
+        return sum(map(sum, self.prefill_rows))
+
+    @property
+    def num_prefill_segments(self) -> int:
+        return sum(map(len, self.prefill_rows))
+
+    @property
+    def num_tokens(self) -> int:
+        """Real tokens run: prefill and decode."""
+        return self.num_prefill_tokens + self.num_decode_tokens
+
+    @property
+    def num_padded_prefill_tokens(self) -> int:
+        """Tokens computed as packed: every row padded to the longest row."""
+        return max(map(sum, self.prefill_rows), default=0) * len(self.prefill_rows)
+
+    @property
+    def num_unpacked_prefill_tokens(self) -> int:
+        """Tokens padded batching would compute: one prompt per row, padded to the longest."""
+        lengths = [n for row in self.prefill_rows for n in row]
+        return max(lengths, default=0) * len(lengths)
+
+    @property
+    def bin_fill(self) -> float:
+        """Real over computed prefill tokens; 1.0 when nothing was prefilled."""
+        if not self.num_padded_prefill_tokens:
+            return 1.0
+        return self.num_prefill_tokens / self.num_padded_prefill_tokens
