@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from packserve.scheduler import Request, SamplingParams, StepStats
+from packserve.engine import EngineInfo, EngineLoad, RunningRequest, StepStats
 from packserve.server.dashboard import (
     MAX_RUNNING_ROWS,
     TTFT_SAMPLES,
@@ -28,23 +28,22 @@ class Clock:
         return self.t
 
 
-class FakeScheduler:
-    def __init__(self, running: list[Request]) -> None:
-        self.running = running
-        self.config = type("Config", (), {"prefill_mode": "packed", "row_capacity": 256})()
+def stats(rows: tuple[tuple[int, ...], ...] = (), decode: int = 0) -> StepStats:
+    return StepStats(prefill_rows=rows, num_decode_tokens=decode, num_preempted=0, step_time_s=0.02)
 
 
-def stats(rows: tuple[tuple[int, ...], ...] = (), decode: int = 0, **kw: Any) -> StepStats:
-    fields: dict[str, Any] = {
-        "num_running": 3,
-        "num_waiting": 1,
-        "num_kv_blocks_used": 25,
-        "num_kv_blocks": 100,
-        "num_preempted": 0,
-        "step_time_s": 0.02,
-    }
-    fields.update(kw)
-    return StepStats(prefill_rows=rows, num_decode_tokens=decode, **fields)
+def load(running: tuple[RunningRequest, ...] = (), num_running: int = 3) -> EngineLoad:
+    return EngineLoad(
+        num_running=num_running,
+        num_waiting=1,
+        num_kv_blocks_used=25,
+        num_kv_blocks=100,
+        running=running,
+    )
+
+
+def running_requests(n: int, arrival: float = 0.0) -> tuple[RunningRequest, ...]:
+    return tuple(RunningRequest(f"req-{i}", 4, 0, arrival) for i in range(n))
 
 
 def timings(ttft: float | None) -> RequestTimings:
@@ -58,11 +57,10 @@ def timings(ttft: float | None) -> RequestTimings:
 def test_ring_buffers_stay_bounded() -> None:
     clock = Clock()
     rec = DashboardRecorder(history_s=5, prefill_steps=3, clock=clock)
-    running = [Request(f"req-{i}", [7] * 4, SamplingParams()) for i in range(MAX_RUNNING_ROWS + 20)]
-    scheduler = FakeScheduler(running)
+    running = load(running_requests(MAX_RUNNING_ROWS + 20), num_running=MAX_RUNNING_ROWS + 20)
     for i in range(5000):
         clock.t += 0.01
-        rec.observe_step(stats(((10, 20), (25,)) if i % 2 else (), decode=3), scheduler)
+        rec.observe_step(stats(((10, 20), (25,)) if i % 2 else (), decode=3), running)
         rec.observe_request(timings(0.1))
     feed = rec.feed()
     assert feed["seq"] == 5000
@@ -77,7 +75,7 @@ def test_ring_buffers_stay_bounded() -> None:
 def test_packing_arithmetic_and_since() -> None:
     clock = Clock()
     rec = DashboardRecorder(clock=clock)
-    rec.observe_step(stats(((100, 20), (90, 30), (50,)), decode=2))
+    rec.observe_step(stats(((100, 20), (90, 30), (50,)), decode=2), load())
     feed = rec.feed()
     (step,) = feed["prefill_steps"]
     assert step["rows"] == [[100, 20], [90, 30], [50]]
@@ -94,7 +92,7 @@ def test_packing_arithmetic_and_since() -> None:
     assert rec.feed(since=feed["seq"])["prefill_steps"] == []
     assert rec.feed(since=feed["seq"])["series"] == []
     clock.t += 1.0
-    rec.observe_step(stats(decode=4))
+    rec.observe_step(stats(decode=4), load())
     newer = rec.feed(since=feed["seq"])
     assert newer["prefill_steps"] == []
     assert [s["gen_tokens"] for s in newer["series"]] == [4]
@@ -108,33 +106,46 @@ def test_tokens_per_second_over_complete_seconds() -> None:
     rec = DashboardRecorder(clock=clock)
     for _ in range(10 * 20):  # 10 s at 20 steps/s, 8 tokens each
         clock.t += 0.05
-        rec.observe_step(stats(decode=8))
+        rec.observe_step(stats(decode=8), load())
     summary = rec.feed()["summary"]
     assert summary["tokens_per_s"] == pytest.approx(160, rel=0.15)
     assert summary["steps_per_s"] == pytest.approx(20, rel=0.15)
 
 
-def test_running_snapshot_holds_counts_only() -> None:
+def test_running_table_and_config_follow_the_engine() -> None:
     clock = Clock()
     rec = DashboardRecorder(clock=clock)
-    a = Request("req-1", [5] * 30, SamplingParams(), arrival_time=clock.t - 2.0)
-    a.output_token_ids += [9, 9, 9]
-    scheduler = FakeScheduler([a])
-    rec.observe_step(stats(), scheduler)
+    assert rec.feed()["config"] is None  # before the engine has started
+    rec.set_info(
+        EngineInfo(
+            max_model_len=2048,
+            vocab_size=8192,
+            eos_token_ids=frozenset({1}),
+            block_size=16,
+            num_kv_blocks=100,
+            max_num_seqs=8,
+            max_num_batched_tokens=4096,
+            row_capacity=256,
+            prefill_mode="packed",
+            batch_invariant=False,
+        )
+    )
+    a = RunningRequest("req-1", 30, 3, clock.t - 2.0)
+    rec.observe_step(stats(), load((a,), num_running=1))
     feed = rec.feed()
     assert feed["running"] == [
         {"id": "req-1", "prompt_tokens": 30, "generated_tokens": 3, "age_s": 2.0}
     ]
+    assert feed["running_total"] == 1
     assert feed["config"]["row_capacity"] == 256
-    # Within the throttle window the table is not re-read, unless the running set changed.
-    a.output_token_ids.append(9)
+    assert feed["config"]["eos_token_ids"] == [1]
+    json.dumps(feed)  # the config is plain JSON
+    # Every step's published load replaces the table: a request that left is gone at once.
     clock.t += 0.01
-    rec.observe_step(stats(), scheduler)
-    assert rec.feed()["running"][0]["generated_tokens"] == 3
-    scheduler.running = []
-    clock.t += 0.01
-    rec.observe_step(stats(), scheduler)
-    assert rec.feed()["running"] == []
+    rec.observe_step(stats(), load((), num_running=0))
+    feed = rec.feed()
+    assert feed["running"] == [] and feed["running_total"] == 0
+    assert feed["summary"]["running"] == 0
 
 
 def test_ttft_percentiles() -> None:
