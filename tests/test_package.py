@@ -27,3 +27,54 @@ def test_transformers_does_not_take_our_kernels_for_hub_kernels(tmp_path):
         [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+# Which packserve packages each package may import: server -> engine -> kernels, models ->
+# scheduler, nothing back. (The launcher is stdlib + httpx; it imports no packserve package.)
+ALLOWED = {
+    "scheduler": set(),
+    "models": set(),
+    "kernels": {"scheduler"},
+    "engine": {"kernels", "models", "scheduler"},
+    "server": {"engine", "models", "scheduler"},
+}
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """packserve.<package> names a module imports, at any depth, absolute or relative."""
+    import ast
+
+    package = path.relative_to(REPO / "packserve").parts[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:  # relative: within the package
+            if node.level > 1:
+                found.add("<outside>")
+            continue
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+        if isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        for name in names:
+            parts = name.split(".")
+            if parts[0] == "packserve" and len(parts) > 1 and parts[1] != package:
+                found.add(parts[1])
+    return found
+
+
+def test_imports_go_one_way():
+    for package, allowed in ALLOWED.items():
+        for path in sorted((REPO / "packserve" / package).rglob("*.py")):
+            extra = _imported_packages(path) - allowed
+            assert not extra, f"{path.relative_to(REPO)} imports packserve.{sorted(extra)}"
+
+
+def test_offline_api_from_the_package_root():
+    code = (
+        "import sys, packserve.scheduler\n"
+        "assert 'torch' not in sys.modules  # the root's names load lazily\n"
+        "from packserve import Engine, EngineConfig, SamplingParams, Completion\n"
+        "assert Engine.__module__ == 'packserve.engine.engine'\n"
+        "assert SamplingParams.__module__ == 'packserve.scheduler.request'\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
