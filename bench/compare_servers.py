@@ -9,7 +9,9 @@ round-robin order (the system order rotates), so machine drift hits every system
 used by other processes during each run is measured (/proc/stat minus our own processes) and
 recorded with the load average.
 
-Writes bench/results/serve_compare.json, serve_compare.md and serve_compare_*.png.
+Writes bench/results/serve_compare.json (config, machine, aggregates, verdicts and each run's
+summary), serve_compare.md and serve_compare_*.png; the per-request records the plots are made
+from go to bench/results/raw/serve_compare.requests.json, which git ignores.
 
     .venv/bin/python -m bench.compare_servers                 # the full comparison
     .venv/bin/python -m bench.compare_servers --sizes tiny --levels 1,4 --prompt-scale 0.25
@@ -408,13 +410,42 @@ def run_one(
 
 
 def _sample(values: list[float], n: int = 4000) -> list[float]:
-    """An even subsample of ITLs for the CDF plots (all of them bloat the JSON)."""
+    """An even subsample of ITLs for the CDF plots and the ITL percentiles."""
     if len(values) <= n:
         return values
     return [values[i] for i in np.linspace(0, len(values) - 1, n).astype(int)]
 
 
 # -- aggregation and report ------------------------------------------------------------------
+
+RAW_KEYS = ("requests", "itl_samples")  # per-request data: the raw file, not the summary
+RUN_SUMMARY_KEYS = (
+    "num_requests",
+    "completed",
+    "failed",
+    "errors",
+    "duration_s",
+    "output_tokens",
+    "output_throughput",
+    "request_throughput",
+    "goodput",
+)
+
+
+def run_summary(entry: dict[str, Any]) -> dict[str, Any]:
+    """One run as the committed JSON keeps it: how it ran (load, CPU, startup, wall time), its
+    counts and throughput. Latency percentiles are kept per (model, system, level), over the
+    pooled requests of all rounds, in `aggregate`."""
+    out = {k: v for k, v in entry.items() if k not in RAW_KEYS}
+    if "summary" in entry:
+        out["summary"] = {k: entry["summary"][k] for k in RUN_SUMMARY_KEYS if k in entry["summary"]}
+    return out
+
+
+def run_records(entry: dict[str, Any]) -> dict[str, Any]:
+    """One run's per-request records and ITL samples, with the keys that name the run."""
+    keys = ("model", "system", "level", "round", *RAW_KEYS)
+    return {k: entry[k] for k in keys if k in entry}
 
 
 def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -605,7 +636,9 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
+def plots(result: dict[str, Any], records: list[dict[str, Any]], out_dir: Path) -> list[str]:
+    """The sweep plots from the aggregates and the CDF plots from the per-request records
+    (`run_records` of every run)."""
     files = []
     agg = result["aggregate"]
     for model in result["config"]["sizes"]:
@@ -623,7 +656,7 @@ def plots(result: dict[str, Any], out_dir: Path) -> list[str]:
             for system in SYSTEMS:
                 rs = [
                     r
-                    for r in result["runs"]
+                    for r in records
                     if r["model"] == model
                     and r["system"] == system
                     and r["level"] == level
@@ -695,9 +728,9 @@ def main() -> None:
         "--decode",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="also run bench/decode.py --size bench --batch 32",
+        help="also run bench.decode --size bench --batch 32",
     )
-    p.add_argument("--keep-itls", action="store_true", help="every ITL in the JSON")
+    p.add_argument("--keep-itls", action="store_true", help="every ITL in the per-request records")
     p.add_argument("--out", default="bench/results/serve_compare")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
@@ -776,7 +809,7 @@ def main() -> None:
 
     decode = None
     if args.decode:
-        print("decode step: bench/decode.py --size bench --batch 32", flush=True)
+        print("decode step: bench.decode --size bench --batch 32", flush=True)
         dec_dir = out.parent / "serve_decode"
         subprocess.run(
             [
@@ -801,6 +834,8 @@ def main() -> None:
     import torch
     import transformers
 
+    from bench.prefill import cpu_model
+
     agg = aggregate(runs)
     result = {
         "config": {
@@ -811,7 +846,8 @@ def main() -> None:
             "prompt_counts": prompt_counts,
         },
         "machine": {
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": cpu_model(),
+            "arch": platform.machine(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -824,13 +860,17 @@ def main() -> None:
         "aggregate": agg,
         "verdicts": {m: verdicts(agg, m, levels) for m in sizes},
         "decode": decode,
-        "runs": runs,
+        "runs": [run_summary(r) for r in runs],
     }
-    result["plots"] = plots(result, out.parent)
+    records = [run_records(r) for r in runs if "requests" in r]
+    result["plots"] = plots(result, records, out.parent)
+    raw = out.parent / "raw" / f"{out.name}.requests.json"  # .gitignore: bench/results/raw/
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps({"runs": records}) + "\n")
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
     out.with_suffix(".md").write_text(markdown(result))
     print(markdown(result))
-    print(f"wrote {out}.json, {out}.md and {len(result['plots'])} plots")
+    print(f"wrote {out}.json, {out}.md, {len(result['plots'])} plots and {raw}")
 
 
 if __name__ == "__main__":

@@ -12,8 +12,10 @@ finish_reason "stop". Anything else (HTTP errors, error events, timeouts, trunca
 wrong token counts) is a failure, counted and listed, never dropped silently.
 
 Reports request throughput, output and total tokens/s, TTFT, TPOT, ITL and end-to-end latency
-(mean, p50, p90, p99), goodput under `--slo-ttft-ms`/`--slo-tpot-ms`; writes a JSON result
-file and PNG plots (latency CDFs; tokens/s and TTFT against concurrency when sweeping).
+(mean, p50, p90, p99), goodput under `--slo-ttft-ms`/`--slo-tpot-ms`; writes a JSON summary
+(arguments, and per level its config and summary) and PNG plots (latency CDFs; tokens/s and
+TTFT against concurrency when sweeping). The per-request records go to
+`raw/<name>.requests.json` next to the summary (git ignores bench/results/raw/).
 
     .venv/bin/python -m bench.serve --base-url http://127.0.0.1:8000 --tokenizer MODEL_DIR \\
         --num-prompts 64 --max-concurrency 1,4,16 --out bench/results/serve_run
@@ -638,12 +640,16 @@ def main() -> None:
         print(format_summary(run["summary"]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"args": vars(args), "runs": runs}
+    summary = {name: {k: v for k, v in r.items() if k != "requests"} for name, r in runs.items()}
+    result = {"args": vars(args), "runs": summary}
     out.with_suffix(".json").write_text(json.dumps(result, indent=1) + "\n")
+    raw = out.parent / "raw" / f"{out.name}.requests.json"
+    raw.parent.mkdir(exist_ok=True)
+    raw.write_text(json.dumps({name: run["requests"] for name, run in runs.items()}) + "\n")
     plot_cdfs(runs, out.with_name(out.name + "_cdf.png"), f"{args.label}: latency CDFs")
     if len(runs) > 1:
         plot_sweep({args.label: series}, out.with_name(out.name + "_sweep.png"), args.label)
-    print(f"wrote {out.with_suffix('.json')} and plots")
+    print(f"wrote {out.with_suffix('.json')}, plots and {raw}")
 
 
 if __name__ == "__main__":

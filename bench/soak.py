@@ -44,6 +44,8 @@ from typing import Any
 
 import httpx
 
+from bench.prefill import cpu_model
+
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = [
@@ -543,7 +545,7 @@ def main() -> int:
         "idle_after": [idle.get("running"), idle.get("waiting"), idle.get("kv")],
         "kv_blocks_used_after": "0" if idle.get("kv") == 0 else f"usage {idle.get('kv')}",
         "exit_code": code,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, "
         f"{platform.python_implementation()} {platform.python_version()}, "
         f"load average at the end {os.getloadavg()[0]:.1f} (shared machine)",
         "samples": samples,

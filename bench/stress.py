@@ -15,7 +15,8 @@ use) and the server must drain on SIGTERM and exit 0.
 
 With `--batch-invariant` the server and the offline engine both run in that mode, where
 every answer must be exact (no near-tie exception). `--model smollm2` is the default real
-model (SmolLM2-135M-Instruct). Writes bench/results/<name>.json and .md (default stress).
+model (SmolLM2-135M-Instruct). Writes bench/results/<name>.json (the summary) and .md (default
+stress); each request's record goes to bench/results/raw/<name>.requests.json, which git ignores.
 Traffic goes to 127.0.0.1 only.
 """
 
@@ -400,19 +401,22 @@ def main() -> int:
         "machine": f"{cpu_model()}, {platform.machine()}, {os.cpu_count()} cores, "
         f"{platform.python_implementation()} {platform.python_version()}, load average "
         f"{os.getloadavg()[0]:.1f} at the end (shared machine)",
-        "per_request": [
-            {
-                "path": q["path"],
-                "prompt_tokens": q["prompt_tokens"],
-                "max_tokens": q["body"]["max_tokens"],
-                "completion_tokens": len(q["tokens"]),
-                "latency_s": round(r["latency_s"], 3),
-                "ttft_s": None if r["ttft_s"] is None else round(r["ttft_s"], 3),
-                "ok": r["problem"] is None,
-            }
-            for q, r in zip(reqs, results, strict=True)
-        ],
     }
+    records = [
+        {
+            "path": q["path"],
+            "prompt_tokens": q["prompt_tokens"],
+            "max_tokens": q["body"]["max_tokens"],
+            "completion_tokens": len(q["tokens"]),
+            "latency_s": round(r["latency_s"], 3),
+            "ttft_s": None if r["ttft_s"] is None else round(r["ttft_s"], 3),
+            "ok": r["problem"] is None,
+        }
+        for q, r in zip(reqs, results, strict=True)
+    ]
+    raw = out / "raw" / f"{name}.requests.json"  # .gitignore: bench/results/raw/
+    raw.parent.mkdir(exist_ok=True)
+    raw.write_text(json.dumps(records) + "\n")
     (out / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{name}.md").write_text(markdown(result))
     print(markdown(result), flush=True)
