@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import threading
 import time
@@ -57,7 +58,9 @@ class AsyncEngine:
     ) -> None:
         self._engine = engine
         self.info = engine.info
-        self.tokenizer = engine.tokenizer
+        # The event loop's own copy: a Hugging Face tokenizer is not safe to share between
+        # threads, and the engine thread decodes with the engine's.
+        self.tokenizer = copy.deepcopy(engine.tokenizer)
         self.load = engine.load()
         self.on_step = on_step  # engine thread, after every step
         self.packing_window_s = engine.config.packing_window_s
@@ -117,6 +120,19 @@ class AsyncEngine:
     # -- engine thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except Exception as exc:  # a bug outside a step: say so, end every request, stop
+            log.exception("engine loop stopped")
+            self._stop.set()
+            message = f"the engine loop stopped: {type(exc).__name__}: {exc}"
+            while self._adds:  # submitted, never taken in: they end too
+                sub = self._adds.popleft()
+                self._collectors[sub.request_id] = sub
+            ids = list(self._collectors)
+            self._publish([Timed(Delta(r, (), "", "error", error=message), 0.0) for r in ids])
+
+    def _loop(self) -> None:
         engine = self._engine
         while not self._stop.is_set():
             if self._drain():

@@ -35,6 +35,7 @@ class Engine:
 
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
+        _check_kv_memory(config)  # before loading anything
         self.model, self.tokenizer = load_model(
             resolve_model(config.model), config.dtype, config.device, config.trust_remote_code
         )
@@ -173,3 +174,28 @@ class Engine:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+
+def _available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo; None where that cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _check_kv_memory(config: EngineConfig) -> None:
+    """A CPU KV pool larger than the memory available now would be killed later, not now
+    (Linux hands out untouched pages lazily): refuse it before loading anything."""
+    if config.num_kv_blocks is not None or config.device != "cpu":
+        return
+    available = _available_memory_bytes()
+    if available is not None and config.kv_cache_memory_mb << 20 > available:
+        raise MemoryError(
+            f"the KV pool (--kv-cache-memory-mb {config.kv_cache_memory_mb}) is larger than "
+            f"the memory available ({available >> 20} MiB)"
+        )

@@ -6,6 +6,7 @@ import asyncio
 import hmac
 import logging
 import os
+import socket
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,6 +28,8 @@ from .openai_api import openai_router
 from .protocol import APIError, ErrorResponse
 from .settings import Settings
 from .state import ServerState
+
+log = logging.getLogger("packserve.server")
 
 
 class BodyLimit:
@@ -81,6 +84,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         loading = asyncio.create_task(_start_engine(state, engine))
+        loading.add_done_callback(lambda task: _started(state, task))
         yield
         loading.cancel()
         if state.engine is not None:
@@ -110,7 +114,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:
-        logging.getLogger("packserve").exception("unhandled error")
+        log.exception("unhandled error")
         return await api_error(request, APIError(500, f"internal error: {type(exc).__name__}"))
 
     async def authorized(request: Request) -> None:
@@ -120,9 +124,13 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if not hmac.compare_digest(given, f"Bearer {settings.api_key}".encode()):
             raise APIError(401, "missing or invalid API key", code="invalid_api_key")
 
-    @app.get("/health")
+    @app.get("/health", responses={503: {"model": ErrorResponse}})
     async def health() -> dict[str, str]:
-        """Liveness: the process answers."""
+        """Liveness: the process answers and its engine loop, once started, still runs."""
+        if state.failed:
+            raise APIError(503, "the server failed to start")
+        if state.engine is not None and not state.engine.alive and not state.draining:
+            raise APIError(503, "the engine loop has stopped")
         return {"status": "ok"}
 
     @app.get("/ready", responses={503: {"model": ErrorResponse}})
@@ -142,6 +150,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     return app
 
 
+def _started(state: ServerState, task: asyncio.Task[None]) -> None:
+    """A failed start is fatal: one clear error line, then the server stops (exit 1)."""
+    if task.cancelled() or task.exception() is None:
+        return
+    exc = task.exception()
+    log.error(f"startup failed: {type(exc).__name__}: {exc}")
+    state.fail()
+
+
 async def _start_engine(state: ServerState, engine: Engine | None) -> None:
     """Load the model (unless given), start the engine loop, wire metrics and dashboard."""
     if engine is None:
@@ -156,6 +173,24 @@ async def _start_engine(state: ServerState, engine: Engine | None) -> None:
     state.metrics.track(lambda: async_engine.load, lambda: async_engine.num_waiting)
     async_engine.start()
     state.engine = async_engine
+    info = async_engine.info
+    log.info(
+        "engine ready",
+        extra={
+            "fields": {
+                "model": state.settings.model_name,
+                "dtype": engine.config.dtype,
+                "device": engine.config.device,
+                "max_model_len": info.max_model_len,
+                "num_kv_blocks": info.num_kv_blocks,
+                "block_size": info.block_size,
+                "max_num_seqs": info.max_num_seqs,
+                "attention": engine.config.attention_backend,
+                "linear": engine.config.linear_backend,
+                "batch_invariant": info.batch_invariant,
+            }
+        },
+    )
 
 
 # -- running it ---------------------------------------------------------------------------------
@@ -174,6 +209,10 @@ class DrainingServer(uvicorn.Server):
         self.loop = asyncio.get_running_loop()
         await super().startup(sockets)
 
+    def stop_now(self) -> None:
+        """Stop without draining (nothing was served: the start failed)."""
+        self.should_exit = True
+
     def handle_exit(self, sig: int, frame: Any) -> None:
         if self.state.draining or self.loop is None:  # a second signal: stop now
             self.force_exit = self.should_exit
@@ -190,9 +229,23 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads so a taken port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def run(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT; exit 0 after draining."""
+    """Serve until SIGTERM/SIGINT; exit 0 after draining, 1 if the server could not start."""
     app = create_app(settings)
+    state: ServerState = app.state.server
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -200,9 +253,16 @@ def run(settings: Settings) -> None:
         log_config=configure_logging(settings.log_format),
         timeout_graceful_shutdown=5,
     )
-    server = DrainingServer(config, app.state.server)
-    server.run()
+    try:
+        sock = _listen(settings.host, settings.port)
+    except OSError as exc:
+        log.error(f"startup failed: cannot listen on {settings.host}:{settings.port}: {exc}")
+        logging.shutdown()
+        os._exit(1)
+    server = DrainingServer(config, state)
+    state.on_fail = server.stop_now
+    server.run(sockets=[sock])
     # Drained and stopped. Skip the interpreter's teardown (seconds of garbage collection
     # over the model) so a terminating pod exits well inside its grace period.
     logging.shutdown()
-    os._exit(0)
+    os._exit(1 if state.failed else 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from packserve.engine import AsyncEngine
@@ -27,6 +28,14 @@ class ServerState:
     draining: bool = False  # SIGTERM received: not ready, no new requests
     ids: itertools.count = field(default_factory=itertools.count)  # engine request ids
     dashboard: DashboardRecorder = field(default_factory=DashboardRecorder)
+    failed: bool = False  # the start failed: the process is on its way out
+    on_fail: Callable[[], None] | None = None  # stops the server (set by `run`)
+
+    def fail(self) -> None:
+        """The server cannot serve (the model did not load): stop it."""
+        self.failed = True
+        if self.on_fail is not None:
+            self.on_fail()
 
     @property
     def ready(self) -> bool:
