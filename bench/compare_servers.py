@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import httpx
 import numpy as np
 
 from bench import serve  # the load generator
+from packserve.server.launcher import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -126,27 +126,13 @@ def others_cpu(seconds: float = 5.0) -> float:
 # -- servers ---------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def packserve_flags(system: str, model_dir: str, name: str) -> list[str]:
+    """`packserve serve` flags of a packserve system (the launcher adds host and port)."""
+    flags = ["--model", model_dir, "--served-model-name", name, "--max-queued-requests", "1024"]
+    return flags + (["--prefill-mode", "padded"] if system == "packserve-padded" else [])
 
 
-def server_command(system: str, model_dir: str, name: str, port: int, args) -> list[str]:
-    if system.startswith("packserve"):
-        cmd = [
-            str(BIN / "packserve"),
-            "serve",
-            "--model",
-            model_dir,
-            "--port",
-            str(port),
-            "--served-model-name",
-            name,
-            "--max-queued-requests",
-            "1024",
-        ]
-        return cmd + (["--prefill-mode", "padded"] if system == "packserve-padded" else [])
+def baseline_command(system: str, model_dir: str, port: int, args) -> list[str]:
     if system == "transformers-cb":
         return [
             str(BIN / "transformers"),
@@ -185,20 +171,19 @@ def server_command(system: str, model_dir: str, name: str, port: int, args) -> l
     raise ValueError(system)
 
 
-def target_for(system: str, model_dir: str, name: str, port: int) -> serve.Target:
-    base = f"http://127.0.0.1:{port}"
+def target_for(system: str, model_dir: str, name: str, base_url: str) -> serve.Target:
     if system == "transformers-cb":
         # transformers serve rejects `ignore_eos` (422: unexpected field) and ignores
         # stream_options (usage always comes in its last chunk). Its own `generation_config`
         # extension field with eos_token_id=-1 turns EOS off per request, like ignore_eos.
         return serve.Target(
-            base,
+            base_url,
             model_dir,
             ignore_eos=False,
             include_usage=False,
             extra_body={"generation_config": json.dumps({"eos_token_id": -1})},
         )
-    return serve.Target(base, name)
+    return serve.Target(base_url, name)
 
 
 def _timeouts(target: serve.Target, seconds: float) -> serve.Target:
@@ -206,28 +191,63 @@ def _timeouts(target: serve.Target, seconds: float) -> serve.Target:
     return dataclasses.replace(target, request_timeout=seconds, read_timeout=seconds)
 
 
+def _log_path(log_dir: Path, system: str) -> Path:
+    """A fresh log file in the scratch folder for one server start."""
+    fd, name = tempfile.mkstemp(prefix=f"{system}-", suffix=".log", dir=log_dir)
+    os.close(fd)
+    return Path(name)
+
+
 class Server:
+    """One system's server on a free loopback port, in a session of its own: packserve
+    through packserve.server.launcher (ready when /ready answers 200), the baselines as
+    plain child processes (ready when /health does)."""
+
     def __init__(self, system: str, model_dir: str, name: str, args, log_dir: Path) -> None:
-        self.system, self.port = system, free_port()
-        self.target = _timeouts(
-            target_for(system, model_dir, name, self.port), args.request_timeout
-        )
-        self.log = log_dir / f"{system}-{self.port}.log"
-        cmd = server_command(system, model_dir, name, self.port, args)
+        self.system, self.model_dir, self.name = system, model_dir, name
+        self.request_timeout = args.request_timeout
+        self.log = _log_path(log_dir, system)
+        self.packserve: ServerProcess | None = None
+        if system.startswith("packserve"):
+            flags = packserve_flags(system, model_dir, name)
+            self.packserve = ServerProcess(flags, log_path=self.log, cwd=ROOT, new_session=True)
+            self.packserve.spawn()
+            return
+        self.port = free_port()
+        cmd = baseline_command(system, model_dir, self.port, args)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env
             )
 
+    @property
+    def url(self) -> str:
+        # packserve's port can change while it starts (the launcher retries a port clash)
+        return self.packserve.url if self.packserve else f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        proc = self.packserve.proc if self.packserve else self.proc
+        assert proc is not None
+        return proc.pid
+
+    @property
+    def target(self) -> serve.Target:
+        base = target_for(self.system, self.model_dir, self.name, self.url)
+        return _timeouts(base, self.request_timeout)
+
     def wait_ready(self, timeout: float = 300.0) -> float:
-        path = "/ready" if self.system.startswith("packserve") else "/health"
+        """Seconds until ready; raises (and stops the server) if it exits or times out."""
         start = time.monotonic()
+        if self.packserve is not None:
+            self.packserve.wait_ready(timeout)
+            return time.monotonic() - start
         while time.monotonic() - start < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.system} exited ({self.proc.returncode}); see {self.log}")
             try:
-                if httpx.get(self.target.base_url + path, timeout=2.0).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
                     return time.monotonic() - start
             except httpx.HTTPError:
                 pass
@@ -235,6 +255,9 @@ class Server:
         raise RuntimeError(f"{self.system} not ready after {timeout}s; see {self.log}")
 
     def stop(self) -> None:
+        if self.packserve is not None:
+            self.packserve.stop()  # SIGTERM, SIGKILL after 30 s
+            return
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -368,7 +391,7 @@ def run_one(
         try:
             entry["startup_s"] = round(server.wait_ready(), 1)
             serve.warmup(server.target, 2)
-            meter = CpuMeter([server.proc.pid])
+            meter = CpuMeter([server.pid])
             meter.start()
             run = serve.run_benchmark(
                 server.target,

@@ -31,10 +31,7 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,8 +42,8 @@ from typing import Any
 import httpx
 
 from bench.prefill import cpu_model
+from packserve.server.launcher import launch
 
-HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = [
     "river",
@@ -73,40 +70,6 @@ WORDS = [
 
 
 # -- the server -----------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def packserve_bin() -> str:
-    here = Path(sys.executable).parent / "packserve"
-    return str(here) if here.exists() else "packserve"
-
-
-def start_server(model: str, flags: list[str], log_path: Path) -> tuple[subprocess.Popen, str]:
-    """`packserve serve` on a free loopback port; returns (process, base url) once ready."""
-    port = free_port()
-    cmd = [packserve_bin(), "serve", "--model", model, "--host", HOST, "--port", str(port)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACKSERVE_")}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [*cmd, *flags], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-    url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/ready", timeout=2.0).status_code == 200:
-                return proc, url
-        time.sleep(0.25)
-    proc.kill()
-    proc.wait(timeout=15)
-    raise TimeoutError(f"server not ready after 180 s; see {log_path}")
 
 
 def process_sample(pid: int) -> tuple[int, int]:
@@ -489,11 +452,12 @@ def main() -> int:
     del engine
 
     log_path = Path(tempfile.gettempdir()) / f"packserve-soak-{os.getpid()}.log"
-    proc, url = start_server(model, [], log_path)
-    print(f"server pid {proc.pid} at {url}, log {log_path}", flush=True)
-    try:
+    # stopped on the way out whatever happens (SIGTERM, then SIGKILL after 30 s)
+    with launch("--model", model, log_path=log_path, ready_timeout=180) as server:
+        url, pid = server.url, server.proc.pid
+        print(f"server pid {pid} at {url}, log {log_path}", flush=True)
         tally, samples, seconds = asyncio.run(
-            run_load(url, proc.pid, specs, args.minutes, args.clients, args.interval, args.seed)
+            run_load(url, pid, specs, args.minutes, args.clients, args.interval, args.seed)
         )
         # afterwards: the engine must be idle (bounded poll), then drain and exit 0
         idle: dict[str, float] = {}
@@ -502,16 +466,8 @@ def main() -> int:
             if idle["running"] == 0 and idle["waiting"] == 0 and idle["kv"] == 0:
                 break
             time.sleep(0.2)
-        rss_idle, fds_idle = process_sample(proc.pid)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            code = None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=15)
+        rss_idle, fds_idle = process_sample(pid)
+        code = server.stop(timeout=120)  # SIGTERM: drains; SIGKILL (-9) if not done by then
 
     warmup_s = warmup * 60
     rss = growth(samples, "rss_kib", warmup_s)

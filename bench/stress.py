@@ -29,10 +29,7 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,45 +39,10 @@ from typing import Any
 import httpx
 
 from bench.prefill import cpu_model
+from packserve.server.launcher import launch
 
-HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = ["river", "stone", "light", "window", "paper", "garden", "music", "silver", "engine"]
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def start_server(
-    model: str, flags: list[str], log_path: Path, threads: int
-) -> tuple[subprocess.Popen, str]:
-    """`packserve serve` on a free loopback port with `threads` intra-op threads; (process,
-    base url) once /ready is 200."""
-    exe = Path(sys.executable).parent / "packserve"
-    port = free_port()
-    cmd = [str(exe) if exe.exists() else "packserve", "serve", "--model", model]
-    cmd += ["--host", HOST, "--port", str(port), *flags]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACKSERVE_")}
-    env["OMP_NUM_THREADS"] = str(threads)
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-        )
-    url = f"http://{HOST}:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url + "/ready", timeout=2.0).status_code == 200:
-                return proc, url
-        time.sleep(0.25)
-    proc.kill()
-    proc.wait(timeout=15)
-    raise TimeoutError(f"server not ready after 180 s; see {log_path}")
 
 
 def gauges(url: str) -> dict[str, float]:
@@ -321,10 +283,13 @@ def main() -> int:
     if args.batch_invariant:
         flags.append("--batch-invariant")
     log_path = Path(tempfile.gettempdir()) / f"packserve-stress-{os.getpid()}.log"
-    proc, url = start_server(model, flags, log_path, args.threads)
-    print(f"server pid {proc.pid} at {url}, log {log_path}", flush=True)
     peak = {"running": 0.0, "waiting": 0.0}
-    try:
+    # stopped on the way out whatever happens (SIGTERM, then SIGKILL after 30 s)
+    with launch(
+        "--model", model, *flags, threads=args.threads, log_path=log_path, ready_timeout=180
+    ) as server:
+        url = server.url
+        print(f"server pid {server.proc.pid} at {url}, log {log_path}", flush=True)
 
         async def run() -> list[dict[str, Any]]:
             done = asyncio.Event()
@@ -356,15 +321,7 @@ def main() -> int:
         feed = httpx.get(url + "/dashboard/feed", timeout=30.0).json()["summary"]
         kv_blocks = feed["kv_blocks"]
         kv_after = round(idle.get("kv", 1.0) * kv_blocks)
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            code = None
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=15)
+        code = server.stop(timeout=120)  # SIGTERM: drains; SIGKILL (-9) if not done by then
 
     problems = [f"request {i}: {r['problem']}" for i, r in enumerate(results) if r["problem"]]
     latencies = [r["latency_s"] for r in results]
