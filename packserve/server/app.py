@@ -15,6 +15,7 @@ from typing import Any
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -96,19 +97,25 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
-        headers = {"Retry-After": "1"} if exc.status == 429 else None
+        headers = dict(exc.headers)
+        if exc.status == 429:
+            headers["Retry-After"] = "1"
+        if exc.status == 401:
+            headers["WWW-Authenticate"] = 'Bearer realm="packserve"'
         return JSONResponse(exc.body.model_dump(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return await api_error(request, APIError(exc.status_code, str(exc.detail)))
+        # Keeps the framework's headers: a 405 says which methods are Allowed.
+        error = APIError(exc.status_code, str(exc.detail), headers=exc.headers)
+        return await api_error(request, error)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
+        first = _most_telling(list(exc.errors()))
         if first.get("type") == "json_invalid":
             return await api_error(request, APIError(400, "the body is not valid JSON"))
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(p)]
         message = f"{'.'.join(loc) or 'body'}: {first.get('msg', 'invalid request')}"
         return await api_error(request, APIError(400, message, param=".".join(loc) or None))
 
@@ -120,8 +127,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     async def authorized(request: Request) -> None:
         if settings.api_key is None:
             return
-        given = request.headers.get("authorization", "").encode()
-        if not hmac.compare_digest(given, f"Bearer {settings.api_key}".encode()):
+        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+        # Schemes are case-insensitive (RFC 9110 11.1); the key is compared in constant time.
+        valid = hmac.compare_digest(token.strip().encode(), settings.api_key.encode())
+        if scheme.lower() != "bearer" or not valid:
             raise APIError(401, "missing or invalid API key", code="invalid_api_key")
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
@@ -140,14 +149,64 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
             raise APIError(503, "draining" if state.draining else "not ready")
         return {"status": "ready"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4")
 
     # Open like /metrics: counts and timings only, and a browser page cannot send a bearer key.
     app.include_router(dashboard_router(state.dashboard, settings.model_name))
     app.include_router(openai_router(state, Depends(authorized)))
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
+
+
+def _most_telling(errors: list[Any]) -> dict[str, Any]:
+    """The error to report. A value that fits no member of a union gets errors from every
+    member: report the member that came closest (fewest errors; a wrong type tells least, so
+    "prompt": [] is a list that is too short, not "not a string")."""
+    if not errors:
+        return {}
+    groups: dict[str | None, list[Any]] = {}
+    for error in errors:
+        tag = next((p for p in error.get("loc", ()) if _union_tag(p)), None)
+        groups.setdefault(tag, []).append(error)
+
+    def mismatch(error: Any) -> bool:
+        return str(error.get("type", "")).endswith("_type")
+
+    closest = min(groups.values(), key=lambda group: (len(group), all(map(mismatch, group))))
+    return next((e for e in closest if not mismatch(e)), closest[0])
+
+
+def _union_tag(part: Any) -> bool:
+    """A location part naming the union member tried (`str`, `list[int]`, `TokenizeChat`)."""
+    if not isinstance(part, str):
+        return False
+    return part in ("str", "int", "float", "bool") or "[" in part or part[:1].isupper()
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's document, corrected to what is served: validation errors are 400s with an
+    OpenAI error object (the framework documents 422 and its own error shape)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                responses = operation.get("responses", {})
+                if responses.pop("422", None) is not None and "400" not in responses:
+                    responses["400"] = {
+                        "description": "Bad Request",
+                        "content": {
+                            "application/json": {
+                                "schema": {"$ref": "#/components/schemas/ErrorResponse"}
+                            }
+                        },
+                    }
+        components = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            components.pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def _started(state: ServerState, task: asyncio.Task[None]) -> None:

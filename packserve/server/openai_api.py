@@ -22,6 +22,7 @@ from .protocol import (
     DetokenizeRequest,
     ErrorResponse,
     SamplingFields,
+    TokenizePrompt,
     TokenizeRequest,
 )
 from .state import ServerState
@@ -29,6 +30,16 @@ from .streams import Choice, Generation, chat_logprobs, completion_logprobs, sse
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 429, 500, 503)
+}
+# A generation answers with one JSON object, or, with "stream": true, an SSE stream of chunks.
+GENERATED: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "the completion, or its chunks as server-sent events when streamed",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "text/event-stream": {"schema": {"type": "string"}},
+        },
+    }
 }
 ChunkOf = Callable[[Choice, Delta], dict[str, Any]]
 
@@ -54,12 +65,9 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         engine = state.live_engine()
         state.check_model(body.model)
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "give exactly one of prompt and messages", param="prompt")
-        if body.prompt is not None:
+        if isinstance(body, TokenizePrompt):
             ids = encode(engine, body.prompt, "prompt", body.add_special_tokens)
         else:
-            assert body.messages is not None
             ids = chat_prompt(engine, body.messages)
         return {
             "tokens": ids,
@@ -74,7 +82,7 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         check_token_ids(engine, body.tokens, "tokens")
         return {"prompt": engine.decode(body.tokens)}
 
-    @router.post("/v1/completions")
+    @router.post("/v1/completions", responses=GENERATED)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         engine = state.live_engine()
         state.check_model(body.model)
@@ -135,7 +143,7 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         ]
         return await respond(state, generation, request, body, head, first, chunk_of, whole)
 
-    @router.post("/v1/chat/completions")
+    @router.post("/v1/chat/completions", responses=GENERATED)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         engine = state.live_engine()
         state.check_model(body.model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,7 +44,12 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
+    )
     max_tokens: int | None = Field(16, ge=1, description="capped by the context left")
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
@@ -76,15 +82,26 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
 
-class TokenizeRequest(BaseModel):
-    """POST /tokenize: a prompt, or chat messages rendered with the chat template."""
+class TokenizePrompt(BaseModel):
+    """POST /tokenize with a prompt."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")  # a body with prompt and messages is refused
 
     model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
+    prompt: str
     add_special_tokens: bool = True
+
+
+class TokenizeChat(BaseModel):
+    """POST /tokenize with chat messages, rendered with the chat template."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+TokenizeRequest = TokenizePrompt | TokenizeChat
 
 
 class DetokenizeRequest(BaseModel):
@@ -122,10 +139,16 @@ class APIError(Exception):
     }
 
     def __init__(
-        self, status: int, message: str, param: str | None = None, code: str | None = None
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = dict(headers or {})
         self.body = ErrorResponse(
             error=ErrorBody(
                 message=message,
