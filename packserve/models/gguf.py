@@ -14,7 +14,7 @@ folder and a file rewritten in place gets a new one) plus ``FORMAT_VERSION``. Ha
 from __future__ import annotations
 
 import hashlib
-import sys
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +36,9 @@ END_TOKEN_KEYS = (
 
 
 def progress(message: str) -> None:
-    """One progress line on stderr (model fetching and conversion are slow, once)."""
-    print(f"packserve: {message}", file=sys.stderr, flush=True)
+    """One progress line (model fetching and conversion are slow, once): a log record, so
+    the server's log format applies; the CLI shows INFO records on stderr."""
+    logging.getLogger("packserve.models").info(message)
 
 
 def sha256_file(path: Path) -> str:

@@ -23,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from packserve.engine import AsyncEngine, Engine, EngineLoad, StepStats
 
 from .dashboard import dashboard_router
-from .logs import configure_logging
+from .logs import configure_logging, quiet_libraries
 from .metrics import Metrics
 from .openai_api import openai_router
 from .protocol import APIError, ErrorResponse
@@ -303,6 +303,7 @@ def _listen(host: str, port: int) -> socket.socket:
 
 def run(settings: Settings) -> None:
     """Serve until SIGTERM/SIGINT; exit 0 after draining, 1 if the server could not start."""
+    quiet_libraries()
     app = create_app(settings)
     state: ServerState = app.state.server
     config = uvicorn.Config(

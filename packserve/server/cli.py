@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from packserve.engine.config import EngineConfig
@@ -64,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
     gen.set_defaults(func=_generate, config=EngineConfig)
 
     args = parser.parse_args(argv)
+    if args.command != "serve":  # the server sets up its own log format
+        logging.basicConfig(level=logging.INFO, format="packserve: %(message)s")
     config = None
     if args.config is not None:
         try:  # the configs validate themselves: a bad value is a usage error, not a traceback

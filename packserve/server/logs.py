@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -58,5 +59,18 @@ def configure_logging(log_format: str) -> dict[str, Any]:
             "packserve": {"handlers": ["default"], "level": "INFO", "propagate": False},
             "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
             "uvicorn.access": {"handlers": ["default"], "level": "INFO", "propagate": False},
+            "transformers": {"handlers": ["default"], "level": "WARNING", "propagate": False},
+            "huggingface_hub": {"handlers": ["default"], "level": "WARNING", "propagate": False},
         },
     }
+
+
+def quiet_libraries() -> None:
+    """transformers and huggingface_hub write progress bars and keep their own stderr
+    handler: off, so every line on stderr is one of our log records (one JSON object each
+    with --log-format json)."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+    import transformers
+
+    transformers.logging.disable_progress_bar()
+    transformers.logging.disable_default_handler()
