@@ -114,8 +114,13 @@ class AsyncEngine:
         timeout) is aborted in the engine within one step."""
         self.num_in_flight -= 1
         if not finished:
-            self._aborts.append(request_id)
-            self._wake.set()
+            self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request within one step (its KV is freed); no more deltas arrive for it.
+        Aborting a finished or unknown request does nothing."""
+        self._aborts.append(request_id)
+        self._wake.set()
 
     # -- engine thread --------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The HTTP service: app assembly, errors, auth, body limit, probes, graceful drain."""
+"""The HTTP service: app assembly, errors, auth, the request edge, probes, graceful drain."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,6 +22,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from packserve.engine import AsyncEngine, Engine, EngineLoad, StepStats
 
+from .connections import EdgeLimits, default_max_connections, guarded_protocol
 from .dashboard import dashboard_router
 from .logs import configure_logging, quiet_libraries
 from .metrics import Metrics
@@ -33,34 +34,56 @@ from .state import ServerState
 log = logging.getLogger("packserve.server")
 
 
-class BodyLimit:
-    """ASGI middleware: refuse bodies over `limit` bytes with 413, declared or streamed.
+GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
-    It reads the body itself (up to the limit) and replays it, because the framework turns
-    any error raised while it reads the body into a generic 400."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+class RequestGate:
+    """ASGI middleware, the request edge: a generation request meets a full queue with 429
+    before its body is read (a refusal must not wait behind the work it refuses); a body
+    over `max_body_bytes` gets 413, declared or streamed; a body not received within
+    `body_timeout_s` gets 408.
+
+    It reads the body itself and replays it, because the framework turns any error raised
+    while it reads the body into a generic 400."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        queue_full: Callable[[], bool],
+    ) -> None:
         self.app = app
-        self.limit = limit
+        self.limit = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.queue_full = queue_full
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if scope["method"] == "POST" and scope["path"] in GENERATION_PATHS and self.queue_full():
+            error = APIError(429, "too many requests are waiting; retry later")
+            return await self._refuse(error, {"Retry-After": "1"}, scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._refuse(scope, receive, send)
+            return await self._too_large(scope, receive, send)
         chunks: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":  # the client left while sending
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await self._refuse(scope, receive, send)
-            if not message.get("more_body", False):
-                break
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                while True:
+                    message = await receive()
+                    if message["type"] != "http.request":  # the client left while sending
+                        return
+                    chunks.append(message.get("body", b""))
+                    size += len(chunks[-1])
+                    if size > self.limit:
+                        return await self._too_large(scope, receive, send)
+                    if not message.get("more_body", False):
+                        break
+        except TimeoutError:
+            error = APIError(408, f"the request body did not arrive within {self.body_timeout_s} s")
+            return await self._refuse(error, {"Connection": "close"}, scope, receive, send)
         replayed = False
 
         async def replay() -> Message:
@@ -72,9 +95,16 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        body = APIError(413, f"request body over {self.limit} bytes").body.model_dump()
-        await JSONResponse(body, status_code=413)(scope, receive, send)
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = APIError(413, f"request body over {self.limit} bytes")
+        await self._refuse(error, {}, scope, receive, send)
+
+    @staticmethod
+    async def _refuse(
+        error: APIError, headers: dict[str, str], scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        response = JSONResponse(error.body.model_dump(), status_code=error.status, headers=headers)
+        await response(scope, receive, send)
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -93,7 +123,17 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="packserve", version="0.1.0", lifespan=lifespan)
     app.state.server = state
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+
+    def queue_full() -> bool:
+        engine = state.engine
+        return engine is not None and engine.num_waiting >= settings.max_queued_requests
+
+    app.add_middleware(
+        RequestGate,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        queue_full=queue_full,
+    )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -306,10 +346,17 @@ def run(settings: Settings) -> None:
     quiet_libraries()
     app = create_app(settings)
     state: ServerState = app.state.server
+    limits = EdgeLimits(
+        header_timeout_s=settings.header_timeout_s,
+        stall_timeout_s=settings.stall_timeout_s,
+        max_connections=settings.max_connections or default_max_connections(),
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
+        http=guarded_protocol(limits),
+        timeout_keep_alive=settings.keep_alive_timeout_s,
         log_config=configure_logging(settings.log_format),
         timeout_graceful_shutdown=5,
     )

@@ -37,6 +37,40 @@ class TextFormatter(logging.Formatter):
         return super().format(record) + extra
 
 
+class RateLimit(logging.Filter):
+    """At most `burst` records per logger and message in any `window_s` seconds, for
+    warnings and errors and for the connection edge's lines (what an attacker can trigger at
+    will); the next record let through counts the ones dropped. Request and access lines
+    are not limited: they are one per request served."""
+
+    def __init__(self, burst: int = 20, window_s: float = 10.0) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window_s = window_s
+        self._seen: dict[tuple[str, object], tuple[float, int, int]] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING and not record.name.startswith(LIMITED_LOGGERS):
+            return True
+        key = (record.name, record.msg)
+        now = time.monotonic()
+        start, count, dropped = self._seen.get(key, (now, 0, 0))
+        if now - start >= self.window_s:
+            start, count = now, 0
+        if count >= self.burst:
+            self._seen[key] = (start, count, dropped + 1)
+            return False
+        if dropped:
+            record.fields = {**getattr(record, "fields", {}), "dropped_similar": dropped}
+        if len(self._seen) > 1024:  # many distinct messages: start over rather than grow
+            self._seen.clear()
+        self._seen[key] = (start, count + 1, 0)
+        return True
+
+
+LIMITED_LOGGERS = ("packserve.connections",)
+
+
 def configure_logging(log_format: str) -> dict[str, Any]:
     """Route our loggers and uvicorn's through one handler; returns uvicorn's log_config."""
     formatter = (
@@ -48,10 +82,12 @@ def configure_logging(log_format: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"default": {"()": formatter}},
+        "filters": {"rate_limit": {"()": "packserve.server.logs.RateLimit"}},
         "handlers": {
             "default": {
                 "class": "logging.StreamHandler",
                 "formatter": "default",
+                "filters": ["rate_limit"],
                 "stream": "ext://sys.stderr",
             }
         },
@@ -61,6 +97,7 @@ def configure_logging(log_format: str) -> dict[str, Any]:
             "uvicorn.access": {"handlers": ["default"], "level": "INFO", "propagate": False},
             "transformers": {"handlers": ["default"], "level": "WARNING", "propagate": False},
             "huggingface_hub": {"handlers": ["default"], "level": "WARNING", "propagate": False},
+            "asyncio": {"handlers": ["default"], "level": "WARNING", "propagate": False},
         },
     }
 

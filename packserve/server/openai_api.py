@@ -225,8 +225,9 @@ async def respond(
             yield sse({**head, "choices": [opening]})
         async for choice, item in generation.events():
             d = item.delta
-            if d.error:
-                yield sse(APIError(500, d.error).body.model_dump())
+            if d.error:  # a failed step (500) or a stream cut for a client too slow (408)
+                status = 500 if d.finish_reason == "error" else 408
+                yield sse(APIError(status, d.error).body.model_dump())
             elif d.text or d.finish_reason or d.logprobs:
                 yield sse({**head, "choices": [chunk_of(choice, d)]})
         if body.stream_options and body.stream_options.include_usage:

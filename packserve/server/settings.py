@@ -43,6 +43,24 @@ class Settings:
         30.0, "seconds in-flight requests get on SIGTERM", flag="shutdown-timeout"
     )
     max_body_bytes: int = knob(1 << 20, "largest request body accepted")
+    header_timeout_s: float = knob(
+        10.0, "seconds a connection has to send a request's headers", flag="header-timeout"
+    )
+    body_timeout_s: float = knob(
+        30.0, "seconds a request has to send its body (then 408)", flag="body-timeout"
+    )
+    keep_alive_timeout_s: int = knob(
+        5, "seconds an idle keep-alive connection stays open", flag="keep-alive-timeout"
+    )
+    stall_timeout_s: float = knob(
+        30.0,
+        "seconds a streamed response waits for a client that stopped reading before the "
+        "connection is dropped and the request aborted",
+        flag="stall-timeout",
+    )
+    max_connections: int = knob(
+        0, "open connections at most, then 503 (0: the file-descriptor limit less 64)"
+    )
     log_format: Literal["text", "json"] = knob("text", "log line format")
     log_prompts: bool = knob(False, "include prompt token ids in request logs")
 
@@ -54,6 +72,12 @@ class Settings:
             raise ValueError("max_queued_requests and max_body_bytes must be positive")
         if self.shutdown_timeout_s < 0:
             raise ValueError("shutdown_timeout_s must be >= 0")
+        timeouts = ("header_timeout_s", "body_timeout_s", "keep_alive_timeout_s", "stall_timeout_s")
+        for name in timeouts:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive")
+        if self.max_connections < 0:
+            raise ValueError("max_connections must be 0 (from the descriptor limit) or positive")
         if self.request_timeout_s is not None and self.request_timeout_s <= 0:
             raise ValueError("request_timeout_s must be positive")
 

@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from packserve.engine import AsyncEngine, Completion
+from packserve.engine import AsyncEngine, Completion, Delta
 from packserve.engine.async_engine import Timed
 from packserve.scheduler import SamplingParams, TokenLogprobs
 
@@ -55,6 +55,36 @@ class Choice:
         )
 
 
+MAX_BACKLOG_PER_CHOICE = 128  # deltas a stream may fall behind before it is cut
+
+
+class Backlog(asyncio.Queue[Timed]):
+    """A generation's collector, bounded: a consumer that falls `capacity` deltas behind (a
+    client that stopped reading a stream) triggers `on_overflow` once, and the queue is
+    emptied and takes nothing more from the engine."""
+
+    def __init__(self, capacity: int, on_overflow: Callable[[], None]) -> None:
+        super().__init__()
+        self.capacity = capacity
+        self.on_overflow = on_overflow
+        self.overflowed = False
+
+    def put_nowait(self, item: Timed) -> None:
+        if self.overflowed:
+            return
+        if self.qsize() >= self.capacity:
+            self.overflowed = True
+            while not self.empty():
+                self.get_nowait()
+            self.on_overflow()
+            return
+        super().put_nowait(item)
+
+    def put_final(self, item: Timed) -> None:
+        """An item that ends a request, accepted even after an overflow."""
+        super().put_nowait(item)
+
+
 class Generation:
     """The choices of one HTTP request, submitted to the engine together on construction."""
 
@@ -69,9 +99,21 @@ class Generation:
         self.choices = choices
         self.metrics = metrics
         self.on_done = on_done
-        self.collector: asyncio.Queue[Timed] = asyncio.Queue()
+        capacity = MAX_BACKLOG_PER_CHOICE * len(choices)
+        self.collector = Backlog(capacity, self._fell_behind)
         for c in choices:
             engine.submit(c.request_id, list(c.out.prompt_token_ids), c.params, self.collector)
+
+    def _fell_behind(self) -> None:
+        """The consumer is too far behind: abort what is unfinished (KV freed within a step)
+        and end each choice with an error the stream will carry if its client reads again."""
+        message = f"the client fell {MAX_BACKLOG_PER_CHOICE} tokens behind the stream"
+        for c in self.choices:
+            if c.out.finish_reason is None:
+                self.engine.abort(c.request_id)
+                self.collector.put_final(
+                    Timed(Delta(c.request_id, (), "", "abort", error=message), 0.0)
+                )
 
     async def events(self) -> AsyncIterator[tuple[Choice, Timed]]:
         """Every choice's deltas as they arrive, each already recorded in its Choice.
