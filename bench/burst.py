@@ -1,0 +1,142 @@
+"""Time to a refusal under a burst: 1000 connections at once against a small queue.
+
+Every connection sends one request at the same moment; the time from the burst's start to the
+response's status line is recorded per connection. The baseline, side by side in the same
+run and server: the same burst to GET /health, the server's floor for accepting and
+answering a connection. The figures: 429 latency (median, p99) and its ratio to the probe's.
+
+    .venv/bin/python -m bench.burst                   # 1000 connections, queue 8
+    .venv/bin/python -m bench.burst --connections 200 # a quick look
+
+Writes results/burst.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.prefill import cpu_model
+from packserve.models.model_maker import default_model_dir
+from packserve.server.launcher import launch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+async def one(host: str, port: int, request: bytes, start: float) -> tuple[int, float]:
+    """Send `request` on a new connection; (status, seconds from `start` to the status line)."""
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(request)
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout=120)
+        took = time.perf_counter() - start
+        writer.close()
+        status = int(line.split()[1]) if line.startswith(b"HTTP/1.1") else -1
+        return status, took
+    except (OSError, TimeoutError):
+        return -1, time.perf_counter() - start
+
+
+async def burst(host: str, port: int, request: bytes, n: int) -> list[tuple[int, float]]:
+    start = time.perf_counter()
+    return await asyncio.gather(*(one(host, port, request, start) for _ in range(n)))
+
+
+def http_request(method: str, path: str, body: dict[str, Any] | None = None) -> bytes:
+    data = json.dumps(body).encode() if body is not None else b""
+    head = f"{method} {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n"
+    if body is not None:
+        head += f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+    return (head + "\r\n").encode() + data
+
+
+def quantiles(values: list[float]) -> dict[str, float | None]:
+    if not values:
+        return {"n": 0, "p50_ms": None, "p99_ms": None, "max_ms": None}
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+    return {
+        "n": len(values),
+        "p50_ms": round(statistics.median(ordered) * 1000, 1),
+        "p99_ms": round(p99 * 1000, 1),
+        "max_ms": round(ordered[-1] * 1000, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--connections", type=int, default=1000)
+    parser.add_argument("--max-queued-requests", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    flags = [
+        "--model",
+        str(default_model_dir("tiny")),
+        "--max-queued-requests",
+        str(args.max_queued_requests),
+        "--max-num-seqs",
+        "8",
+    ]
+    generate = http_request(
+        "POST",
+        "/v1/completions",
+        {"prompt": "Write a long story.", "max_tokens": args.max_tokens, "ignore_eos": True},
+    )
+    probe = http_request("GET", "/health")
+    with launch(*flags) as server:
+        asyncio.run(burst(server.host, server.port, probe, 50))  # warm-up
+        probes = asyncio.run(burst(server.host, server.port, probe, args.connections))
+        time.sleep(1)
+        generations = asyncio.run(burst(server.host, server.port, generate, args.connections))
+    statuses: dict[int, int] = {}
+    for status, _ in generations:
+        statuses[status] = statuses.get(status, 0) + 1
+    refused = quantiles([t for s, t in generations if s == 429])
+    served = quantiles([t for s, t in generations if s == 200])
+    health = quantiles([t for s, t in probes if s == 200])
+    ratio = None
+    if refused["p50_ms"] and health["p50_ms"]:
+        ratio = round(refused["p50_ms"] / health["p50_ms"], 2)
+    summary = {
+        "config": vars(args) | {"out": str(args.out)},
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "errors_5xx": sum(v for k, v in statuses.items() if k >= 500),
+        "refused_429": refused,
+        "served_200": served,
+        "health_probe": health,
+        "refusal_over_probe_p50": ratio,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "burst.json").write_text(json.dumps(summary, indent=2) + "\n")
+    rows = [("429 (refused)", refused), ("200 (served)", served), ("GET /health", health)]
+    table = "\n".join(
+        f"| {name} | {q['n']} | {q['p50_ms']} | {q['p99_ms']} | {q['max_ms']} |" for name, q in rows
+    )
+    (args.out / "burst.md").write_text(
+        f"# Burst: {args.connections} connections at once, --max-queued-requests "
+        f"{args.max_queued_requests}\n\n"
+        f"{summary['machine']['cpu']}, {summary['machine']['cores']} cores; tiny model. "
+        f"Time from the burst's start to each response's status line.\n\n"
+        "| response | n | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|\n"
+        f"{table}\n\nStatuses: {summary['statuses']}; 429 p50 / /health p50 = {ratio}.\n"
+        "Command: `.venv/bin/python -m bench.burst`\n"
+    )
+    print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()
