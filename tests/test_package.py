@@ -78,3 +78,23 @@ def test_offline_api_from_the_package_root():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_help_loads_no_torch():
+    """`packserve --help` and `serve --help` answer without importing torch or transformers
+    (seconds on a cold machine); their flags show the defaults."""
+    code = (
+        "import contextlib, io, sys\n"
+        "from packserve.server.cli import main\n"
+        "for argv in (['--help'], ['serve', '--help'], ['generate', '--help']):\n"
+        "    out = io.StringIO()\n"
+        "    with contextlib.suppress(SystemExit), contextlib.redirect_stdout(out):\n"
+        "        main(argv)\n"
+        "    assert 'usage: packserve' in out.getvalue()\n"
+        "    if argv[0] != '--help':\n"
+        "        assert '(default: 64)' in out.getvalue()  # --max-num-seqs\n"
+        "heavy = {'torch', 'transformers'} & set(sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

@@ -1,8 +1,9 @@
 """EngineConfig: every knob that shapes an engine, its default and its help, defined once.
 
 The server's command line and environment variables are generated from these fields
-(`packserve/server/settings.py`); the runner's and the scheduler's configs are derived from
-one of these and the loaded model, so a new knob is one field here plus where it is used.
+(`packserve/server/settings.py`); the engine derives the runner's and the scheduler's configs
+from one of these and the loaded model, so a new knob is one field here plus where it is
+used. Importing this module loads no torch: `packserve --help` stays fast.
 """
 
 from __future__ import annotations
@@ -11,11 +12,9 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from packserve.kernels.attention import AttentionBackend
-from packserve.kernels.runner import LinearBackend, RunnerConfig
-from packserve.scheduler import PrefillMode, SchedulerConfig
+from packserve.kernels.choices import AttentionBackend, Dtype, LinearBackend
+from packserve.scheduler import PrefillMode
 
-Dtype = Literal["float32", "bfloat16", "float16"]
 DEFAULT_MAX_MODEL_LEN = 4096  # the longest default context, whatever the model allows
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 4096  # the default step budget, when the context is shorter
 
@@ -96,29 +95,4 @@ class EngineConfig:
         """The context: the flag, else the model's, capped at DEFAULT_MAX_MODEL_LEN."""
         return self.max_model_len or min(
             model_max_len or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN
-        )
-
-    def runner_config(self, max_model_len: int) -> RunnerConfig:
-        return RunnerConfig(
-            attention_backend=self.attention_backend,
-            linear_backend=self.linear_backend,
-            block_size=self.block_size,
-            kv_cache_memory_bytes=self.kv_cache_memory_mb << 20,
-            num_kv_blocks=self.num_kv_blocks,
-            seed=self.seed,
-            batch_invariant=self.batch_invariant,
-            max_model_len=max_model_len,
-        )
-
-    def scheduler_config(self, max_model_len: int, num_kv_blocks: int) -> SchedulerConfig:
-        return SchedulerConfig(
-            max_model_len=max_model_len,
-            num_kv_blocks=num_kv_blocks,
-            block_size=self.block_size,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens
-            or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len),
-            max_prefill_row_len=self.max_prefill_row_len,
-            prefill_mode=self.prefill_mode,
-            replay_preempted=self.batch_invariant,
         )

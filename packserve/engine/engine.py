@@ -7,18 +7,19 @@ import time
 from collections.abc import Iterator, Sequence
 
 from packserve.kernels.loader import load_model
-from packserve.kernels.runner import Runner
+from packserve.kernels.runner import Runner, RunnerConfig
 from packserve.models import resolve_model
 from packserve.scheduler import (
     Request,
     RequestStatus,
     SamplingParams,
     Scheduler,
+    SchedulerConfig,
     SchedulerOutput,
     TokenEvent,
 )
 
-from .config import EngineConfig
+from .config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
 from .outputs import Completion, Delta
 from .stats import EngineInfo, EngineLoad, RunningRequest, StepStats
 from .text import TextStream
@@ -42,8 +43,8 @@ class Engine:
         max_model_len = config.resolved_max_model_len(
             getattr(self.model.config, "max_position_embeddings", None)
         )
-        self.runner = Runner(self.model, config.runner_config(max_model_len))
-        scheduler_config = config.scheduler_config(max_model_len, self.runner.kv_cache.num_blocks)
+        self.runner = Runner(self.model, _runner_config(config, max_model_len))
+        scheduler_config = _scheduler_config(config, max_model_len, self.runner.kv_cache.num_blocks)
         eos_token_ids = frozenset(self._eos_token_ids())
         self.scheduler = Scheduler(scheduler_config, eos_token_ids)
         self.info = EngineInfo(
@@ -174,6 +175,35 @@ class Engine:
         if eos is None:
             eos = self.tokenizer.eos_token_id
         return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
+
+
+def _runner_config(config: EngineConfig, max_model_len: int) -> RunnerConfig:
+    return RunnerConfig(
+        attention_backend=config.attention_backend,
+        linear_backend=config.linear_backend,
+        block_size=config.block_size,
+        kv_cache_memory_bytes=config.kv_cache_memory_mb << 20,
+        num_kv_blocks=config.num_kv_blocks,
+        seed=config.seed,
+        batch_invariant=config.batch_invariant,
+        max_model_len=max_model_len,
+    )
+
+
+def _scheduler_config(
+    config: EngineConfig, max_model_len: int, num_kv_blocks: int
+) -> SchedulerConfig:
+    budget = config.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len)
+    return SchedulerConfig(
+        max_model_len=max_model_len,
+        num_kv_blocks=num_kv_blocks,
+        block_size=config.block_size,
+        max_num_seqs=config.max_num_seqs,
+        max_num_batched_tokens=budget,
+        max_prefill_row_len=config.max_prefill_row_len,
+        prefill_mode=config.prefill_mode,
+        replay_preempted=config.batch_invariant,
+    )
 
 
 def _available_memory_bytes() -> int | None:
