@@ -328,21 +328,9 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """The server's socket, bound before the model loads so a taken port fails at once."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def run(settings: Settings) -> None:
-    """Serve until SIGTERM/SIGINT; exit 0 after draining, 1 if the server could not start."""
+def run(settings: Settings, sock: socket.socket) -> None:
+    """Serve on the bound `sock` until SIGTERM/SIGINT; exit 0 after draining, 1 if the server
+    could not start."""
     quiet_libraries()
     app = create_app(settings)
     state: ServerState = app.state.server
@@ -360,12 +348,6 @@ def run(settings: Settings) -> None:
         log_config=configure_logging(settings.log_format),
         timeout_graceful_shutdown=5,
     )
-    try:
-        sock = _listen(settings.host, settings.port)
-    except OSError as exc:
-        log.error(f"startup failed: cannot listen on {settings.host}:{settings.port}: {exc}")
-        logging.shutdown()
-        os._exit(1)
     server = DrainingServer(config, state)
     state.on_fail = server.stop_now
     server.run(sockets=[sock])

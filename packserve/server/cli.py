@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from pathlib import Path
 
 from packserve.engine.config import EngineConfig
@@ -37,9 +38,23 @@ def _generate(args: argparse.Namespace, config: EngineConfig) -> None:
 
 
 def _serve(args: argparse.Namespace, settings: Settings) -> None:
-    from .app import run
+    import logging.config
 
-    run(settings)
+    from .connections import listen
+    from .logs import configure_logging
+
+    logging.config.dictConfig(configure_logging(settings.log_format))
+    try:
+        sock = listen(settings.host, settings.port)
+    except OSError as exc:
+        where = f"{settings.host}:{settings.port}"
+        logging.getLogger("packserve.server").error(
+            f"startup failed: cannot listen on {where}: {exc}"
+        )
+        sys.exit(1)
+    from .app import run  # torch and the rest: after the port is ours
+
+    run(settings, sock)
 
 
 def main(argv: list[str] | None = None) -> None:

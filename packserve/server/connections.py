@@ -43,6 +43,20 @@ def default_max_connections() -> int:
     return max(8, soft - FD_RESERVE)
 
 
+def listen(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before anything heavy is imported or loaded, so a taken
+    port fails at once."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def _refusal() -> bytes:
     body = json.dumps(
         {
