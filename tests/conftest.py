@@ -1,17 +1,32 @@
-"""Shared factories: the real tiny model, built once per machine, and engines over it."""
+"""Shared factories: the real tiny model, built once per machine, and engines over it; test
+servers (`packserve serve` children, through packserve.server.launcher), the rule that none of
+them logs a 5xx or a traceback, and the offline engine that gives their expected outputs."""
 
 from __future__ import annotations
 
+import contextlib
 import random
+import re
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from packserve.engine.engine import Engine, EngineConfig
+from packserve.engine.engine import Completion, Engine, EngineConfig
 from packserve.models.model_maker import default_model_dir
+from packserve.scheduler import SamplingParams
+from packserve.server.launcher import SERVE_COMMAND, ServerProcess
+
+# Intra-op threads of every test server and of the offline engine while it makes their
+# expected outputs. The same on both sides, because float32 sums in another order can flip a
+# near tie (bench/stress.py found a prompt whose greedy output differs between 1 and 2
+# threads). One, because on a busy 2-core machine two OpenMP threads mostly wait on each other,
+# and the test process and several servers share the cores.
+SERVER_THREADS = 1
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -20,6 +35,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         default="cpu",
         help="torch device for the engines and the reference model (default: cpu)",
     )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that starts a server (uses `launch_server`, directly or through another fixture)
+    is slow: `make test-fast` (-m "not slow") leaves it out without a list to keep."""
+    for item in items:
+        if "launch_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -122,3 +145,142 @@ def smollm2_dir() -> Path:
     from packserve.models.smollm2 import default_model_dir as smollm2_model_dir
 
     return smollm2_model_dir()
+
+
+# -- test servers --------------------------------------------------------------------------------
+
+_SERVERS: list[ServerProcess] = []  # every server of this session, for the log check below
+
+
+@pytest.fixture(scope="session")
+def launch_server(
+    tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[..., ServerProcess]]:
+    """launch_server(*flags, env=None, command=None, wait=True) -> a ServerProcess of
+    `<command> --host 127.0.0.1 --port <free> --model <tiny> *flags` (command: `packserve
+    serve` by default), with SERVER_THREADS threads; with `wait`, ready (GET /ready is 200,
+    bounded by the launcher's one timeout), else call its `wait_ready()`. Every server still
+    running is stopped at the end of the session; fixtures and tests may stop theirs earlier."""
+    logs = tmp_path_factory.mktemp("servers")
+
+    def launch(
+        *flags: str,
+        env: dict[str, str] | None = None,
+        command: Sequence[str] | None = None,
+        wait: bool = True,
+    ) -> ServerProcess:
+        server = ServerProcess(
+            ("--model", str(tiny_model_dir), *flags),
+            command=SERVE_COMMAND if command is None else command,
+            env=env,
+            threads=SERVER_THREADS,
+            log_path=logs / f"server-{len(_SERVERS)}.log",
+        )
+        _SERVERS.append(server)
+        server.start(wait=wait)
+        return server
+
+    yield launch
+    for server in _SERVERS:
+        server.stop(timeout=10)
+
+
+# An access-log line: `"GET /path HTTP/1.1" 500`.
+_ACCESS_5XX = re.compile(r'"[A-Z]+ [^"]*" (5\d\d)\b')
+
+
+def _log_size(server: ServerProcess) -> int:
+    try:
+        return server.log_path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _log_since(server: ServerProcess, offset: int) -> str:
+    try:
+        with open(server.log_path, "rb") as f:
+            f.seek(offset)
+            return f.read().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+@pytest.fixture(autouse=True)
+def no_server_errors(request: pytest.FixtureRequest) -> Iterator[None]:
+    """After every test: no test server answered 5xx while it ran (503 is allowed: loading or
+    draining; 500 only in tests marked allow_server_500) and none logged a traceback or an
+    unhandled error."""
+    allowed = {"503"}
+    if request.node.get_closest_marker("allow_server_500"):
+        allowed.add("500")
+    offsets = {id(s): _log_size(s) for s in _SERVERS}
+    yield
+    problems = []
+    for s in list(_SERVERS):
+        for line in _log_since(s, offsets.get(id(s), 0)).splitlines():
+            m = _ACCESS_5XX.search(line)
+            if (m and m.group(1) not in allowed) or "Traceback" in line or "unhandled" in line:
+                problems.append(f"{s.url}: {line}")
+    assert not problems, "server errors during the test:\n" + "\n".join(problems[:20])
+
+
+# -- expected outputs: the offline engine, each prompt alone, as the servers run ----------------
+
+
+@contextlib.contextmanager
+def _server_threads() -> Iterator[None]:
+    """Run the block with the servers' thread count (SERVER_THREADS), then restore."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(SERVER_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def server_threads() -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """`with server_threads():` run the offline engine as the test servers run (their thread
+    count), for expected outputs made without `offline`."""
+    return _server_threads
+
+
+@pytest.fixture(scope="session")
+def offline_engine(make_engine: Callable[..., Engine]) -> Engine:
+    """The engine with default settings, in this process: the test servers' expected outputs."""
+    return make_engine()
+
+
+@pytest.fixture(scope="session")
+def offline(offline_engine: Engine) -> Callable[..., Completion]:
+    """offline(prompt, max_tokens, **params) -> the engine's Completion for that prompt (text
+    or token ids) run alone, with the servers' thread count; greedy unless params say
+    otherwise. Cached."""
+    cache: dict[tuple, Completion] = {}
+
+    def run(prompt: str | list[int], max_tokens: int, **params: Any) -> Completion:
+        params.setdefault("temperature", 0.0)
+        key = (
+            prompt if isinstance(prompt, str) else tuple(prompt),
+            max_tokens,
+            tuple(sorted(params.items())),
+        )
+        if key not in cache:
+            sampling = SamplingParams(max_tokens=max_tokens, **params)
+            with _server_threads():
+                cache[key] = offline_engine.generate([prompt], sampling)[0]
+        return cache[key]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def chat_ids(offline_engine: Engine) -> Callable[[list[dict[str, str]]], list[int]]:
+    """The prompt ids the server makes of chat messages (the model's chat template)."""
+    tokenizer = offline_engine.tokenizer
+
+    def render(messages: list[dict[str, str]]) -> list[int]:
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return list(tokenizer(text, add_special_tokens=False).input_ids)
+
+    return render

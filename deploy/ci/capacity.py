@@ -25,17 +25,15 @@ import json
 import os
 import platform
 import random
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from packserve.server.launcher import READY_TIMEOUT_S, ServerProcess, ServerStartError
 
 TEXT = (
     "the of and to in is was for on that with as by at from this be are it an or which have "
@@ -216,51 +214,16 @@ def machine() -> dict[str, Any]:
     return info
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_replica(model: str | None, extra: list[str], timeout: float) -> tuple[str, Any, str]:
-    """`packserve serve` on a free loopback port; returns (url, Popen, log file) once /ready
-    is 200."""
-    script = Path(sys.executable).parent / "packserve"
-    port = free_port()
-    argv = [str(script), "serve", "--host", "127.0.0.1", "--port", str(port), *extra]
-    if model:
-        argv += ["--model", model]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PACKSERVE_")}
-    # The server logs a line per request: into a file, never a pipe nobody reads (a full pipe
-    # would block the server).
-    fd, log_name = tempfile.mkstemp(prefix="packserve-capacity-", suffix=".log")
-    with os.fdopen(fd, "wb") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-    print(f"replica log: {log_name}", file=sys.stderr)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = Path(log_name).read_text(errors="replace")[-3000:]
-            raise SystemExit(f"packserve exited with {proc.returncode}:\n{tail}")
-        try:
-            if httpx.get(url + "/ready", timeout=2).status_code == 200:
-                return url, proc, log_name
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_replica(proc)
-    raise SystemExit(f"packserve was not ready after {timeout}s")
-
-
-def stop_replica(proc: Any) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+def start_replica(model: str | None, extra: list[str], timeout: float) -> ServerProcess:
+    """`packserve serve` on a free loopback port, ready (GET /ready is 200)."""
+    flags = [*extra, *(["--model", model] if model else [])]
+    # The server logs a line per request: into a file, never a pipe nobody reads.
+    server = ServerProcess(flags, ready_timeout=timeout)
+    print(f"replica log: {server.log_path}", file=sys.stderr)
+    try:
+        return server.start()
+    except ServerStartError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def markdown(levels: list[Level]) -> str:
@@ -336,23 +299,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--timeout", type=float, default=120.0, help="per-request bound (s)")
-    parser.add_argument("--ready-timeout", type=float, default=180.0)
+    parser.add_argument("--ready-timeout", type=float, default=READY_TIMEOUT_S)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    proc = log_name = None
+    replica = None
     url = args.url
     if url is None:
-        url, proc, log_name = start_replica(args.model, args.serve_arg, args.ready_timeout)
+        replica = start_replica(args.model, args.serve_arg, args.ready_timeout)
+        url = replica.url
     try:
         report = asyncio.run(measure(args, url.rstrip("/")))
     finally:
-        if proc is not None:
-            stop_replica(proc)
+        if replica is not None:
+            replica.stop()
     levels = [Level(**v) for v in report["levels"]]
-    if log_name and not any(v.failed for v in levels):
-        os.unlink(log_name)  # kept only when something failed
+    if replica is not None and not any(v.failed for v in levels):
+        replica.log_path.unlink()  # kept only when something failed
     m = report["machine"]
     print(
         f"model {report['model']}, prompt {report['prompt_tokens']} tokens, "

@@ -1,6 +1,7 @@
-"""Fixtures for the dashboard tests: one real `packserve serve` on a loopback port (tiny model,
-an API key set, a small context and KV pool so rows, queue and cache all move), a load
-generator that sends completions in waves of varied prompt lengths, and bounded polling.
+"""Fixtures for the dashboard tests: one real `packserve serve` on a loopback port (started by
+tests/conftest.py's `launch_server`: tiny model, an API key set, a small context and KV pool so
+rows, queue and cache all move), a load generator that sends completions in waves of varied
+prompt lengths, and bounded polling.
 
 Everything that waits has a bound, so a broken server fails a test instead of hanging it.
 """
@@ -8,23 +9,18 @@ Everything that waits has a bound, so a broken server fails a test instead of ha
 from __future__ import annotations
 
 import random
-import shutil
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-HOST = "127.0.0.1"
+from packserve.server.launcher import ServerProcess
+
 API_KEY = "dashboard-test-key"
-READY_TIMEOUT_S = 90.0  # importing torch + loading (or first building) the tiny model
 CANARY = "zebracanary"  # in every text prompt: must never show up in the feed
 SERVER_FLAGS = (
     "--max-model-len",
@@ -40,66 +36,28 @@ SERVER_FLAGS = (
 )
 
 
-def _packserve() -> str:
-    here = Path(sys.executable).parent / "packserve"
-    if here.exists():
-        return str(here)
-    found = shutil.which("packserve")
-    if found is None:
-        pytest.fail("the packserve console script is not installed")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
-    url: str
-    proc: subprocess.Popen
-    log_path: Path
+    """The dashboard's server and what the tests know about it."""
+
+    process: ServerProcess
     api_key: str = API_KEY
     canary: str = CANARY  # a word in text prompts that must never reach the feed
 
+    @property
+    def url(self) -> str:
+        return self.process.url
+
     def logs(self, tail: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-tail:]
-        except OSError:
-            return ""
+        return self.process.logs(tail)
 
 
 @pytest.fixture(scope="session")
-def dash_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """`packserve serve` with the built-in tiny model (built on first use)."""
-    port = _free_port()
-    log_path = tmp_path_factory.mktemp("dashboard-server") / "server.log"
-    cmd = [_packserve(), "serve", "--host", HOST, "--port", str(port), *SERVER_FLAGS]
-    cmd += ["--api-key", API_KEY]
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    server = Server(f"http://{HOST}:{port}", proc, log_path)
-    try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        with httpx.Client(timeout=2.0) as client:
-            while True:
-                if proc.poll() is not None:
-                    pytest.fail(f"server exited with {proc.returncode}:\n{server.logs()}")
-                try:
-                    if client.get(server.url + "/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    pytest.fail(f"server not ready after {READY_TIMEOUT_S}s:\n{server.logs()}")
-                time.sleep(0.2)
-        yield server
-    finally:
-        if proc.poll() is None:
-            proc.kill()  # our own child, by its handle
-        proc.wait(timeout=15)
+def dash_server(launch_server: Callable[..., ServerProcess]) -> Iterator[Server]:
+    """`packserve serve` with the tiny model, the flags above and an API key."""
+    process = launch_server(*SERVER_FLAGS, "--api-key", API_KEY)
+    yield Server(process)
+    process.stop()
 
 
 @dataclass

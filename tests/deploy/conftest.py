@@ -1,8 +1,9 @@
 """Fixtures for the deployment tests: the shipped files, real `packserve serve` replicas on
-loopback ports, external tools (prometheus, promtool, nginx, hadolint) found or skipped with a
+loopback ports (tests/conftest.py's `launch_server`, which also checks every server's log after
+each test), external tools (prometheus, promtool, nginx, hadolint) found or skipped with a
 reason, and bounded helpers.
 
-Every process is started by a fixture, tracked by its Popen handle and killed at teardown;
+Every process is started by a fixture, tracked by its Popen handle and stopped at teardown;
 every wait has a bound, so a broken piece fails a test instead of hanging the suite.
 """
 
@@ -10,10 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,19 +25,13 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-HOST = "127.0.0.1"
-READY_TIMEOUT_S = 90.0  # importing torch + loading the model on a busy 2-core machine
+from packserve.server.launcher import HOST, ServerProcess, free_port
+
 HTTP_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 INSTALL_HINT = "run deploy/ci/install-tools.sh (Debian: apt-get install prometheus nginx)"
 
 
 # -- small helpers ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def wait_for(
@@ -180,53 +173,30 @@ def start_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
 class Replica:
     """One `packserve serve` on 127.0.0.1:port."""
 
-    url: str
-    port: int
-    process: Proc
+    process: ServerProcess
+
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    @property
+    def port(self) -> int:
+        return self.process.port
 
     @property
     def address(self) -> str:
         return f"{HOST}:{self.port}"
 
 
-def _packserve() -> str:
-    tool = find_tool("packserve")
-    if tool is None:
-        pytest.fail("the packserve console script is not installed")
-    return tool
-
-
-def _wait_ready(replica: Replica, timeout: float) -> None:
-    def ready() -> bool:
-        if not replica.process.alive():
-            raise RuntimeError(f"exited with {replica.process.proc.returncode}")
-        return httpx.get(replica.url + "/ready", timeout=2.0).status_code == 200
-
-    try:
-        wait_for(ready, timeout, interval=0.2, what=f"{replica.url}/ready")
-    except AssertionError as exc:
-        raise AssertionError(f"{exc}\n{replica.process.logs()}") from None
-
-
 @pytest.fixture(scope="session")
-def launch_replicas(
-    tiny_model_dir: Path, start_process: Callable[..., Proc]
-) -> Callable[..., list[Replica]]:
+def launch_replicas(launch_server: Callable[..., ServerProcess]) -> Callable[..., list[Replica]]:
     """launch_replicas(n, *flags, env=None) -> n ready replicas of `packserve serve --model
     <tiny> --host 127.0.0.1 --port <free>`, started together and waited for (bounded)."""
 
     def launch(n: int, *flags: str, env: dict[str, str] | None = None) -> list[Replica]:
-        base_env = {k: v for k, v in os.environ.items() if not k.startswith("PACKSERVE_")}
-        base_env.update(env or {})
-        replicas = []
-        for _ in range(n):
-            port = free_port()
-            argv = [_packserve(), "serve", "--model", str(tiny_model_dir)]
-            argv += ["--host", HOST, "--port", str(port), *flags]
-            proc = start_process(f"packserve-{port}", argv, env=base_env)
-            replicas.append(Replica(f"http://{HOST}:{port}", port, proc))
+        replicas = [Replica(launch_server(*flags, env=env, wait=False)) for _ in range(n)]
         for replica in replicas:
-            _wait_ready(replica, READY_TIMEOUT_S)
+            replica.process.wait_ready()
         return replicas
 
     return launch

@@ -1,7 +1,8 @@
 """Fixtures for the reliability and security tests: real `packserve serve` processes on
-loopback ports over the tiny model, the offline engine for the expected outputs, and helpers
-(SSE streaming, /metrics gauges, bounded polling, OpenAI error bodies) shared through the
-`h` fixture (the tests run with --import-mode=importlib, so nothing here is imported).
+loopback ports over the tiny model (tests/conftest.py's `launch_server`, which also checks
+every server's log after each test, and gives the offline engine's expected outputs), and
+helpers (SSE streaming, /metrics gauges, bounded polling, OpenAI error bodies) shared through
+the `h` fixture (the tests run with --import-mode=importlib, so nothing here is imported).
 
 Every wait is bounded, so a broken server fails a test instead of hanging it. Each test
 records the figures it produced (requests, failures, seconds, KV blocks) with `figures`;
@@ -11,145 +12,33 @@ they are printed in the terminal summary.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import os
-import re
-import shutil
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
-import torch
 from prometheus_client.parser import text_string_to_metric_families
 
-from packserve.engine.engine import Completion, Engine
-from packserve.scheduler import SamplingParams
+from packserve.engine.engine import Engine
+from packserve.server.launcher import ServerProcess
 
-HOST = "127.0.0.1"
-READY_TIMEOUT_S = 120.0  # importing torch and loading the model on a busy 2-core machine
 HTTP_TIMEOUT = httpx.Timeout(120.0, connect=15.0)
 P = "packserve:"
-# Intra-op threads of the servers and of the offline engine: the same on both sides, because
-# float32 sums in another order can flip a near tie (bench/stress.py found a prompt whose
-# greedy output differs between 1 and 2 threads). One, because on a busy 2-core machine two
-# OpenMP threads mostly wait on each other.
-THREADS = 1
 
 
 # -- servers --------------------------------------------------------------------------------------
 
 
-def _packserve() -> str:
-    here = Path(sys.executable).parent / "packserve"
-    if here.exists():
-        return str(here)
-    found = shutil.which("packserve")
-    if found is None:
-        pytest.fail("the packserve console script is not installed")
-    return found
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Server:
-    """One `packserve serve` subprocess of this test session."""
-
-    url: str
-    port: int
-    proc: subprocess.Popen
-    log_path: Path
-    flags: tuple[str, ...] = field(default=())
-
-    def logs(self, tail: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-tail:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        """Kill our process (by its Popen handle) and reap it."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=15)
-
-
-_STARTED: list[Server] = []
-
-
-def _wait_ready(server: Server, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    with httpx.Client(timeout=httpx.Timeout(3.0)) as client:
-        while time.monotonic() < deadline:
-            if server.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited with {server.proc.returncode} before it was ready:\n"
-                    + server.logs()
-                )
-            try:
-                r = client.get(server.url + "/ready")
-                if r.status_code == 200:
-                    return
-                last = f"{r.status_code} {r.text[:200]}"
-            except httpx.HTTPError as exc:
-                last = repr(exc)
-            time.sleep(0.2)
-    raise TimeoutError(f"server not ready after {timeout}s (last: {last}):\n{server.logs()}")
+@pytest.fixture(scope="session")
+def launch(launch_server: Callable[..., ServerProcess]) -> Callable[..., ServerProcess]:
+    """launch(*flags, env=None, command=None): tests/conftest.py's `launch_server`."""
+    return launch_server
 
 
 @pytest.fixture(scope="session")
-def launch(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Factory: start `packserve serve --model <tiny> --port <free> *flags` and wait (bounded)
-    until /ready is 200. Every server still running is killed at the end of the session."""
-    logs = tmp_path_factory.mktemp("reliability-servers")
-
-    def start(*flags: str) -> Server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PACKSERVE_")}
-        env["OMP_NUM_THREADS"] = str(THREADS)
-        error: Exception | None = None
-        for _ in range(3):  # a free port can be taken between the probe and the bind
-            port = _free_port()
-            log_path = logs / f"server-{port}.log"
-            cmd = [_packserve(), "serve", "--model", str(tiny_model_dir)]
-            cmd += ["--host", HOST, "--port", str(port), *flags]
-            with open(log_path, "wb") as log:
-                proc = subprocess.Popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-                )
-            server = Server(f"http://{HOST}:{port}", port, proc, log_path, tuple(flags))
-            _STARTED.append(server)
-            try:
-                _wait_ready(server, READY_TIMEOUT_S)
-            except (RuntimeError, TimeoutError) as exc:
-                server.stop()
-                error = exc
-                if "address already in use" in server.logs().lower():
-                    continue
-                break
-            return server
-        raise AssertionError(f"could not start packserve {' '.join(flags)}: {error}")
-
-    yield start
-    for server in _STARTED:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def shared_server(launch) -> Server:
+def shared_server(launch) -> ServerProcess:
     """A default server (no key, default limits) for the tests that leave it as they found it:
     load, disconnect storm, nasty inputs. They use it one at a time."""
     return launch()
@@ -159,7 +48,7 @@ API_KEY = "sk-reliability-0123456789abcdef"
 
 
 @pytest.fixture(scope="session")
-def locked_server(launch) -> Server:
+def locked_server(launch) -> ServerProcess:
     """A server with an API key and a 128-token context (so any generated request is cheap):
     the auth tests and the fuzzer (which sends the key)."""
     return launch("--api-key", API_KEY, "--max-model-len", "128")
@@ -170,82 +59,9 @@ def api_key() -> str:
     return API_KEY
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "allow_server_500: the test provokes 500s on purpose (engine fault hook)"
-    )
-
-
-_ACCESS_5XX = re.compile(r'"[A-Z]+ [^"]*" (5\d\d)\b')
-
-
-@pytest.fixture(autouse=True)
-def no_server_errors(request: pytest.FixtureRequest) -> Iterator[None]:
-    """After every test: no server of this session logged a traceback or answered 5xx
-    (503 is allowed: loading or draining; 500 only in tests marked allow_server_500)."""
-    allowed = {"503"}
-    if request.node.get_closest_marker("allow_server_500"):
-        allowed.add("500")
-    offsets = {id(s): len(s.logs(tail=10**9)) for s in _STARTED}
-    yield
-    problems = []
-    for s in list(_STARTED):
-        for line in s.logs(tail=10**9)[offsets.get(id(s), 0) :].splitlines():
-            m = _ACCESS_5XX.search(line)
-            if (m and m.group(1) not in allowed) or "Traceback" in line or "unhandled" in line:
-                problems.append(f"{s.url}: {line}")
-    assert not problems, "server errors during the test:\n" + "\n".join(problems[:20])
-
-
-# -- expected outputs: the offline engine, each prompt alone ---------------------------------------
-
-
-@pytest.fixture(scope="session")
-def offline_engine(make_engine: Callable[..., Engine]) -> Engine:
-    return make_engine()
-
-
 @pytest.fixture(scope="session")
 def tok(offline_engine: Engine) -> Any:
     return offline_engine.tokenizer
-
-
-@pytest.fixture(scope="session")
-def offline(offline_engine: Engine) -> Callable[..., Completion]:
-    """offline(prompt, max_tokens, **params) -> the engine's Completion for that prompt (text
-    or token ids) run alone; greedy unless params say otherwise. Cached."""
-    cache: dict[tuple, Completion] = {}
-
-    def run(prompt: str | list[int], max_tokens: int, **params: Any) -> Completion:
-        params.setdefault("temperature", 0.0)
-        key = (
-            prompt if isinstance(prompt, str) else tuple(prompt),
-            max_tokens,
-            tuple(sorted(params.items())),
-        )
-        if key not in cache:
-            sampling = SamplingParams(max_tokens=max_tokens, **params)
-            # The servers' thread count (see THREADS), restored afterwards for other tests.
-            threads = torch.get_num_threads()
-            torch.set_num_threads(THREADS)
-            try:
-                cache[key] = offline_engine.generate([prompt], sampling)[0]
-            finally:
-                torch.set_num_threads(threads)
-        return cache[key]
-
-    return run
-
-
-@pytest.fixture(scope="session")
-def chat_ids(tok: Any) -> Callable[[list[dict[str, str]]], list[int]]:
-    """The prompt ids the server makes of chat messages (the model's chat template)."""
-
-    def render(messages: list[dict[str, str]]) -> list[int]:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return list(tok(text, add_special_tokens=False).input_ids)
-
-    return render
 
 
 # -- figures for the summary ----------------------------------------------------------------------

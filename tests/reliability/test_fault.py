@@ -1,5 +1,6 @@
-"""Engine fault isolation, through the test-only hook `--debug-fault-token-id T`: any
-engine step that would run token T raises, and exactly the requests in that step fail
+"""Engine fault isolation, through the test-only hook of fault_server.py (packserve with a
+model whose forwards raise on token T, given in PACKSERVE_TEST_FAULT_TOKEN_ID): any engine
+step that would run token T raises, and exactly the requests in that step fail
 (a streamed one with an error event then [DONE], a non-streamed one with a 500 error
 object). Requests in other steps are untouched; afterwards the server is ready, exact, and
 holds no KV block.
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,6 +23,8 @@ import pytest
 
 pytestmark = pytest.mark.allow_server_500  # the 500s are the point here
 
+FAULT_SERVER = (sys.executable, str(Path(__file__).with_name("fault_server.py")), "serve")
+FAULT_ENV = "PACKSERVE_TEST_FAULT_TOKEN_ID"  # read by fault_server.py
 DECODE_FAULT_AT = 15  # the fault token is the 16th a prompt generates
 RUNNING_PROMPTS = [f"Running request {i} shares the step with the faulty prompt" for i in range(6)]
 EXACT_PROMPTS = [f"After the fault, request {i} is fine" for i in range(3)]
@@ -59,7 +64,7 @@ def case(offline, tok, chat_ids) -> FaultCase:
 
 @pytest.fixture(scope="module")
 def faulty(launch, case):
-    server = launch("--debug-fault-token-id", str(case.token))
+    server = launch(command=FAULT_SERVER, env={FAULT_ENV: str(case.token)})
     yield server
     server.stop()
 
