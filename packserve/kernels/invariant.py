@@ -81,7 +81,8 @@ class TabulatedRotary(nn.Module):
 
     def __init__(self, rotary: nn.Module, num_positions: int) -> None:
         super().__init__()
-        probe = torch.zeros(1, device=rotary.inv_freq.device)  # float32: the table's dtype
+        device = rotary.get_buffer("inv_freq").device
+        probe = torch.zeros(1, device=device)  # float32: the table's dtype
         cos, sin = [], []
         for start in range(0, num_positions, ROTARY_CHUNK):
             positions = torch.arange(start, start + ROTARY_CHUNK, device=probe.device)[None]
