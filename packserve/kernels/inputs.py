@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,19 +23,26 @@ class ModelInputs:
     sample_index: torch.Tensor  # [num_seqs] flat index into [R * L] of each last token
 
 
-def slots_of(block_ids: tuple[int, ...], positions: range, block_size: int) -> list[int]:
+BlockTables = Mapping[str, Sequence[int]]  # request_id -> block ids (position // block_size)
+
+
+def slots_of(block_ids: Sequence[int], positions: range, block_size: int) -> list[int]:
     """Cache slot of each position of a sequence with block table `block_ids`."""
     return [block_ids[p // block_size] * block_size + p % block_size for p in positions]
 
 
 def prefill_inputs(
     bins: tuple[tuple[ScheduledSequence, ...], ...],
+    block_tables: BlockTables,
     kv_cache: KVCache,
     backend: AttentionBackend,
     dtype: torch.dtype,
 ) -> ModelInputs:
     """Packed rows: prompts back to back, positions restarting at 0 per prompt, rows padded to
     the longest row. Padding tokens write nothing and attend only to themselves."""
+    if any(seq.start_pos for row in bins for seq in row):
+        # A later chunk must also attend to its cached prefix, which this attention cannot.
+        raise ValueError("prefill segments must start at position 0 (no chunked prefill)")
     block_size = kv_cache.spec.block_size
     row_len = max(sum(seq.num_tokens for seq in row) for row in bins)
     ids = [[0] * row_len for _ in bins]
@@ -50,10 +57,11 @@ def prefill_inputs(
         for s, seq in enumerate(row):
             end = start + seq.num_tokens
             ids[r][start:end] = seq.token_ids
-            positions[r][start:end] = range(seq.num_tokens)
+            positions[r][start:end] = range(seq.start_pos, seq.end_pos)
             segment[r][start:end] = [s] * seq.num_tokens
             token_index.extend(range(r * row_len + start, r * row_len + end))
-            slots.extend(slots_of(seq.block_ids, range(seq.num_tokens), block_size))
+            table = block_tables[seq.request_id]
+            slots.extend(slots_of(table, range(seq.start_pos, seq.end_pos), block_size))
             segments.append((r, start, end))
             sample_index.append(r * row_len + end - 1)
             start = end
@@ -111,6 +119,7 @@ def _equal_runs(values: Sequence[int]) -> list[tuple[int, int]]:
 
 def decode_inputs(
     decodes: tuple[ScheduledSequence, ...],
+    block_tables: BlockTables,
     kv_cache: KVCache,
     dtype: torch.dtype,
     invariant_pad: int = 0,
@@ -139,11 +148,9 @@ def decode_inputs(
         runs = length_buckets(lengths)
         padded = [lengths[start] for start, end in runs for _ in range(start, end)]
     max_blocks = -(-padded[0] // block_size)
+    seq_tables = [block_tables[seq.request_id] for seq in seqs]
     tables = torch.tensor(
-        [
-            list(seq.block_ids[:max_blocks]) + [0] * (max_blocks - len(seq.block_ids))
-            for seq in seqs
-        ],
+        [list(table[:max_blocks]) + [0] * (max_blocks - len(table)) for table in seq_tables],
         device=device,
     )  # [B, max_blocks]
     length = torch.tensor(lengths, device=device)
@@ -158,8 +165,8 @@ def decode_inputs(
         slots = tables[start:end, pos // block_size] * block_size + pos % block_size  # [b, L]
         buckets.append(DecodeBucket(start, end, slots, mask))
     new_slots = [
-        slots_of(seq.block_ids, range(seq.start_pos, seq.start_pos + 1), block_size)[0]
-        for seq in seqs
+        slots_of(table, range(seq.start_pos, seq.start_pos + 1), block_size)[0]
+        for seq, table in zip(seqs, seq_tables, strict=True)
     ]
     meta = DecodeMetadata(
         kv_cache=kv_cache,

@@ -8,7 +8,13 @@ from typing import Literal
 import torch
 from transformers import PreTrainedModel
 
-from packserve.scheduler import RunnerOutput, ScheduledSequence, SchedulerOutput
+from packserve.scheduler import (
+    NewRequest,
+    RunnerOutput,
+    SamplingParams,
+    ScheduledSequence,
+    SchedulerOutput,
+)
 
 from .attention import AttentionBackend, PrefillMetadata
 from .inputs import ModelInputs, decode_inputs, prefill_inputs
@@ -74,9 +80,36 @@ def kv_cache_spec(model: PreTrainedModel, block_size: int) -> KVCacheSpec:
     )
 
 
+@dataclass(slots=True, eq=False)
+class RequestState:
+    """What the runner keeps about one running request between steps: made from its
+    `NewRequest`, grown by its segments and sampled tokens, dropped when the scheduler reports
+    it preempted or finished. Sampling reads it (`sampler.SamplingRow`)."""
+
+    params: SamplingParams
+    num_prompt_tokens: int
+    output_token_ids: list[int]  # generated so far: penalties, the seeded draw index
+    block_ids: list[int]  # block table: position // block_size -> block id
+
+    @classmethod
+    def of(cls, new: NewRequest) -> RequestState:
+        return cls(
+            new.params, new.num_prompt_tokens, list(new.output_token_ids), list(new.block_ids)
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens known: the prompt and every generated one."""
+        return self.num_prompt_tokens + len(self.output_token_ids)
+
+
 class Runner:
     """Owns the model and the KV tensors; `execute` runs one step and samples one token per
-    scheduled sequence. The model must have been loaded with the `packserve` attention."""
+    scheduled sequence. The model must have been loaded with the `packserve` attention.
+
+    Keeps each running request's state (`requests`) across steps: a step's `SchedulerOutput`
+    sends only what changed.
+    """
 
     def __init__(self, model: PreTrainedModel, config: RunnerConfig) -> None:
         self.model = model
@@ -97,35 +130,53 @@ class Runner:
             self.generator.manual_seed(config.seed)
         else:
             self.generator.seed()
+        self.requests: dict[str, RequestState] = {}  # every request the scheduler runs, by id
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
-        """Prefill the packed rows, decode the running batch, sample."""
+        """Bring the request states up to date, prefill the packed rows, decode the running
+        batch, sample."""
+        self._update_states(output)
         if self.config.batch_invariant and torch.get_num_threads() != self.num_threads:
             torch.set_num_threads(self.num_threads)
         seqs: list[ScheduledSequence] = []
         logits: list[torch.Tensor] = []
+        tables = {rid: state.block_ids for rid, state in self.requests.items()}
         if output.prefill_bins:
             dtype = self.model.dtype
             backend = self.config.attention_backend
-            logits.append(
-                self.forward(prefill_inputs(output.prefill_bins, self.kv_cache, backend, dtype))
-            )
+            inputs = prefill_inputs(output.prefill_bins, tables, self.kv_cache, backend, dtype)
+            logits.append(self.forward(inputs))
             seqs += output.prefills
         if output.decodes:
             pad = self.config.decode_context_pad if self.config.batch_invariant else 0
-            inputs = decode_inputs(output.decodes, self.kv_cache, self.model.dtype, pad)
+            inputs = decode_inputs(output.decodes, tables, self.kv_cache, self.model.dtype, pad)
             logits.append(self.forward(inputs))
             seqs += output.decodes
         if not seqs:
             return RunnerOutput(sampled_token_ids={}, logprobs={})
-        tokens, logprobs = sample(torch.cat(logits).float(), seqs, self.generator)
+        states = [self.requests[seq.request_id] for seq in seqs]
+        tokens, logprobs = sample(torch.cat(logits).float(), states, self.generator)
+        for seq, state, token in zip(seqs, states, tokens, strict=True):
+            if seq.end_pos == state.num_tokens:  # a new token; a replayed position's is dropped
+                state.output_token_ids.append(token)
         return RunnerOutput(
             sampled_token_ids={seq.request_id: t for seq, t in zip(seqs, tokens, strict=True)},
             logprobs={
                 s.request_id: lp for s, lp in zip(seqs, logprobs, strict=True) if lp is not None
             },
         )
+
+    def _update_states(self, output: SchedulerOutput) -> None:
+        """Apply a step's changes to the request states: drop the preempted and finished ones
+        first (an id may end and be admitted anew in one step), add the admitted ones, extend
+        the block tables."""
+        for request_id in (*output.preempted_ids, *output.finished_ids):
+            self.requests.pop(request_id, None)
+        for new in output.new_requests:
+            self.requests[new.request_id] = RequestState.of(new)
+        for seq in (*output.prefills, *output.decodes):
+            self.requests[seq.request_id].block_ids += seq.new_block_ids
 
     def forward(self, inputs: ModelInputs) -> torch.Tensor:
         """Logits [num_seqs, V] at each sequence's last token; the lm head runs only there."""

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Protocol
+
 import torch
 
-from packserve.scheduler import ScheduledSequence, TokenLogprobs
+from packserve.scheduler import SamplingParams, TokenLogprobs
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, index) pairs over the generator's seed space
+
+
+class SamplingRow(Protocol):
+    """What sampling reads of the request behind one row of logits."""
+
+    @property
+    def params(self) -> SamplingParams: ...
+
+    @property
+    def output_token_ids(self) -> Sequence[int]:
+        """Generated so far: penalties count them, and their number is the seeded draw index."""
+        ...
 
 
 def draw_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
@@ -18,13 +33,13 @@ def draw_generator(seed: int, index: int, device: torch.device) -> torch.Generat
     return torch.Generator(device=device).manual_seed((seed + _GOLDEN * (index + 1)) % 2**63)
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[ScheduledSequence]) -> None:
-    """OpenAI presence/frequency penalties over each sequence's generated tokens, in place."""
-    for i, seq in enumerate(seqs):
-        params = seq.params
-        if not (params.presence_penalty or params.frequency_penalty) or not seq.output_token_ids:
+def apply_penalties(logits: torch.Tensor, rows: Sequence[SamplingRow]) -> None:
+    """OpenAI presence/frequency penalties over each row's generated tokens, in place."""
+    for i, row in enumerate(rows):
+        params = row.params
+        if not (params.presence_penalty or params.frequency_penalty) or not row.output_token_ids:
             continue
-        ids = torch.tensor(seq.output_token_ids, device=logits.device)
+        ids = torch.tensor(row.output_token_ids, device=logits.device)
         counts = torch.bincount(ids, minlength=logits.shape[1]).to(logits.dtype)  # [V]
         logits[i] -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
 
@@ -43,38 +58,39 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, seqs: list[ScheduledSequence], generator: torch.Generator
+    logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """One token per row of logits [N, V] (float32); `generator` serves unseeded requests."""
+    """One token per row of logits [N, V] (float32), drawn by `rows[i]`'s parameters;
+    `generator` serves unseeded requests."""
     raw_logprobs = None
-    if any(seq.params.logprobs is not None for seq in seqs):
+    if any(row.params.logprobs is not None for row in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V] before any processing
     logits = logits.clone()
-    apply_penalties(logits, seqs)
+    apply_penalties(logits, rows)
     tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep these
-    for i, seq in enumerate(seqs):
-        params = seq.params
+    for i, row in enumerate(rows):
+        params = row.params
         if params.greedy:
             continue
-        row = _filter(logits[i] / params.temperature, params.top_k, params.top_p)
-        probs = row.softmax(-1)
+        filtered = _filter(logits[i] / params.temperature, params.top_k, params.top_p)
+        probs = filtered.softmax(-1)
         gen = generator
         if params.seed is not None:
-            gen = draw_generator(params.seed, len(seq.output_token_ids), logits.device)
+            gen = draw_generator(params.seed, len(row.output_token_ids), logits.device)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
         noise = torch.empty_like(probs).exponential_(generator=gen)
         tokens[i] = int((probs / noise).argmax())
-    return tokens, _logprobs(raw_logprobs, tokens, seqs)
+    return tokens, _logprobs(raw_logprobs, tokens, rows)
 
 
 def _logprobs(
-    raw: torch.Tensor | None, tokens: list[int], seqs: list[ScheduledSequence]
+    raw: torch.Tensor | None, tokens: list[int], rows: Sequence[SamplingRow]
 ) -> list[TokenLogprobs | None]:
-    out: list[TokenLogprobs | None] = [None] * len(seqs)
+    out: list[TokenLogprobs | None] = [None] * len(rows)
     if raw is None:
         return out
-    for i, seq in enumerate(seqs):
-        k = seq.params.logprobs
+    for i, row in enumerate(rows):
+        k = row.params.logprobs
         if k is None:
             continue
         top = torch.topk(raw[i], k) if k else None

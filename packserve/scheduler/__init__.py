@@ -3,6 +3,7 @@
 from .block_manager import BlockAllocator, blocks_for
 from .config import PrefillMode, SchedulerConfig
 from .outputs import (
+    NewRequest,
     RunnerOutput,
     ScheduledSequence,
     SchedulerOutput,
@@ -16,6 +17,7 @@ from .scheduler import Scheduler
 
 __all__ = [
     "BlockAllocator",
+    "NewRequest",
     "PrefillMode",
     "Request",
     "RequestStatus",

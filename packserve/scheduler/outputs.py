@@ -9,49 +9,66 @@ from .request import SamplingParams
 
 
 @dataclass(frozen=True, slots=True)
-class ScheduledSequence:
-    """One sequence's work in a step: a whole prefill, or one decode token."""
+class NewRequest:
+    """What the runner keeps about a request, sent once: when the request is admitted, and
+    again when it is re-admitted after a preemption (the runner dropped it then). Later steps
+    send only what changed, in its `ScheduledSequence`."""
 
     request_id: str
-    token_ids: tuple[int, ...]  # tokens to run: a prefill's, or the one token a decode runs
-    start_pos: int  # position of token_ids[0]; 0 for a prefill
-    block_ids: tuple[int, ...]  # block table covering start_pos + len(token_ids) tokens
     params: SamplingParams
-    output_token_ids: tuple[int, ...]  # generated so far (penalties, seeded draw index)
+    num_prompt_tokens: int  # positions below this hold the prompt, the rest generated tokens
+    output_token_ids: tuple[int, ...]  # generated before a preemption; () when first admitted
+    block_ids: tuple[int, ...]  # block table at admission: position // block_size -> block id
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduledSequence:
+    """One segment of a request's work in a step: a prefill (the known tokens from 0, after
+    an admission) or a decode (one token). Carries only what changed since the last step:
+    the request's params, block table and generated tokens live with the runner."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # tokens to run at positions start_pos, start_pos + 1, ...
+    start_pos: int  # position of token_ids[0]: 0 for a prefill, the context length for a decode
+    new_block_ids: tuple[int, ...]  # appended to the request's block table this step
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
+    @property
+    def end_pos(self) -> int:
+        """Position after the last token run: the context the request has once it ran."""
+        return self.start_pos + len(self.token_ids)
+
 
 @dataclass(frozen=True, slots=True)
 class SchedulerOutput:
-    """Everything the runner does in one step."""
+    """Everything the runner does in one step, as a delta on what it already holds.
 
-    prefill_bins: tuple[tuple[ScheduledSequence, ...], ...]  # [num_rows][prompts in the row]
-    decodes: tuple[ScheduledSequence, ...]  # running sequences, one new token each
+    The runner keeps per-request state from `new_requests` and drops it for the ids in
+    `preempted_ids` and `finished_ids`, before anything else in the step; a request id may
+    be finished and admitted anew in the same step. A step with no work need not run: its
+    `finished_ids` are empty (they go with the next step that has work), and a request it
+    preempted is either admitted again (its `NewRequest` replaces what the runner held) or
+    ends (its id comes in `finished_ids`).
+    """
+
+    new_requests: tuple[NewRequest, ...]  # admitted this step, in admission order
+    prefill_bins: tuple[tuple[ScheduledSequence, ...], ...]  # [num_rows][segments in the row]
+    decodes: tuple[ScheduledSequence, ...]  # running requests, one token each, admission order
     preempted_ids: tuple[str, ...]  # requests preempted (requeued for recompute) this step
+    # Requests that ended (finished, aborted, failed) since the last step with work; a step
+    # with no work is never run, so it leaves them for the next one.
+    finished_ids: tuple[str, ...]
 
     @property
     def prefills(self) -> tuple[ScheduledSequence, ...]:
         return tuple(seq for row in self.prefill_bins for seq in row)
 
     @property
-    def row_lens(self) -> list[int]:
-        """Real tokens in each prefill row."""
-        return [sum(seq.num_tokens for seq in row) for row in self.prefill_bins]
-
-    @property
-    def num_prefill_tokens(self) -> int:
-        return sum(self.row_lens)
-
-    @property
-    def num_padded_prefill_tokens(self) -> int:
-        """Tokens computed when every row is padded to the longest row."""
-        return max(self.row_lens, default=0) * len(self.prefill_bins)
-
-    @property
     def is_empty(self) -> bool:
+        """No work: nothing to prefill or decode (the step need not run)."""
         return not self.prefill_bins and not self.decodes
 
 
@@ -79,7 +96,6 @@ class TokenEvent:
     new_token_ids: tuple[int, ...]
     finish_reason: str | None  # OpenAI finish_reason once finished: stop, length, abort, error
     logprobs: tuple[TokenLogprobs, ...] = ()
-    error: str | None = None  # message when finish_reason is "error"
 
 
 @dataclass(frozen=True, slots=True)

@@ -86,13 +86,17 @@ class Request:
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)  # block table: position // block_size -> id
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
-    num_preemptions: int = 0
-    admitted_time: float | None = None  # first time it was scheduled (queue time ends)
-
-    @property
-    def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    def known_token_ids(self, start: int, end: int) -> tuple[int, ...]:
+        """The tokens at positions [start, end): the prompt's, then the generated ones.
+        Costs end - start, never the whole sequence."""
+        num_prompt = len(self.prompt_token_ids)
+        if end <= num_prompt:
+            return tuple(self.prompt_token_ids[start:end])
+        if start >= num_prompt:
+            return tuple(self.output_token_ids[start - num_prompt : end - num_prompt])
+        return (*self.prompt_token_ids[start:], *self.output_token_ids[: end - num_prompt])

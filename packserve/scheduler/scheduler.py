@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
 from .block_manager import BlockAllocator, blocks_for
 from .config import SchedulerConfig
-from .outputs import RunnerOutput, ScheduledSequence, SchedulerOutput, TokenEvent
+from .outputs import NewRequest, RunnerOutput, ScheduledSequence, SchedulerOutput, TokenEvent
 from .packing import pack_rows
 from .request import Request, RequestStatus
 
@@ -18,6 +17,10 @@ class Scheduler:
     Step contract: `schedule()` -> runner -> `update(output, runner_output)`. Requests are
     admitted first come, first served while the token budget, the sequence cap and the free KV
     blocks allow; the admitted prompts are then packed into rows first-fit-decreasing.
+
+    The runner holds each running request's state; a step sends a request whole once, when it
+    is (re)admitted, and afterwards only what changed (a decode's token and new blocks), with
+    the ids whose state the runner should drop.
     """
 
     def __init__(self, config: SchedulerConfig, eos_token_ids: frozenset[int]) -> None:
@@ -28,6 +31,7 @@ class Scheduler:
         self.running: list[Request] = []  # in admission order: the last is preempted first
         self.requests: dict[str, Request] = {}  # every unfinished request by id
         self.num_preemptions_total = 0
+        self._finished_ids: list[str] = []  # ended since the last step with work
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -60,24 +64,27 @@ class Scheduler:
             self.waiting.remove(request)
         self._free(request)
         request.status = status
+        self._finished_ids.append(request_id)
         return True
 
     # -- the step -------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         """Choose this step's work: one token for each running sequence, then new prefills."""
-        preempted = self._reserve_decode_slots()
-        decodes = tuple(
-            self._scheduled(r, r.num_computed_tokens, r.num_computed_tokens + 1)
-            for r in self.running
-        )
+        decodes, preempted = self._schedule_decodes()
         # Admitting while preempting would only evict again; vLLM makes the same choice.
         budget = self.config.max_num_batched_tokens - len(decodes)
         admitted = [] if preempted else self._admit(budget)
+        finished_ids: tuple[str, ...] = ()
+        if decodes or admitted:  # a step with no work is not run: keep the ids for the next
+            finished_ids = tuple(self._finished_ids)
+            self._finished_ids.clear()
         return SchedulerOutput(
+            new_requests=tuple(self._new_request(r) for r in admitted),
             prefill_bins=self._pack(admitted),
-            decodes=decodes,
+            decodes=tuple(decodes),
             preempted_ids=tuple(r.request_id for r in preempted),
+            finished_ids=finished_ids,
         )
 
     def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[TokenEvent]:
@@ -88,7 +95,7 @@ class Scheduler:
             request = self.requests.get(seq.request_id)
             if request is None:  # finished by the caller while the step ran
                 continue
-            request.num_computed_tokens = seq.start_pos + seq.num_tokens
+            request.num_computed_tokens = seq.end_pos
             if request.num_computed_tokens < request.num_tokens:  # replaying known tokens
                 continue
             token = result.sampled_token_ids[seq.request_id]
@@ -123,23 +130,35 @@ class Scheduler:
 
     # -- internals ------------------------------------------------------------------------------
 
-    def _reserve_decode_slots(self) -> list[Request]:
-        """Give every running sequence room for one more token, preempting from the back."""
+    def _schedule_decodes(self) -> tuple[list[ScheduledSequence], list[Request]]:
+        """One token for every running sequence, with room for it in the KV pool: preempts
+        from the back (most recently admitted first) until the rest fit. Returns the decodes
+        and the preempted requests."""
+        decodes: list[ScheduledSequence] = []
         preempted: list[Request] = []
         i = 0
         while i < len(self.running):
             request = self.running[i]
-            need = blocks_for(request.num_computed_tokens + 1, self.config.block_size)
-            need -= len(request.block_ids)
+            pos = request.num_computed_tokens  # the first token without K/V
+            need = blocks_for(pos + 1, self.config.block_size) - len(request.block_ids)
             while need > self.allocator.num_free and request in self.running:
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted.append(victim)
             if request not in self.running:  # it was the most recent one: preempted itself
                 break
-            request.block_ids += self.allocator.allocate(need)
+            new_block_ids = self.allocator.allocate(need)
+            request.block_ids += new_block_ids
+            decodes.append(
+                ScheduledSequence(
+                    request_id=request.request_id,
+                    token_ids=request.known_token_ids(pos, pos + 1),
+                    start_pos=pos,
+                    new_block_ids=tuple(new_block_ids),
+                )
+            )
             i += 1
-        return preempted
+        return decodes, preempted
 
     def _preempt(self, request: Request) -> None:
         """Free a running request's blocks and requeue it at the front, for recompute."""
@@ -147,7 +166,6 @@ class Scheduler:
         self._free(request)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
-        request.num_preemptions += 1
         self.num_preemptions_total += 1
         self.waiting.appendleft(request)
 
@@ -163,8 +181,6 @@ class Scheduler:
             self.waiting.popleft()
             request.block_ids = self.allocator.allocate(need)
             request.status = RequestStatus.RUNNING
-            if request.admitted_time is None:
-                request.admitted_time = time.monotonic()
             self.running.append(request)
             admitted.append(request)
             token_budget -= num_tokens
@@ -182,20 +198,22 @@ class Scheduler:
             bins = [[i] for i in range(len(admitted))]
         else:
             bins = pack_rows([self._prefill_len(r) for r in admitted], self.config.row_capacity)
-        return tuple(
-            tuple(self._scheduled(admitted[i], 0, self._prefill_len(admitted[i])) for i in row)
-            for row in bins
-        )
+        return tuple(tuple(self._prefill(admitted[i]) for i in row) for row in bins)
 
-    def _scheduled(self, request: Request, start_pos: int, end_pos: int) -> ScheduledSequence:
-        """The runner's view of a request: its tokens at positions [start_pos, end_pos)."""
-        return ScheduledSequence(
+    def _prefill(self, request: Request) -> ScheduledSequence:
+        """An admitted request's prefill: its known tokens from position 0 (the prompt alone
+        when replaying); its block table went with its `NewRequest`."""
+        token_ids = request.known_token_ids(0, self._prefill_len(request))
+        return ScheduledSequence(request.request_id, token_ids, start_pos=0, new_block_ids=())
+
+    def _new_request(self, request: Request) -> NewRequest:
+        """What the runner keeps about an admitted request."""
+        return NewRequest(
             request_id=request.request_id,
-            token_ids=tuple(request.all_token_ids[start_pos:end_pos]),
-            start_pos=start_pos,
-            block_ids=tuple(request.block_ids),
             params=request.params,
+            num_prompt_tokens=len(request.prompt_token_ids),
             output_token_ids=tuple(request.output_token_ids),
+            block_ids=tuple(request.block_ids),
         )
 
     def _finished_status(self, request: Request, token: int) -> RequestStatus | None:

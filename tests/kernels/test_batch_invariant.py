@@ -16,7 +16,7 @@ import torch
 import packserve.kernels.runner as runner_module
 from packserve.engine.engine import Engine, EngineConfig
 from packserve.kernels.invariant import RowTiled, TabulatedRotary, TileRows
-from packserve.scheduler import SamplingParams
+from packserve.scheduler import SamplingParams, ScheduledSequence
 
 GREEDY = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
@@ -27,17 +27,24 @@ Rows = dict[str, list[tuple[int, torch.Tensor]]]
 @contextmanager
 def recorded_logits(monkeypatch: pytest.MonkeyPatch) -> Iterator[Rows]:
     """Every logits row the runner samples from, per request id in step order, with the
-    position it was computed at. The real sampler still runs; this keeps a copy of its input."""
+    position it was computed at. The real sampler still runs; this keeps a copy of its input.
+    The runner samples one row per segment of the step, prefills first, then decodes."""
     rows: Rows = {}
     sample = runner_module.sample
+    execute = runner_module.Runner.execute
+    step: list[ScheduledSequence] = []  # the segments of the step being executed
 
-    def recording(logits, seqs, generator):
-        for row, seq in zip(logits, seqs, strict=True):
-            position = seq.start_pos + seq.num_tokens - 1
-            rows.setdefault(seq.request_id, []).append((position, row.clone()))
-        return sample(logits, seqs, generator)
+    def executing(runner, output):
+        step[:] = [*output.prefills, *output.decodes]
+        return execute(runner, output)
+
+    def recording(logits, requests, generator):
+        for row, seq in zip(logits, step, strict=True):
+            rows.setdefault(seq.request_id, []).append((seq.end_pos - 1, row.clone()))
+        return sample(logits, requests, generator)
 
     with monkeypatch.context() as patch:
+        patch.setattr(runner_module.Runner, "execute", executing)
         patch.setattr(runner_module, "sample", recording)
         yield rows
 
@@ -146,7 +153,7 @@ def test_logits_bitwise_under_preemption(make_engine, prompts_128, alone_128, mo
 def test_seeded_sampling_ignores_neighbours(invariant_engine, prompts_128):
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=3, max_tokens=16, ignore_eos=True)
     target = prompts_128[7]
-    alone = invariant_engine.generate([target], params)[0].token_ids
+    alone = tuple(invariant_engine.generate([target], params)[0].token_ids)
     crowd = SamplingParams(temperature=1.0, max_tokens=12)  # unseeded neighbours
     ids = [invariant_engine.add_request(target, params)]
     ids += [invariant_engine.add_request(p, crowd) for p in prompts_128[20:40]]
@@ -156,6 +163,29 @@ def test_seeded_sampling_ignores_neighbours(invariant_engine, prompts_128):
             t for d in invariant_engine.step() if d.request_id == ids[0] for t in d.token_ids
         ]
     assert tuple(tokens) == alone and len(alone) == 16
+
+
+def test_seeded_penalized_sampling_is_unchanged_by_preemption(make_engine):
+    """Replayed after a preemption, a request samples its next tokens with the same draw
+    index and the same penalties (both from the tokens it generated) as without one."""
+    params = SamplingParams(
+        temperature=1.0,
+        seed=5,
+        frequency_penalty=1.5,
+        presence_penalty=0.5,
+        max_tokens=24,
+        ignore_eos=True,
+    )
+
+    def generate(**overrides: object) -> tuple[list[list[int]], Engine]:
+        engine = make_engine(batch_invariant=True, max_model_len=256, **overrides)
+        prompts = random_prompts(engine.model.config.vocab_size, 8, 100, seed=5)
+        return [list(c.token_ids) for c in engine.generate(prompts, params)], engine
+
+    roomy, _ = generate()
+    cramped, engine = generate(num_kv_blocks=16)  # 256 slots for 8 sequences of up to 124
+    assert engine.scheduler.num_preemptions_total > 0
+    assert cramped == roomy
 
 
 def test_modules_are_tiled_and_rotary_tabulated(invariant_engine):

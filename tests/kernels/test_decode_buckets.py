@@ -7,9 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from packserve.kernels.inputs import decode_inputs, length_buckets, prefill_inputs
-from packserve.scheduler import SamplingParams, ScheduledSequence, blocks_for
-
-GREEDY = SamplingParams(temperature=0)
+from packserve.scheduler import ScheduledSequence, blocks_for
 
 
 @given(st.lists(st.integers(1, 5000), max_size=300), st.floats(0, 1), st.integers(0, 512))
@@ -36,17 +34,19 @@ def test_bucketed_decode_logits_match_alone(make_engine, reference_model, mixed_
     block_size = engine.config.block_size
     cases = [(p, expected.tokens[0]) for p, _, expected in mixed_workload[:16]]
     prefills, decodes = [], []
+    tables: dict[str, list[int]] = {}
     next_block = 0
     for i, (prompt, first) in enumerate(cases):
         n = blocks_for(len(prompt) + 1, block_size)
-        blocks = tuple(range(next_block, next_block + n))
+        tables[str(i)] = list(range(next_block, next_block + n))
         next_block += n
-        prefills.append(ScheduledSequence(str(i), tuple(prompt), 0, blocks, GREEDY, ()))
-        decodes.append(ScheduledSequence(str(i), (first,), len(prompt), blocks, GREEDY, (first,)))
-    inputs = decode_inputs(tuple(decodes), kv, torch.float32)
+        prefills.append(ScheduledSequence(str(i), tuple(prompt), 0, ()))
+        decodes.append(ScheduledSequence(str(i), (first,), len(prompt), ()))
+    inputs = decode_inputs(tuple(decodes), tables, kv, torch.float32)
     assert len(inputs.meta.buckets) > 2  # lengths 1..300 really take several buckets
     with torch.inference_mode():
-        engine.runner.forward(prefill_inputs((tuple(prefills),), kv, "varlen", torch.float32))
+        prefill = prefill_inputs((tuple(prefills),), tables, kv, "varlen", torch.float32)
+        engine.runner.forward(prefill)
         logits = engine.runner.forward(inputs)
         for i, (prompt, first) in enumerate(cases):
             alone = reference_model(torch.tensor([prompt + [first]])).logits[0, -1]

@@ -10,8 +10,6 @@ import torch
 from packserve.kernels.inputs import prefill_inputs
 from packserve.scheduler import SamplingParams, ScheduledSequence, blocks_for
 
-GREEDY = SamplingParams(temperature=0)
-
 CONFIGS = [
     pytest.param({"attention_backend": "varlen"}, id="packed-varlen"),
     pytest.param({"attention_backend": "dense"}, id="packed-dense"),
@@ -69,16 +67,17 @@ def test_packed_prefill_logits_match_alone(make_engine, reference_model, mixed_w
     prompts = [p for p, _, _ in mixed_workload[:12]]
     next_block = 0
     row: list[ScheduledSequence] = []
+    tables: dict[str, list[int]] = {}
     for i, prompt in enumerate(prompts):
         n = blocks_for(len(prompt), engine.config.block_size)
-        blocks = tuple(range(next_block, next_block + n))
+        tables[str(i)] = list(range(next_block, next_block + n))
         next_block += n
-        row.append(ScheduledSequence(str(i), tuple(prompt), 0, blocks, GREEDY, ()))
+        row.append(ScheduledSequence(str(i), tuple(prompt), 0, ()))
     # Two rows of six prompts each: back to back, positions restarting per prompt.
     bins = (tuple(row[:6]), tuple(row[6:]))
     with torch.inference_mode():
         packed = engine.runner.forward(
-            prefill_inputs(bins, engine.runner.kv_cache, backend, torch.float32)
+            prefill_inputs(bins, tables, engine.runner.kv_cache, backend, torch.float32)
         )
         for i, prompt in enumerate(prompts):
             ids = torch.tensor([prompt], device=reference_model.device)

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from packserve.kernels.sampler import sample
-from packserve.scheduler import SamplingParams, ScheduledSequence
+from packserve.scheduler import SamplingParams
 
 
-def seq(params: SamplingParams, outputs: tuple[int, ...] = ()) -> ScheduledSequence:
-    return ScheduledSequence("r", (1,), 0, (0,), params, outputs)
+@dataclass(frozen=True)
+class Row:
+    """The request behind a row of logits, as sampling sees it."""
+
+    params: SamplingParams
+    output_token_ids: tuple[int, ...]
+
+
+def seq(params: SamplingParams, outputs: tuple[int, ...] = ()) -> Row:
+    return Row(params, outputs)
 
 
 def logits_rows(n: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:

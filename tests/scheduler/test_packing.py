@@ -10,6 +10,8 @@ from hypothesis import strategies as st
 
 from packserve.scheduler import pack_ffd, pack_rows, row_cost
 
+from .harness import descending, reference_ffd
+
 
 @st.composite
 def instances(draw, max_items: int = 40, max_capacity: int = 64):
@@ -17,28 +19,6 @@ def instances(draw, max_items: int = 40, max_capacity: int = 64):
     capacity = draw(st.integers(1, max_capacity))
     lengths = draw(st.lists(st.integers(1, capacity), max_size=max_items))
     return lengths, capacity
-
-
-def descending(lengths: list[int]) -> list[int]:
-    """Indices by decreasing length; equal lengths keep their input order."""
-    order = list(range(len(lengths)))
-    # Two stable sorts: by index, then by length descending.
-    order.sort()
-    order.sort(key=lambda i: lengths[i], reverse=True)
-    return order
-
-
-def reference_ffd(lengths: list[int], capacity: int) -> list[list[int]]:
-    """A plain first-fit-decreasing, written independently of the implementation."""
-    bins: list[list[int]] = []
-    for i in descending(lengths):
-        for b in bins:
-            if sum(lengths[j] for j in b) + lengths[i] <= capacity:
-                b.append(i)
-                break
-        else:
-            bins.append([i])
-    return bins
 
 
 def check_first_fit_decreasing(bins: list[list[int]], lengths: list[int], capacity: int) -> None:

@@ -1,371 +1,46 @@
-"""The scheduler driven step by step, with a hand-built runner (no torch, no mocks).
-
-The runner here is a stand-in for the model: it writes each scheduled sequence's tokens into a
-paged "KV cache" of token ids through the scheduler's block tables, reads the whole context
-back through the same tables, and samples a deterministic function of it. Block tables that are
-short, shared between sequences or stale after reuse corrupt what is read back, and with it the
-sampled tokens, which are compared against a reference generation computed without the
-scheduler.
-
-Every step also goes through `Harness.step`, which checks the step contract and the scheduler's
-invariants (budgets, FCFS, block tables, preemption order, events) against the state before it.
-"""
+"""The scheduler driven step by step through `harness.Harness`: a hand-built runner that
+keeps its state from the step deltas, and checks of every step against the state before it."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import zlib
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
 
 from packserve.scheduler import (
     Request,
     RequestStatus,
     RunnerOutput,
     SamplingParams,
-    ScheduledSequence,
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
-    TokenEvent,
     TokenLogprobs,
-    blocks_for,
 )
 
-VOCAB = 64
-EOS = 0
-NO_EOS: frozenset[int] = frozenset()
+from .harness import (
+    EOS,
+    NO_EOS,
+    VOCAB,
+    Harness,
+    KVRunner,
+    all_token_ids,
+    config,
+    ids,
+    next_token,
+    num_prefill_tokens,
+    prompt,
+    reference,
+    scripted,
+    workloads,
+)
 
 
-def next_token(context: Sequence[int]) -> int:
-    """The fake model: a deterministic function of every token of the sequence so far."""
-    return zlib.crc32(",".join(map(str, context)).encode()) % VOCAB
-
-
-def reference(
-    prompt: Sequence[int], params: SamplingParams, eos: Iterable[int], max_model_len: int
-) -> tuple[list[int], str]:
-    """What a request generates on its own, by the documented stop rules."""
-    eos = set(eos)
-    out: list[int] = []
-    while True:
-        token = next_token([*prompt, *out])
-        out.append(token)
-        if token in params.stop_token_ids or (token in eos and not params.ignore_eos):
-            return out, "stop"
-        if len(out) >= params.max_tokens or len(prompt) + len(out) >= max_model_len:
-            return out, "length"
-
-
-def reference_ffd(lengths: list[int], capacity: int) -> list[list[int]]:
-    """First-fit over the items by decreasing length (ties: earlier first)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])  # stable: ties keep order
-    bins: list[list[int]] = []
-    for i in order:
-        for b in bins:
-            if sum(lengths[j] for j in b) + lengths[i] <= capacity:
-                b.append(i)
-                break
-        else:
-            bins.append([i])
-    return bins
-
-
-def reference_rows(lengths: list[int], widest: int) -> list[list[int]]:
-    """The documented row policy: FFD at the longest prompt x 1, 2, 4, ... (capped at the
-    widest row), keeping the first capacity with the fewest computed tokens."""
-    if not lengths:
-        return []
-    best, best_cost = [], None
-    capacity = max(lengths)
-    while True:
-        bins = reference_ffd(lengths, capacity)
-        cost = len(bins) * max(sum(lengths[i] for i in b) for b in bins)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = bins, cost
-        if capacity >= widest:
-            return best
-        capacity = min(2 * capacity, widest)
-
-
-TokenFn = Callable[[str, list[int]], int]
-
-
-class KVRunner:
-    """Paged token-id cache addressed by the scheduler's block tables; samples from it."""
-
-    def __init__(self, config: SchedulerConfig, token_fn: TokenFn | None = None) -> None:
-        self.block_size = config.block_size
-        self.cache: list[list[int | None]] = [
-            [None] * config.block_size for _ in range(config.num_kv_blocks)
-        ]
-        self.token_fn = token_fn or (lambda rid, ctx: next_token(ctx))
-        self.logprobs: dict[str, TokenLogprobs] = {}
-
-    def _slot(self, seq: ScheduledSequence, pos: int) -> tuple[list[int | None], int]:
-        return self.cache[seq.block_ids[pos // self.block_size]], pos % self.block_size
-
-    def __call__(self, out: SchedulerOutput) -> RunnerOutput:
-        seqs = (*out.prefills, *out.decodes)
-        # The whole batch writes its K/V first, then attends: shared blocks would clobber.
-        for seq in seqs:
-            for j, token in enumerate(seq.token_ids):
-                block, off = self._slot(seq, seq.start_pos + j)
-                block[off] = token
-        sampled = {}
-        for seq in seqs:
-            ctx = []
-            for pos in range(seq.start_pos + seq.num_tokens):
-                block, off = self._slot(seq, pos)
-                ctx.append(block[off])
-            assert None not in ctx, f"{seq.request_id} read a KV slot nobody wrote"
-            sampled[seq.request_id] = self.token_fn(seq.request_id, ctx)
-        lps = {rid: lp for rid, lp in self.logprobs.items() if rid in sampled}
-        return RunnerOutput(sampled_token_ids=sampled, logprobs=lps)
-
-
-@dataclass
-class Snapshot:
-    """What the scheduler looked like before `schedule()`."""
-
-    running: list[tuple[Request, int, list[int]]]  # request, num_computed_tokens, block ids
-    waiting: list[Request]
-    outputs: dict[str, list[int]]
-    num_free: int
-
-    @classmethod
-    def of(cls, sched: Scheduler) -> Snapshot:
-        return cls(
-            running=[(r, r.num_computed_tokens, list(r.block_ids)) for r in sched.running],
-            waiting=list(sched.waiting),
-            outputs={rid: list(r.output_token_ids) for rid, r in sched.requests.items()},
-            num_free=sched.allocator.num_free,
-        )
-
-
-def ids(requests: Iterable[Request]) -> list[str]:
-    return [r.request_id for r in requests]
-
-
-def check_blocks(sched: Scheduler) -> None:
-    """Block ownership: running requests hold disjoint blocks, the rest are free."""
-    total = sched.config.num_kv_blocks
-    held = [b for r in sched.running for b in r.block_ids]
-    assert len(held) == len(set(held)), "a block is held by two running requests"
-    assert all(0 <= b < total for b in held)
-    assert len(held) == sched.allocator.num_used
-    assert sched.allocator.num_used + sched.allocator.num_free == total
-    for r in sched.waiting:
-        assert r.block_ids == [] and r.status == RequestStatus.WAITING
-    for r in sched.running:
-        assert r.status == RequestStatus.RUNNING
-
-
-def check_schedule(sched: Scheduler, before: Snapshot, out: SchedulerOutput) -> None:
-    cfg = sched.config
-    bs = cfg.block_size
-    pre_running = [r for r, _, _ in before.running]
-    decode_ids = [s.request_id for s in out.decodes]
-    prefill_ids = [s.request_id for s in out.prefills]
-
-    # Preemption takes a suffix of the running list, most recently admitted first.
-    k = len(out.preempted_ids)
-    m = len(pre_running) - k
-    assert list(out.preempted_ids) == ids(pre_running[m:])[::-1]
-    assert decode_ids == ids(pre_running[:m]), "every kept running sequence decodes, in order"
-    if k:
-        assert not out.prefill_bins, "admitted prompts in a step that preempted"
-        # Preempting one request fewer would not have fit: the kept ones plus the earliest
-        # victim need more new blocks than were free plus what the other victims held.
-        need = [blocks_for(c + 1, bs) - len(b) for _, c, b in before.running]
-        held_after = sum(len(b) for _, _, b in before.running[m + 1 :])
-        assert sum(need[: m + 1]) > before.num_free + held_after, "needless preemption"
-        # Requeued at the front, in admission order, for recompute from scratch.
-        assert ids(sched.waiting) == ids(pre_running[m:]) + ids(before.waiting)
-        for r in pre_running[m:]:
-            assert r.status == RequestStatus.WAITING
-            assert r.block_ids == [] and r.num_computed_tokens == 0
-        admitted: list[Request] = []
-    else:
-        admitted = sched.running[m:]
-        assert ids(admitted) == ids(before.waiting[: len(admitted)]), "not FCFS"
-        assert ids(sched.waiting) == ids(before.waiting[len(admitted) :])
-        assert sorted(prefill_ids) == sorted(ids(admitted))
-        if sched.waiting:  # admission stopped for a reason: seats, token budget or KV blocks
-            head = sched.waiting[0]
-            head_len = prefill_len(cfg, head)
-            left = cfg.max_num_batched_tokens - len(out.decodes) - out.num_prefill_tokens
-            assert (
-                len(sched.running) >= cfg.max_num_seqs
-                or head_len > left
-                or blocks_for(head_len, bs) > sched.allocator.num_free
-            ), f"{head.request_id} could have been admitted"
-
-    # Budgets.
-    assert out.num_prefill_tokens + len(out.decodes) <= cfg.max_num_batched_tokens
-    assert len(sched.running) <= cfg.max_num_seqs
-    assert sorted(prefill_ids + decode_ids) == sorted(ids(sched.running))
-    assert len(set(prefill_ids + decode_ids)) == len(prefill_ids) + len(decode_ids)
-
-    # Prefill rows.
-    for row in out.prefill_bins:
-        assert row, "empty prefill row"
-        assert sum(s.num_tokens for s in row) <= cfg.row_capacity
-    if cfg.prefill_mode == "padded":
-        assert [len(row) for row in out.prefill_bins] == [1] * len(admitted)
-        assert prefill_ids == ids(admitted)
-    else:
-        lengths = [prefill_len(cfg, r) for r in admitted]
-        bins = reference_rows(lengths, cfg.row_capacity)
-        expect = [[admitted[i].request_id for i in b] for b in bins]
-        assert [[s.request_id for s in row] for row in out.prefill_bins] == expect
-
-    # Each sequence's view and block table.
-    old_tables = {r.request_id: b for r, _, b in before.running}
-    computed = {r.request_id: c for r, c, _ in before.running}
-    for seq in (*out.prefills, *out.decodes):
-        r = sched.requests[seq.request_id]
-        assert len(seq.block_ids) == blocks_for(seq.start_pos + seq.num_tokens, bs)
-        assert list(seq.block_ids) == r.block_ids
-        assert seq.params is r.params
-        assert list(seq.output_token_ids) == before.outputs[r.request_id]
-        if seq.request_id in prefill_ids:
-            assert seq.start_pos == 0
-            assert list(seq.token_ids) == r.all_token_ids[: prefill_len(cfg, r)]
-        else:  # the next token without K/V: the last one, or a replayed one
-            assert seq.start_pos == computed[seq.request_id] < r.num_tokens
-            assert cfg.replay_preempted or seq.start_pos == r.num_tokens - 1
-            assert seq.token_ids == (r.all_token_ids[seq.start_pos],)
-            old = old_tables[seq.request_id]
-            assert list(seq.block_ids[: len(old)]) == old, "a running sequence's blocks moved"
-    check_blocks(sched)
-
-
-class Harness:
-    """Drives a Scheduler with a KVRunner, checking every step and recording the events."""
-
-    def __init__(
-        self,
-        config: SchedulerConfig,
-        eos: frozenset[int] = frozenset({EOS}),
-        token_fn: TokenFn | None = None,
-    ) -> None:
-        self.config = config
-        self.eos = eos
-        self.sched = Scheduler(config, eos)
-        self.runner = KVRunner(config, token_fn)
-        self.requests: dict[str, Request] = {}
-        self.events: dict[str, list[TokenEvent]] = defaultdict(list)
-        self.reasons: dict[str, str] = {}  # finish reason of every ended request
-        self.history: list[SchedulerOutput] = []
-
-    def add(self, rid: str, prompt: Sequence[int], **params) -> Request:
-        request = Request(rid, list(prompt), SamplingParams(**params))
-        self.sched.add(request)
-        self.requests[rid] = request
-        return request
-
-    def abort(self, rid: str) -> bool:
-        done = self.sched.finish_request(rid, RequestStatus.FINISHED_ABORTED)
-        if done:
-            assert rid not in self.reasons
-            self.reasons[rid] = "abort"
-            r = self.requests[rid]
-            assert r.status == RequestStatus.FINISHED_ABORTED and r.block_ids == []
-            assert rid not in self.sched.requests
-            assert r not in self.sched.running and r not in self.sched.waiting
-        check_blocks(self.sched)
-        return done
-
-    def step(self, abort_mid: Iterable[str] = ()) -> tuple[SchedulerOutput, list[TokenEvent]]:
-        before = Snapshot.of(self.sched)
-        out = self.sched.schedule()
-        check_schedule(self.sched, before, out)
-        for rid in abort_mid:  # the caller ends requests while the runner works
-            self.abort(rid)
-        # A replaying sequence runs a token it already has: it gains none in this step.
-        replaying = {
-            s.request_id
-            for s in (*out.prefills, *out.decodes)
-            if s.start_pos + s.num_tokens < self.requests[s.request_id].num_tokens
-        }
-        events = self.sched.update(out, self.runner(out))
-        self._check_events(out, events, replaying)
-        self.history.append(out)
-        return out, events
-
-    def _check_events(
-        self, out: SchedulerOutput, events: list[TokenEvent], replaying: set[str]
-    ) -> None:
-        scheduled = (*out.prefills, *out.decodes)
-        live = {s.request_id for s in scheduled if self.reasons.get(s.request_id) != "abort"}
-        assert sorted(e.request_id for e in events) == sorted(live - replaying)
-        for e in events:
-            assert e.request_id not in self.reasons, "event after the request ended"
-            r = self.requests[e.request_id]
-            assert len(e.new_token_ids) == 1 and r.output_token_ids[-1] == e.new_token_ids[0]
-            self.events[e.request_id].append(e)
-            if e.finish_reason is None:
-                assert r in self.sched.running and r.status == RequestStatus.RUNNING
-                assert r.num_computed_tokens == r.num_tokens - 1
-                assert len(r.block_ids) == blocks_for(r.num_computed_tokens, self.config.block_size)
-            else:
-                self.reasons[e.request_id] = e.finish_reason
-                assert r.status.is_finished and r.status.finish_reason == e.finish_reason
-                assert r.block_ids == [] and e.request_id not in self.sched.requests
-                assert r not in self.sched.running
-        check_blocks(self.sched)
-
-    def run(self, max_steps: int = 5000) -> None:
-        for _ in range(max_steps):
-            if not self.sched.has_unfinished:
-                break
-            self.step()
-        assert not self.sched.has_unfinished, "the scheduler did not drain"
-        self.check_drained()
-
-    def check_drained(self) -> None:
-        s = self.sched
-        assert not s.running and not s.waiting and not s.requests
-        assert s.num_running == 0 and s.num_waiting == 0
-        assert s.allocator.num_free == self.config.num_kv_blocks
-        for rid, r in self.requests.items():
-            assert rid in self.reasons
-            emitted = [t for e in self.events.get(rid, []) for t in e.new_token_ids]
-            assert emitted == r.output_token_ids
-        # The free list holds every block exactly once.
-        assert sorted(s.allocator.allocate(self.config.num_kv_blocks)) == list(
-            range(self.config.num_kv_blocks)
-        )
-
-    def tokens(self, rid: str) -> list[int]:
-        return list(self.requests[rid].output_token_ids)
-
-
-def prefill_len(cfg: SchedulerConfig, request: Request) -> int:
-    """Tokens a request prefills when admitted: the prompt alone when replaying."""
-    return len(request.prompt_token_ids) if cfg.replay_preempted else request.num_tokens
-
-
-def config(**kw) -> SchedulerConfig:
-    kw.setdefault("max_model_len", 32)
-    kw.setdefault("num_kv_blocks", 256)
-    kw.setdefault("block_size", 4)
-    return SchedulerConfig(**kw)
-
-
-def prompt(seed: int, n: int) -> list[int]:
-    return [(seed * 31 + 7 * i) % VOCAB for i in range(n)]
-
-
-def scripted(prompts: dict[str, list[int]], scripts: dict[str, list[int]]) -> TokenFn:
-    """A runner whose k-th sampled token for a request is scripts[request][k]."""
-    return lambda rid, ctx: scripts[rid][len(ctx) - len(prompts[rid])]
+def row_lens(out: SchedulerOutput) -> list[int]:
+    """Real tokens in each prefill row."""
+    return [sum(seq.num_tokens for seq in row) for row in out.prefill_bins]
 
 
 # -- admission ------------------------------------------------------------------------------
@@ -409,7 +84,7 @@ def test_token_budget_limits_admission():
     for _ in range(3):
         out, _ = h.step()
         admitted.append(len(out.prefills))
-        assert out.num_prefill_tokens + len(out.decodes) <= 32
+        assert num_prefill_tokens(out) + len(out.decodes) <= 32
     # 3 x 10 <= 32; then 3 decodes leave 29 for 2 more; then 5 decodes leave 27 for the last.
     assert admitted == [3, 2, 1]
     h.run()
@@ -459,7 +134,7 @@ def test_packed_rows_are_first_fit_decreasing():
         ["p0", "p2"],
         ["p1", "p3", "p4"],
     ]
-    assert out.row_lens == [16, 16]
+    assert row_lens(out) == [16, 16]
     h.run()
 
 
@@ -469,7 +144,7 @@ def test_wider_rows_hold_more_prompts():
     for i, n in enumerate([9, 8, 7, 5, 3]):
         h.add(f"p{i}", prompt(i, n), max_tokens=1)
     out, _ = h.step()
-    assert len(out.prefill_bins) == 1 and out.row_lens == [32]
+    assert len(out.prefill_bins) == 1 and row_lens(out) == [32]
     h.run()
 
 
@@ -482,7 +157,7 @@ def test_padded_mode_one_prompt_per_row():
     assert [[s.request_id for s in row] for row in out.prefill_bins] == [
         [f"p{i}"] for i in range(5)
     ]
-    assert out.num_padded_prefill_tokens == 5 * 9
+    assert max(row_lens(out)) * len(out.prefill_bins) == 5 * 9  # rows padded to the longest
     h.run()
 
 
@@ -650,7 +325,8 @@ def test_preemption_evicts_the_latest_and_recomputes():
     assert [s.request_id for s in out.decodes] == ["A", "B"]
     c = h.requests["C"]
     assert ids(h.sched.waiting) == ["C"]
-    assert c.num_preemptions == 1 and c.block_ids == [] and c.status == RequestStatus.WAITING
+    assert h.num_preemptions("C") == 1
+    assert c.block_ids == [] and c.status == RequestStatus.WAITING
     assert h.tokens("C") == c_outputs and len(c_outputs) == 2  # generated tokens are kept
 
     preempted_at = {}
@@ -660,15 +336,17 @@ def test_preemption_evicts_the_latest_and_recomputes():
         out, _ = h.step()
         for rid in out.preempted_ids:
             preempted_at.setdefault(rid, outputs_before[rid])
+        new = {n.request_id: n for n in out.new_requests}
         for seq in out.prefills:
-            reprefills.setdefault(seq.request_id, (seq, outputs_before[seq.request_id]))
+            sent = (seq, new[seq.request_id], outputs_before[seq.request_id])
+            reprefills.setdefault(seq.request_id, sent)
     h.check_drained()
     assert "B" in preempted_at  # later, A's growth pushes B out as well
     for rid in ("B", "C"):
-        seq, outputs = reprefills[rid]
+        seq, sent, outputs = reprefills[rid]
         assert outputs, f"{rid} re-prefilled before generating anything"
         assert list(seq.token_ids) == h.requests[rid].prompt_token_ids + outputs
-        assert list(seq.output_token_ids) == outputs
+        assert list(sent.output_token_ids) == outputs
         assert seq.start_pos == 0
     assert h.sched.num_preemptions_total >= 2
 
@@ -691,7 +369,7 @@ def test_replay_after_preemption_feeds_known_tokens_back_one_per_step():
     assert h.sched.num_preemptions_total >= 2
     replayed = 0
     for rid, request in h.requests.items():
-        final = request.all_token_ids
+        final = all_token_ids(request)
         expected_pos = None
         decodes = 0
         for out in h.history:
@@ -825,57 +503,96 @@ def test_finish_request_with_error_status():
     h = Harness(config(), eos=NO_EOS)
     h.add("a", prompt(1, 3), max_tokens=8)
     h.step()
-    assert h.sched.finish_request("a", RequestStatus.FINISHED_ERROR)
+    assert h.finish("a", RequestStatus.FINISHED_ERROR)
     assert h.requests["a"].status.finish_reason == "error"
     assert h.sched.allocator.num_used == 0 and not h.sched.has_unfinished
 
 
+# -- the step payload: what the runner is sent -----------------------------------------------
+
+
+def payload_size(value: object) -> int:
+    """Values a step carries: every id, count, token and block id; a request's SamplingParams
+    count as one (sent once, by reference)."""
+    if isinstance(value, SamplingParams):
+        return 1
+    if dataclasses.is_dataclass(value):
+        return sum(payload_size(getattr(value, f.name)) for f in dataclasses.fields(value))
+    if isinstance(value, tuple):
+        return sum(payload_size(v) for v in value)
+    return 1
+
+
+@pytest.mark.parametrize("prompt_len", [4, 400])
+def test_step_payload_does_not_grow_with_context(prompt_len):
+    max_tokens = 300
+    cfg = config(max_model_len=1024, num_kv_blocks=1024, max_num_batched_tokens=2048)
+    h = Harness(cfg, eos=NO_EOS)
+    for i in range(3):
+        h.add(f"r{i}", prompt(i, prompt_len), max_tokens=max_tokens)
+    h.run()  # the harness's runner rebuilds every block table and output list from the deltas
+    decodes = [seq for out in h.history for seq in out.decodes]
+    assert len(decodes) == 3 * (max_tokens - 1)
+    # A decode is its id, one token, its position and at most one new block, at any context.
+    assert max(payload_size(seq) for seq in decodes) <= 4
+    # So a request costs the step payloads O(its length), not O(length^2) as when every step
+    # sent each request's tokens, block table and outputs again.
+    total = sum(payload_size(out) for out in h.history)
+    assert total <= 3 * 5 * (prompt_len + max_tokens)
+
+
+def test_runner_drops_the_state_of_ended_and_preempted_requests():
+    h = preemption_workload(num_kv_blocks=6)  # A, B, C: 3-token prompts, 2 blocks of 2 each
+    h.add("D", prompt(4, 3), max_tokens=6)
+    h.step()  # A, B, C prefill and fill the pool; D waits
+    assert set(h.runner.states) == {"A", "B", "C"}
+    assert h.abort("D")  # never ran: the runner never held it
+    out, _ = h.step()
+    assert out.finished_ids == ("D",) and set(h.runner.states) == {"A", "B", "C"}
+    out, _ = h.step()  # A needs a third block: C, the most recent, goes
+    assert out.preempted_ids == ("C",) and set(h.runner.states) == {"A", "B"}
+    assert h.finish("B", RequestStatus.FINISHED_STOPPED)  # as the engine does on a stop string
+    out, _ = h.step(abort_mid=["A"])  # C comes back, whole; A is aborted while the step runs
+    assert out.finished_ids == ("B",) and [n.request_id for n in out.new_requests] == ["C"]
+    assert set(h.runner.states) == {"A", "C"}  # A ran in this step; the next one drops it
+    out, _ = h.step()
+    assert out.finished_ids == ("A",) and set(h.runner.states) == {"C"} == set(ids(h.sched.running))
+    h.run()
+    assert h.tokens("C") == reference(prompt(3, 3), h.requests["C"].params, (), 12)[0]
+
+
+def test_ended_requests_are_reported_in_the_next_step_that_runs():
+    h = Harness(config(), eos=NO_EOS)
+    h.add("a", prompt(1, 3), max_tokens=1)
+    h.step()  # a ends at its prefill
+    out, _ = h.step()  # nothing to run: the engine skips such a step, so it reports nothing
+    assert out.is_empty and out.finished_ids == ()
+    h.add("b", prompt(2, 3), max_tokens=2)
+    out, _ = h.step()
+    assert out.finished_ids == ("a",) and set(h.runner.states) == {"b"}
+    out, _ = h.step()
+    assert out.finished_ids == ()
+    h.run()
+
+
+def test_an_id_may_end_and_be_admitted_again_in_one_step():
+    cfg = config()
+    sched = Scheduler(cfg, NO_EOS)
+    runner = KVRunner(cfg)
+    sched.add(Request("x", prompt(1, 3), SamplingParams(max_tokens=1)))
+    out = sched.schedule()
+    sched.update(out, runner(out))  # x ends at its prefill
+    again = Request("x", prompt(2, 5), SamplingParams(max_tokens=3))
+    sched.add(again)
+    out = sched.schedule()
+    assert out.finished_ids == ("x",) and [n.request_id for n in out.new_requests] == ["x"]
+    while sched.has_unfinished:  # the runner dropped the old x before taking the new one
+        sched.update(out, runner(out))
+        out = sched.schedule()
+    assert again.output_token_ids == reference(prompt(2, 5), again.params, (), 32)[0]
+
+
 # -- random workloads ---------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    rid: str
-    prompt: list[int]
-    params: SamplingParams
-    arrive: int  # step before which it is added
-    abort: tuple[int, bool] | None  # (step, while the step runs?)
-
-
-@st.composite
-def workloads(draw):
-    block_size = draw(st.sampled_from([1, 2, 4, 8]))
-    max_model_len = draw(st.integers(4, 40))
-    min_blocks = blocks_for(max_model_len, block_size)
-    cfg = SchedulerConfig(
-        max_model_len=max_model_len,
-        num_kv_blocks=draw(st.integers(min_blocks, 3 * min_blocks)),
-        block_size=block_size,
-        max_num_seqs=draw(st.integers(1, 8)),
-        max_num_batched_tokens=draw(st.integers(max_model_len, 3 * max_model_len)),
-        max_prefill_row_len=draw(st.sampled_from([0, max_model_len, 2 * max_model_len])),
-        prefill_mode=draw(st.sampled_from(["packed", "padded"])),
-        replay_preempted=draw(st.booleans()),
-    )
-    jobs = []
-    for i in range(draw(st.integers(1, 12))):
-        n = draw(st.integers(1, max_model_len - 1))
-        params = SamplingParams(
-            max_tokens=draw(st.integers(1, 40)),
-            ignore_eos=draw(st.booleans()),
-            stop_token_ids=tuple(draw(st.lists(st.integers(0, VOCAB - 1), max_size=2))),
-        )
-        abort = draw(st.none() | st.tuples(st.integers(0, 30), st.booleans()))
-        jobs.append(
-            Job(
-                rid=f"r{i}",
-                prompt=draw(st.lists(st.integers(0, VOCAB - 1), min_size=n, max_size=n)),
-                params=params,
-                arrive=draw(st.integers(0, 10)),
-                abort=abort,
-            )
-        )
-    return cfg, jobs
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
