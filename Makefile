@@ -4,7 +4,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint bench-prefill
+.PHONY: install serve test test-fast lint bench-prefill
 
 $(BIN)/packserve: pyproject.toml
 	python3 -m venv $(VENV)
@@ -22,6 +22,12 @@ serve: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/pytest
+
+# The in-process tests of the packages (no server, no external tool), minus those marked slow:
+# under a minute on 2 cores. `make test` (CI) runs everything.
+test-fast: install
+	$(BIN)/pytest -m "not slow" \
+		tests/scheduler tests/engine tests/kernels tests/models tests/test_package.py
 
 lint: install
 	$(BIN)/ruff check .

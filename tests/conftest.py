@@ -37,11 +37,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
+# Fixtures that make every test using them (directly or through another fixture) slow, so
+# `make test-fast` (-m "not slow") leaves those out without a list of tests to keep.
+SLOW_FIXTURES = {
+    "launch_server",  # starts a `packserve serve` process
+    "smollm2_dir",  # the real 135M model: fetched from PyPI and converted on first use
+    "mixed_workload",  # the ground truth: 40 generations through transformers
+}
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A test that starts a server (uses `launch_server`, directly or through another fixture)
-    is slow: `make test-fast` (-m "not slow") leaves it out without a list to keep."""
     for item in items:
-        if "launch_server" in getattr(item, "fixturenames", ()):
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 

@@ -114,6 +114,7 @@ def alone_128(invariant_engine, prompts_128) -> list[dict[int, torch.Tensor]]:
         return logits_alone(invariant_engine, prompts_128, GREEDY, monkeypatch)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -135,6 +136,7 @@ def test_logits_batched_and_packed_equal_alone_bitwise(
     assert_bitwise(alone_128, rows, ids)
 
 
+@pytest.mark.slow
 def test_logits_bitwise_under_preemption(make_engine, prompts_128, alone_128, monkeypatch):
     # 120 blocks of 16 tokens: long prompts fill the pool, so running sequences are preempted
     # and replayed; the replay must reproduce their logits bit for bit.
@@ -150,6 +152,7 @@ def test_logits_bitwise_under_preemption(make_engine, prompts_128, alone_128, mo
     assert_bitwise(alone, rows, ids)
 
 
+@pytest.mark.slow
 def test_seeded_sampling_ignores_neighbours(invariant_engine, prompts_128):
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=3, max_tokens=16, ignore_eos=True)
     target = prompts_128[7]
@@ -197,6 +200,7 @@ def test_modules_are_tiled_and_rotary_tabulated(invariant_engine):
     assert isinstance(model.get_decoder().rotary_emb, TabulatedRotary)
 
 
+@pytest.mark.slow
 def test_row_tiles_are_row_position_invariant_here(invariant_engine):
     # The machine-level fact RowTiled relies on: inside one fixed-shape call, a row's result
     # does not depend on where in the tile it sits. Checked on this machine's kernels.

@@ -60,6 +60,7 @@ def _content_digests(folder: Path) -> dict[str, str]:
     return digests
 
 
+@pytest.mark.slow
 def test_make_model_tiny_is_the_same_on_every_machine(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
     cli = Path(sys.executable).with_name("packserve")
@@ -81,6 +82,7 @@ def test_folder_contents(tiny_dir: Path) -> None:
     assert [p.name for p in tiny_dir.parent.iterdir()] == [tiny_dir.name]
 
 
+@pytest.mark.slow
 def test_same_seed_is_byte_identical_across_processes(tiny_dir: Path, tmp_path: Path) -> None:
     # A fresh process retrains the tokenizer and reseeds torch from scratch, which also
     # catches per-process hash randomisation (Python and Rust) leaking into the output.
