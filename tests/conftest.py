@@ -212,22 +212,55 @@ def _log_since(server: ServerProcess, offset: int) -> str:
         return ""
 
 
+def _log_problems(
+    log: str, allowed_5xx: set[str], allowed_tracebacks: tuple[str, ...]
+) -> list[str]:
+    """The lines of `log` that break the rule: a 5xx answer not in `allowed_5xx`, an unhandled
+    error, or a traceback whose text (the "Traceback" line through the exception's summary
+    line) holds none of `allowed_tracebacks`."""
+    lines = log.splitlines()
+    problems = []
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        m = _ACCESS_5XX.search(line)
+        if (m and m.group(1) not in allowed_5xx) or "unhandled" in line:
+            problems.append(line)
+        if "Traceback" in line:
+            end = i + 1
+            if line.startswith("Traceback"):  # a text log: indented frames, then the summary
+                while end < len(lines) and lines[end][:1].isspace():
+                    end += 1
+                end = min(end + 1, len(lines))
+            block = "\n".join(lines[i:end])
+            if not any(text in block for text in allowed_tracebacks):
+                problems.append(line)
+            i = max(end, i + 1)
+            continue
+        i += 1
+    return problems
+
+
 @pytest.fixture(autouse=True)
 def no_server_errors(request: pytest.FixtureRequest) -> Iterator[None]:
     """After every test: no test server answered 5xx while it ran (503 is allowed: loading or
-    draining; 500 only in tests marked allow_server_500) and none logged a traceback or an
-    unhandled error."""
-    allowed = {"503"}
+    draining; 500 only in tests marked allow_server_500) and none logged a traceback (except
+    those holding a text a test names with allow_server_traceback("...")) or an unhandled
+    error."""
+    allowed_5xx = {"503"}
     if request.node.get_closest_marker("allow_server_500"):
-        allowed.add("500")
+        allowed_5xx.add("500")
+    allowed_tracebacks = tuple(
+        text for mark in request.node.iter_markers("allow_server_traceback") for text in mark.args
+    )
     offsets = {id(s): _log_size(s) for s in _SERVERS}
     yield
     problems = []
     for s in list(_SERVERS):
-        for line in _log_since(s, offsets.get(id(s), 0)).splitlines():
-            m = _ACCESS_5XX.search(line)
-            if (m and m.group(1) not in allowed) or "Traceback" in line or "unhandled" in line:
-                problems.append(f"{s.url}: {line}")
+        log = _log_since(s, offsets.get(id(s), 0))
+        problems += [
+            f"{s.url}: {line}" for line in _log_problems(log, allowed_5xx, allowed_tracebacks)
+        ]
     assert not problems, "server errors during the test:\n" + "\n".join(problems[:20])
 
 

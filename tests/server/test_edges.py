@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from packserve.server.launcher import SERVE_COMMAND, ServerProcess, launch
+from packserve.server.launcher import SERVE_COMMAND, ServerProcess
 
 
 def connect(server: ServerProcess, rcvbuf: int | None = None) -> socket.socket:
@@ -39,9 +39,8 @@ def closed_by_server(s: socket.socket, timeout: float) -> bool:
 
 
 @pytest.fixture(scope="module")
-def edgy(tiny_model_dir: Path) -> Iterator[ServerProcess]:
-    flags = ["--model", str(tiny_model_dir), "--header-timeout", "2", "--body-timeout", "2"]
-    with launch(*flags) as server:
+def edgy(launch_server: Callable[..., ServerProcess]) -> Iterator[ServerProcess]:
+    with launch_server("--header-timeout", "2", "--body-timeout", "2") as server:
         yield server
 
 
@@ -87,12 +86,14 @@ def test_a_body_sent_byte_by_byte_gets_408(edgy: ServerProcess) -> None:
     s.close()
 
 
-def test_health_answers_through_an_idle_flood_under_a_low_fd_limit(tiny_model_dir: Path) -> None:
+@pytest.mark.allow_server_traceback("OSError: [Errno 24] Too many open files")  # asyncio's accept
+def test_health_answers_through_an_idle_flood_under_a_low_fd_limit(
+    launch_server: Callable[..., ServerProcess],
+) -> None:
     # 256 descriptors; 300 connections that send nothing (a header timeout long enough that
     # none is closed by it during the test).
     command = ("bash", "-c", 'ulimit -n 256 && exec "$0" "$@"', *SERVE_COMMAND)
-    flags = ["--model", str(tiny_model_dir), "--header-timeout", "60"]
-    with launch(*flags, command=command) as server:
+    with launch_server("--header-timeout", "60", command=command) as server:
         flood = []
         for _ in range(300):
             try:
@@ -121,9 +122,10 @@ def _rss_kib(pid: int) -> int:
     return int(next(line for line in status.splitlines() if line.startswith("VmRSS")).split()[1])
 
 
-def test_streams_nobody_reads_are_cut_and_their_kv_freed(tiny_model_dir: Path) -> None:
-    flags = ["--model", str(tiny_model_dir), "--stall-timeout", "3", "--max-num-seqs", "64"]
-    with launch(*flags) as server:
+def test_streams_nobody_reads_are_cut_and_their_kv_freed(
+    launch_server: Callable[..., ServerProcess],
+) -> None:
+    with launch_server("--stall-timeout", "3", "--max-num-seqs", "64") as server:
         assert server.proc is not None
         warm = {"prompt": "warm up", "max_tokens": 4}
         httpx.post(server.url + "/v1/completions", json=warm, timeout=60)

@@ -5,15 +5,18 @@ each request in another."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 
-from packserve.server.launcher import launch
+from packserve.server.launcher import ServerProcess
 
 
-def test_json_logs_are_json_only(tiny_model_dir: Path) -> None:
-    with launch("--model", str(tiny_model_dir), "--log-format", "json") as server:
+def test_json_logs_are_json_only(
+    launch_server: Callable[..., ServerProcess], tiny_model_dir: Path
+) -> None:
+    with launch_server("--log-format", "json") as server:
         r = httpx.post(
             server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=60
         )

@@ -4,21 +4,20 @@ the OpenAPI document states what is sent (400 not 422, text metrics, SSE streams
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from packserve.server.launcher import ServerProcess, launch
+from packserve.server.launcher import ServerProcess
 
 KEY = "test-key-7"
 
 
 @pytest.fixture(scope="module")
-def locked(tiny_model_dir: Path) -> Iterator[ServerProcess]:
-    with launch("--model", str(tiny_model_dir), "--api-key", KEY, "--max-num-seqs", "4") as s:
+def locked(launch_server: Callable[..., ServerProcess]) -> Iterator[ServerProcess]:
+    with launch_server("--api-key", KEY, "--max-num-seqs", "4") as s:
         yield s
 
 
