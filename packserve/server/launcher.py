@@ -92,7 +92,8 @@ class ServerProcess:
     The child's environment is this process's minus every `PACKSERVE_*` variable (a setting in
     the caller's shell must not change what is measured or tested), plus `env`. `threads` sets
     OMP_NUM_THREADS, the server's intra-op thread count. With `port` None a free port is picked,
-    and another one if the server finds it taken.
+    and another one if the server finds it taken. Without `log_path` the log is a new temporary
+    file, left in place after `stop()` (readable, and the caller's to delete).
     """
 
     def __init__(
