@@ -45,7 +45,7 @@ def one_run(engine: Engine, prompts: list[serve.Prompt], level: int) -> dict[str
     seconds = time.perf_counter() - start
     output = sum(s["output_tokens"] for s in steps)
     assert output == sum(p.max_tokens for p in prompts), "a request came back short"
-    assert engine.scheduler.allocator.num_used == 0
+    assert engine.load().num_kv_blocks_used == 0
     return {
         "seconds": seconds,
         "output_tokens": output,

@@ -38,7 +38,7 @@ def packserve_decode(engine: Engine, prompts: list[list[int]], steps: int) -> tu
     params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
     ids = [engine.add_request(p, params) for p in prompts]
     tokens: dict[str, list[int]] = {i: [] for i in ids}
-    while engine.scheduler.waiting:  # prefill everything first
+    while engine.load().num_waiting:  # prefill everything first
         for d in engine.step():
             tokens[d.request_id] += d.token_ids
     start = time.perf_counter()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -39,11 +40,11 @@ from typing import Any
 
 import torch
 
-from packserve.engine import Engine, EngineConfig
+from packserve.engine import Engine, EngineConfig, EngineLoad, StepStats
 from packserve.engine.async_engine import AsyncEngine, Timed
 from packserve.models.corpus import corpus_documents
 from packserve.models.model_maker import default_model_dir
-from packserve.scheduler import SamplingParams, StepStats
+from packserve.scheduler import SamplingParams
 
 WINDOWS_MS = (0, 2, 5, 10, 20)
 # Request rates (req/s) per model: from mostly idle to moderately loaded on 2 CPU cores.
@@ -159,7 +160,15 @@ async def drive(aeng: AsyncEngine, trace: list[Req], tag: str) -> list[dict[str,
 def run_one(engine: Engine, trace: list[Req], window_s: float, tag: str) -> dict[str, Any]:
     """Replay `trace` through a fresh AsyncEngine over `engine` with the given window."""
     steps: list[StepStats] = []
-    aeng = AsyncEngine(engine, on_step=steps.append, packing_window_s=window_s)
+    running_after: list[int] = []  # the engine's running count after each step
+
+    def on_step(stats: StepStats, load: EngineLoad) -> None:
+        steps.append(stats)
+        running_after.append(load.num_running)
+
+    # The window is an engine setting, read by the loop; one loaded model serves every window.
+    engine.config = dataclasses.replace(engine.config, packing_window_ms=window_s * 1000)
+    aeng = AsyncEngine(engine, on_step=on_step)
     load = os.getloadavg()[0]
     aeng.start()
     try:
@@ -171,7 +180,7 @@ def run_one(engine: Engine, trace: list[Req], window_s: float, tag: str) -> dict
     # A step with prefills and no decodes started from an idle engine: exactly the steps a
     # window delays. Nothing finishes in its prefill step (max_tokens >= 2, ignore_eos), so
     # the running count after such a step is the number of prompts it prefilled.
-    idle = [s for s in prefills if not s.num_decode_tokens]
+    idle = [i for i, s in enumerate(steps) if s.num_prefill_rows and not s.num_decode_tokens]
     real = sum(s.num_prefill_tokens for s in prefills)
     expected = sum(len(r.prompt) for r in trace)
     preempted = sum(s.num_preempted for s in steps)
@@ -190,7 +199,7 @@ def run_one(engine: Engine, trace: list[Req], window_s: float, tag: str) -> dict
         "prefill_tokens": real,
         "padded_prefill_tokens": sum(s.num_padded_prefill_tokens for s in prefills),
         "idle_start_steps": len(idle),
-        "idle_start_prompts": sum(s.num_running for s in idle),
+        "idle_start_prompts": sum(running_after[i] for i in idle),
         "preempted": preempted,
         "output_tokens": sum(int(r["tokens"]) for r in reqs),
         "ttft_s": [round(r["ttft"], 6) for r in reqs],
@@ -553,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     engine = Engine(EngineConfig(model=str(model_dir), seed=args.seed))
     maker = PromptMaker(engine)
     warm_up(engine, maker)
-    row_capacity = engine.scheduler.config.row_capacity
+    row_capacity = engine.info.row_capacity
     print(f"model {size} ({model_dir}), row capacity {row_capacity}, rates {rates}, "
           f"{n} requests x {reps} reps, windows {WINDOWS_MS} ms", flush=True)  # fmt: skip
 
@@ -583,7 +592,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model_params": n_params,
         "model_dir": str(model_dir),
         "row_capacity": row_capacity,
-        "max_num_batched_tokens": engine.scheduler.config.max_num_batched_tokens,
+        "max_num_batched_tokens": engine.info.max_num_batched_tokens,
         "attention_backend": engine.config.attention_backend,
         "prefill_mode": engine.config.prefill_mode,
         "rates_req_s": list(rates),

@@ -40,12 +40,14 @@ import torch
 import transformers
 from transformers import AutoTokenizer, PreTrainedModel
 
+from packserve.engine.config import EngineConfig
 from packserve.kernels.linear import pack_weight, packed_linear
 from packserve.kernels.loader import load_model
 from packserve.kernels.runner import Runner, RunnerConfig
 from packserve.models.corpus import corpus_documents
 from packserve.models.model_maker import default_model_dir
 from packserve.scheduler import (
+    NewRequest,
     SamplingParams,
     ScheduledSequence,
     SchedulerOutput,
@@ -55,7 +57,7 @@ from packserve.scheduler import (
 
 METHODS = ("padded", "sorted", "packed-dense", "packed-varlen")
 PACKED = ("packed-dense", "packed-varlen")
-BLOCK_SIZE = 16
+BLOCK_SIZE = EngineConfig().block_size
 MEDIAN_LEN, MIN_LEN, MAX_LEN = 100, 8, 1000
 MAX_ROW_LEN = 1024  # the widest packed row (the engine's --max-prefill-row-len)
 # Prompt lengths: lognormal around a median of 100 tokens, clipped to [MIN_LEN, MAX_LEN].
@@ -326,23 +328,51 @@ def make_prompts(
     return prompts
 
 
-def make_sequences(prompts: list[tuple[int, ...]]) -> tuple[list[ScheduledSequence], int]:
-    """One greedy single-token prefill per prompt, each with its own disjoint KV blocks."""
+Bins = tuple[tuple[ScheduledSequence, ...], ...]
+Requests = dict[str, NewRequest]
+
+
+def make_sequences(
+    prompts: list[tuple[int, ...]],
+) -> tuple[list[ScheduledSequence], Requests, int]:
+    """One greedy single-token prefill per prompt, each with its own disjoint KV blocks: the
+    segments, what the runner keeps per request, and the number of blocks."""
     params = SamplingParams(temperature=0, max_tokens=1)
-    seqs, offset = [], 0
+    seqs, requests, offset = [], {}, 0
     for i, prompt in enumerate(prompts):
         k = blocks_for(len(prompt), BLOCK_SIZE)
-        seqs.append(
-            ScheduledSequence(f"p{i}", prompt, 0, tuple(range(offset, offset + k)), params, ())
-        )
+        blocks = tuple(range(offset, offset + k))
+        seqs.append(ScheduledSequence(f"p{i}", prompt, 0, ()))
+        requests[f"p{i}"] = NewRequest(f"p{i}", params, len(prompt), (), blocks)
         offset += k
-    return seqs, offset
+    return seqs, requests, offset
+
+
+def runner_config(backend: str, num_blocks: int, seed: int | None) -> RunnerConfig:
+    """A runner with exactly the prompts' blocks, default engine kernels otherwise."""
+    engine = EngineConfig()
+    return RunnerConfig(
+        attention_backend=backend,  # type: ignore[arg-type]
+        linear_backend=engine.linear_backend,
+        block_size=BLOCK_SIZE,
+        kv_cache_memory_bytes=engine.kv_cache_memory_mb << 20,
+        num_kv_blocks=num_blocks,
+        seed=seed,
+        batch_invariant=False,
+        max_model_len=engine.resolved_max_model_len(None),
+    )
+
+
+def prefill_step(bins: Bins, requests: Requests) -> SchedulerOutput:
+    """One step prefilling `bins`, its requests (re)admitted: a step may run again."""
+    admitted = tuple(requests[seq.request_id] for row in bins for seq in row)
+    return SchedulerOutput(
+        new_requests=admitted, prefill_bins=bins, decodes=(), preempted_ids=(), finished_ids=()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Methods
-
-Bins = tuple[tuple[ScheduledSequence, ...], ...]
 
 
 def batches(seqs: list[ScheduledSequence], method: str, batch_size: int) -> list[Bins]:
@@ -397,7 +427,9 @@ class Timing:
     sampled: dict[str, int] = field(default_factory=dict)
 
 
-def run_step(runner: Runner, bins: Bins, mem: RssSampler, timing: Timing) -> None:
+def run_step(
+    runner: Runner, bins: Bins, requests: Requests, mem: RssSampler, timing: Timing
+) -> None:
     """Execute one step, adding its wall time, CPU time and memory growth to `timing` (RSS on
     the CPU; on a GPU the peak of the caching allocator's allocated bytes)."""
     gpu = is_cuda(runner.device)
@@ -409,7 +441,7 @@ def run_step(runner: Runner, bins: Bins, mem: RssSampler, timing: Timing) -> Non
     base, samples0, t0 = mem.window_start()
     cpu0 = process_cpu_seconds()
     start = time.perf_counter()
-    result = runner.execute(SchedulerOutput(prefill_bins=bins, decodes=(), preempted_ids=()))
+    result = runner.execute(prefill_step(bins, requests))
     synchronize(runner.device)
     timing.seconds += time.perf_counter() - start
     timing.cpu_seconds += process_cpu_seconds() - cpu0
@@ -427,6 +459,7 @@ def run_step(runner: Runner, bins: Bins, mem: RssSampler, timing: Timing) -> Non
 def run_interleaved(
     runner_of: Callable[[str], Runner],
     seqs: list[ScheduledSequence],
+    requests: Requests,
     batch_size: int,
     rotation: int,
     mem: RssSampler,
@@ -444,7 +477,7 @@ def run_interleaved(
     for i in range(len(plans["padded"])):
         shift = (rotation + i) % len(METHODS)
         for method in METHODS[shift:] + METHODS[:shift]:
-            run_step(runner_of(method), plans[method][i], mem, timings[method])
+            run_step(runner_of(method), plans[method][i], requests, mem, timings[method])
     return timings
 
 
@@ -497,17 +530,9 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
             "vocab": cfg.vocab_size,
         }
         for dist in settings.distributions:
-            seqs, num_blocks = make_sequences(prompts[dist])
+            seqs, requests, num_blocks = make_sequences(prompts[dist])
             runners = {
-                backend: Runner(
-                    model,
-                    RunnerConfig(
-                        attention_backend=backend,
-                        num_kv_blocks=num_blocks,
-                        block_size=BLOCK_SIZE,
-                        seed=settings.seed,
-                    ),
-                )
+                backend: Runner(model, runner_config(backend, num_blocks, settings.seed))
                 for backend in ("dense", "varlen")
             }
             for runner in runners.values():  # fault the pool's pages in now, not in a pass
@@ -521,13 +546,13 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
             gc.freeze()  # setup objects (token lists, model) leave gc's scans: gc.collect is fast
             # Warm-up: every method once on the first batch of the smallest batch size.
             warm = seqs[: settings.batch_sizes[0]]
-            run_interleaved(runner_of, warm, len(warm), 0, mem)
+            run_interleaved(runner_of, warm, requests, len(warm), 0, mem)
             timings: dict[tuple[int, str], list[Timing]] = {}
             block_start = time.perf_counter()
             loads.append({"dtype": dtype, "distribution": dist, "start": os.getloadavg()})
             for rep in range(settings.repeats):
                 for bi, batch_size in enumerate(settings.batch_sizes):
-                    passes = run_interleaved(runner_of, seqs, batch_size, rep + bi, mem)
+                    passes = run_interleaved(runner_of, seqs, requests, batch_size, rep + bi, mem)
                     for method, t in passes.items():
                         timings.setdefault((batch_size, method), []).append(t)
                     log(
@@ -879,7 +904,7 @@ def run_profile(settings: Settings, out_dir: Path) -> None:
         model, tokenizer = load_model(str(model_dir), dtype=dtype)
         docs = corpus_token_windows(tokenizer)
         prompts = seeded_prompts(docs, tokenizer, settings, dist)
-        seqs, num_blocks = make_sequences(prompts)
+        seqs, requests, num_blocks = make_sequences(prompts)
         gemms = measure_peaks(Settings(**(asdict(settings) | {"dtypes": (dtype,)})), shapes)
         peak = max(gemms[dtype].values())
         out.append(
@@ -889,16 +914,16 @@ def run_profile(settings: Settings, out_dir: Path) -> None:
         )
         for method in METHODS:
             backend = "varlen" if method == "packed-varlen" else "dense"
-            config = RunnerConfig(attention_backend=backend, num_kv_blocks=num_blocks)
-            runner = Runner(model, config)
+            runner = Runner(model, runner_config(backend, num_blocks, seed=0))
             bins = batches(seqs, method, b)[0]
-            step = SchedulerOutput(prefill_bins=bins, decodes=(), preempted_ids=())
+            step = prefill_step(bins, requests)
             runner.execute(step)
             start = time.perf_counter()
             runner.execute(step)
             wall = time.perf_counter() - start
             start = time.perf_counter()
-            prefill_inputs(bins, runner.kv_cache, backend, model.dtype)
+            tables = {r: list(req.block_ids) for r, req in requests.items()}
+            prefill_inputs(bins, tables, runner.kv_cache, backend, model.dtype)
             inputs_s = time.perf_counter() - start
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 runner.execute(step)

@@ -119,7 +119,12 @@ def decode_profile(engine: Engine, prompts: list[serve.Prompt], batch: int) -> s
     params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)
     for p in prompts[:batch]:
         engine.add_request(p.text, params)
-    while engine.scheduler.waiting or not engine.last_stats or engine.last_stats.num_prefill_tokens:
+
+    def prefilling() -> bool:
+        stats = engine.last_stats
+        return engine.load().num_waiting > 0 or stats is None or stats.num_prefill_tokens > 0
+
+    while prefilling():
         engine.step()
     with profile() as prof:
         for _ in range(5):

@@ -156,7 +156,7 @@ class AsyncEngine:
                 deltas = self._fail_all(f"{type(exc).__name__}: {exc}")
             self.load = engine.load()
             self._publish([Timed(delta, start) for delta in deltas])
-            if self.on_step and engine.last_stats:
+            if self.on_step and engine.last_stats is not None:
                 self.on_step(engine.last_stats, self.load)
 
     def _drain(self) -> bool:

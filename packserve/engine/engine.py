@@ -94,10 +94,12 @@ class Engine:
 
     def step(self) -> list[Delta]:
         """Schedule, run and sample once; one delta for every sequence that gained a token
-        or ended. The step's figures are in `last_stats` afterwards."""
+        or ended. The step's figures are in `last_stats` afterwards (None if it did nothing)."""
         start = time.perf_counter()
         output = self.scheduler.schedule()
-        if output.is_empty:
+        if output.is_empty:  # nothing to run (a preemption may still have happened)
+            stats = StepStats.of(output, time.perf_counter() - start)
+            self.last_stats = stats if output.preempted_ids else None
             return []
         try:
             result = self.runner.execute(output)

@@ -8,7 +8,6 @@ function writes the new K/V into the paged pool and attends.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +16,6 @@ from transformers import AttentionInterface
 from .kv_cache import KVCache
 
 ATTENTION_NAME = "packserve"
-AttentionBackend = Literal["dense", "varlen"]
 
 
 @dataclass(frozen=True, slots=True)

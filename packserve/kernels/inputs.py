@@ -9,7 +9,8 @@ import torch
 
 from packserve.scheduler import ScheduledSequence
 
-from .attention import AttentionBackend, DecodeBucket, DecodeMetadata, PrefillMetadata
+from .attention import DecodeBucket, DecodeMetadata, PrefillMetadata
+from .choices import AttentionBackend
 from .kv_cache import KVCache
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import get_args
 
 import torch
 from transformers import PreTrainedModel
@@ -16,7 +16,8 @@ from packserve.scheduler import (
     SchedulerOutput,
 )
 
-from .attention import AttentionBackend, PrefillMetadata
+from .attention import PrefillMetadata
+from .choices import AttentionBackend, LinearBackend
 from .inputs import ModelInputs, decode_inputs, prefill_inputs
 from .invariant import (
     DEFAULT_DECODE_CONTEXT_PAD,
@@ -29,37 +30,36 @@ from .kv_cache import KVCache, KVCacheSpec
 from .linear import can_pack, pack_linears
 from .sampler import sample
 
-LinearBackend = Literal["onednn", "torch"]
-
 
 @dataclass(frozen=True, slots=True)
 class RunnerConfig:
-    """How the runner computes attention and how large its KV pool is."""
+    """How the runner computes attention and how large its KV pool is. The knobs have no
+    defaults here: the engine derives them from its EngineConfig, where the defaults live."""
 
-    attention_backend: AttentionBackend = "varlen"
-    linear_backend: LinearBackend = "onednn"  # "torch": leave the model's nn.Linear as is
-    block_size: int = 16
-    kv_cache_memory_bytes: int = 1 << 30  # the pool's size; the block count follows from it
-    num_kv_blocks: int | None = None  # overrides the memory budget when set (tests)
-    seed: int | None = None  # for requests without a seed of their own
+    attention_backend: AttentionBackend
+    linear_backend: LinearBackend  # "torch": leave the model's nn.Linear as is
+    block_size: int
+    kv_cache_memory_bytes: int  # the pool's size; the block count follows from it
+    num_kv_blocks: int | None  # overrides the memory budget when set
+    seed: int | None  # for requests without a seed of their own
     # Bitwise batch invariance (kernels/invariant.py): per-token modules on fixed row tiles,
     # a tabulated rotary embedding, attention shaped by each sequence alone, one thread count.
-    batch_invariant: bool = False
+    batch_invariant: bool
+    max_model_len: int  # positions the rotary table covers in batch-invariant mode
     prefill_tile_rows: int = DEFAULT_PREFILL_TILE_ROWS  # batch-invariant tile heights
     decode_tile_rows: int = DEFAULT_DECODE_TILE_ROWS
     # Batch-invariant decode attention runs over each context rounded up to this multiple.
     decode_context_pad: int = DEFAULT_DECODE_CONTEXT_PAD
-    max_model_len: int = 4096  # positions the rotary table covers in batch-invariant mode
 
     def __post_init__(self) -> None:
-        if self.attention_backend not in ("dense", "varlen"):
+        if self.attention_backend not in get_args(AttentionBackend):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
         if self.batch_invariant and self.attention_backend != "varlen":
             raise ValueError("batch-invariant mode needs the varlen attention backend")
         sizes = (self.prefill_tile_rows, self.decode_tile_rows, self.decode_context_pad)
         if min(*sizes, self.max_model_len) < 1:
             raise ValueError("tile sizes, decode_context_pad and max_model_len must be positive")
-        if self.linear_backend not in ("onednn", "torch"):
+        if self.linear_backend not in get_args(LinearBackend):
             raise ValueError(f"unknown linear backend {self.linear_backend!r}")
         if self.block_size < 1 or self.kv_cache_memory_bytes < 1:
             raise ValueError("block_size and kv_cache_memory_bytes must be positive")

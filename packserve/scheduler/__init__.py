@@ -7,7 +7,6 @@ from .outputs import (
     RunnerOutput,
     ScheduledSequence,
     SchedulerOutput,
-    StepStats,
     TokenEvent,
     TokenLogprobs,
 )
@@ -27,7 +26,6 @@ __all__ = [
     "Scheduler",
     "SchedulerConfig",
     "SchedulerOutput",
-    "StepStats",
     "TokenEvent",
     "TokenLogprobs",
     "blocks_for",

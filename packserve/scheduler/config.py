@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,19 +10,19 @@ PrefillMode = Literal["packed", "padded"]
 
 @dataclass(frozen=True, slots=True)
 class SchedulerConfig:
-    """Budgets and policies of the scheduler. Validated on construction."""
+    """Budgets and policies of the scheduler. Validated on construction. No defaults: the
+    engine derives every field from its EngineConfig (where the defaults live) and the model."""
 
     max_model_len: int  # longest sequence (prompt + output) a request may reach
     num_kv_blocks: int  # size of the KV pool, in blocks
-    block_size: int = 16  # tokens per KV block
-    max_num_seqs: int = 64  # cap on running sequences (the decode batch)
-    max_num_batched_tokens: int = 4096  # per-step token budget (prefill tokens + decode tokens)
-    max_prefill_row_len: int = 0  # widest packed prefill row; 0 means max_model_len
-    prefill_mode: PrefillMode = "packed"  # "padded": one prompt per row (classic batching)
-    packing_window_s: float = 0.0  # when idle, wait this long for more prompts to fill bins
+    block_size: int  # tokens per KV block
+    max_num_seqs: int  # cap on running sequences (the decode batch)
+    max_num_batched_tokens: int  # per-step token budget (prefill tokens + decode tokens)
+    max_prefill_row_len: int  # widest packed prefill row; 0 means max_model_len
+    prefill_mode: PrefillMode  # "packed": FFD rows; "padded": one prompt per row
     # After a preemption, prefill the prompt only and feed the generated tokens back one per
     # decode step (bitwise the computation they first had) instead of prefilling them all.
-    replay_preempted: bool = False
+    replay_preempted: bool
 
     def __post_init__(self) -> None:
         if self.max_model_len < 1 or self.block_size < 1 or self.max_num_seqs < 1:
@@ -40,8 +39,6 @@ class SchedulerConfig:
             raise ValueError("max_prefill_row_len must be 0 or >= max_model_len")
         if self.prefill_mode not in ("packed", "padded"):
             raise ValueError(f"unknown prefill_mode {self.prefill_mode!r}")
-        if not math.isfinite(self.packing_window_s) or self.packing_window_s < 0:
-            raise ValueError("packing_window_s must be a finite number >= 0")
 
     @property
     def row_capacity(self) -> int:

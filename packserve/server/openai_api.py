@@ -37,7 +37,14 @@ GENERATED: dict[int | str, dict[str, Any]] = {
         "description": "the completion, or its chunks as server-sent events when streamed",
         "content": {
             "application/json": {"schema": {"type": "object"}},
-            "text/event-stream": {"schema": {"type": "string"}},
+            # One schema per event: its data is a JSON chunk (or an error object), then [DONE].
+            "text/event-stream": {
+                "schema": {
+                    "type": "object",
+                    "required": ["data"],
+                    "properties": {"data": {"type": "string"}},
+                }
+            },
         },
     }
 }

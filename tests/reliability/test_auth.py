@@ -51,7 +51,6 @@ def _bad_headers(key: str) -> list[dict[str, Any]]:
         {"Authorization": f"Bearer {key[:-1]}"},
         {"Authorization": key},
         {"Authorization": f"Basic {key}"},
-        {"Authorization": f"Bearer  {key}"},
         {"X-API-Key": key},
         {"Authorization": f"Bearer {key}\u00e9".encode()},  # bytes: not ASCII
     ]
@@ -67,7 +66,8 @@ def test_every_documented_route_is_protected_or_explicitly_open(
     with httpx.Client(base_url=locked_server.url, timeout=h.HTTP_TIMEOUT) as client:
         for method, path in protected:
             body = VALID_BODIES.get(path, {}) if method != "GET" else None
-            variants = [body] if body is None else [body, {**body, "stream": True}]
+            streams = path in ("/v1/completions", "/v1/chat/completions")
+            variants = [body, {**body, "stream": True}] if body and streams else [body]
             for payload in variants:
                 for headers in _bad_headers(api_key):
                     r = client.request(method, path, json=payload, headers=headers)

@@ -1,6 +1,6 @@
-"""Fuzzing with schemathesis against the running server's own OpenAPI document: for the
-generation and token routes, schema-valid and schema-violating bodies never get a 5xx, every
-4xx carries an OpenAI error object, every status and body is one the document declares.
+"""Fuzzing with schemathesis against the running server's own OpenAPI document: for every
+route it documents, schema-valid and schema-violating requests never get a 5xx, every 4xx
+carries an OpenAI error object, every status and body is one the document declares.
 
 Bounded: at most 50 examples per operation and mode (valid / invalid), derandomized so CI
 sees the same cases every run, against a server with a 128-token context; valid bodies get
@@ -28,6 +28,11 @@ OPERATIONS = [
     ("POST", "/v1/chat/completions"),
     ("POST", "/tokenize"),
     ("POST", "/detokenize"),
+    ("GET", "/v1/models"),
+    ("GET", "/health"),
+    ("GET", "/ready"),
+    ("GET", "/metrics"),
+    ("GET", "/dashboard/feed"),
 ]
 MAX_EXAMPLES = 50
 
@@ -68,8 +73,19 @@ def _error_object(body: Any) -> str | None:
     return None
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
-@pytest.mark.parametrize(("method", "path"), OPERATIONS, ids=[p for _, p in OPERATIONS])
+# Routes that take no input at all cannot be sent schema-violating requests.
+NO_INPUT = {"/v1/models", "/health", "/ready", "/metrics"}
+CASES = [
+    (method, path, mode)
+    for method, path in OPERATIONS
+    for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+    if not (mode == GenerationMode.NEGATIVE and path in NO_INPUT)
+]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "mode"), CASES, ids=[f"{p}-{m.value}" for _, p, m in CASES]
+)
 def test_fuzz_operation(schema, locked_server, api_key, h, figures, method, path, mode):
     operation = schema[path][method]
     statuses: dict[int, int] = {}

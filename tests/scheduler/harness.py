@@ -446,11 +446,22 @@ def prefill_len(cfg: SchedulerConfig, request: Request) -> int:
     return len(request.prompt_token_ids) if cfg.replay_preempted else request.num_tokens
 
 
+# The scheduler config has no defaults (the engine's EngineConfig holds them); these are the
+# tests' own, with the engine's budgets and policies.
+TEST_CONFIG = {
+    "max_model_len": 32,
+    "num_kv_blocks": 256,
+    "block_size": 4,
+    "max_num_seqs": 64,
+    "max_num_batched_tokens": 4096,
+    "max_prefill_row_len": 0,
+    "prefill_mode": "packed",
+    "replay_preempted": False,
+}
+
+
 def config(**kw) -> SchedulerConfig:
-    kw.setdefault("max_model_len", 32)
-    kw.setdefault("num_kv_blocks", 256)
-    kw.setdefault("block_size", 4)
-    return SchedulerConfig(**kw)
+    return SchedulerConfig(**(TEST_CONFIG | kw))
 
 
 def prompt(seed: int, n: int) -> list[int]:

@@ -15,7 +15,6 @@ from packserve.scheduler import (
     RunnerOutput,
     SamplingParams,
     Scheduler,
-    SchedulerConfig,
     SchedulerOutput,
     TokenLogprobs,
 )
@@ -675,27 +674,19 @@ def test_add_rejects_prompts_that_leave_no_room(n):
         {"max_model_len": 64, "num_kv_blocks": 8, "max_num_batched_tokens": 63},
         {"max_model_len": 64, "num_kv_blocks": 8, "max_prefill_row_len": 32},
         {"max_model_len": 64, "num_kv_blocks": 8, "prefill_mode": "ragged"},
-        {"max_model_len": 64, "num_kv_blocks": 8, "packing_window_s": -0.1},
     ],
 )
 def test_config_rejects_invalid_values(kw):
     with pytest.raises(ValueError):
-        SchedulerConfig(**kw)
-
-
-def test_config_rejects_nan_packing_window():
-    with pytest.raises(ValueError):
-        SchedulerConfig(max_model_len=64, num_kv_blocks=8, packing_window_s=math.nan)
+        config(**({"block_size": 16} | kw))
 
 
 def test_config_accepts_boundary_values():
-    cfg = SchedulerConfig(
-        max_model_len=32, num_kv_blocks=2, block_size=16, max_num_batched_tokens=32
-    )
+    cfg = config(max_model_len=32, num_kv_blocks=2, block_size=16, max_num_batched_tokens=32)
     assert cfg.row_capacity == 32
-    wide = SchedulerConfig(max_model_len=32, num_kv_blocks=2, max_prefill_row_len=48)
+    wide = config(max_model_len=32, num_kv_blocks=2, block_size=16, max_prefill_row_len=48)
     assert wide.row_capacity == 48
-    SchedulerConfig(max_model_len=8, num_kv_blocks=1, block_size=8, prefill_mode="padded")
+    config(max_model_len=8, num_kv_blocks=1, block_size=8, prefill_mode="padded")
 
 
 @pytest.mark.parametrize(
