@@ -205,14 +205,15 @@ def test_dockerignore_keeps_what_copy_needs_and_drops_the_rest(instructions):
     for source in sources:
         assert (REPO / source).exists(), f"COPY {source}: not in the repository"
         assert not dockerignore_excludes(patterns, source), f".dockerignore drops {source}"
-    for f in ("server/app.py", "kernels/model_maker.py", "scheduler/__init__.py"):
+    kept = ("packserve/__init__.py", "packserve/server/app.py", "packserve/models/corpus.py")
+    for f in kept:
         assert not dockerignore_excludes(patterns, f), f
     for junk in (
         ".venv/bin/python",
         ".git/HEAD",
         "models/x",
         "tests/conftest.py",
-        "server/__pycache__/app.cpython-311.pyc",
+        "packserve/server/__pycache__/app.cpython-311.pyc",
         "bench/results/a.json",
     ):
         assert dockerignore_excludes(patterns, junk), f"{junk} would be sent to the builder"
@@ -281,10 +282,15 @@ def test_the_build_context_alone_builds_the_package(instructions, tmp_path):
         entry_points = next(n for n in names if n.endswith("entry_points.txt"))
         scripts = zf.read(entry_points).decode()
     for module in (
+        "__init__.py",
         "server/app.py",
         "server/cli.py",
-        "kernels/model_maker.py",
-        "kernels/corpus.py",
+        "server/static/dashboard.html",
+        "engine/engine.py",
+        "kernels/runner.py",
+        "models/model_maker.py",
+        "models/corpus.py",
+        "models/corpus/01-cooking.txt",
         "scheduler/__init__.py",
     ):
         assert f"packserve/{module}" in names, module

@@ -90,7 +90,7 @@ def test_greedy_answer_names_paris_and_the_turn_ends(engine: Engine, smollm2_dir
         out = reference.generate(
             ids, attention_mask=torch.ones_like(ids), max_new_tokens=64, do_sample=False
         )
-    assert tuple(out[0, ids.shape[1] :].tolist()) == full.token_ids
+    assert out[0, ids.shape[1] :].tolist() == full.token_ids
 
 
 def test_gguf_path_loads_the_same_weights_and_conversion_is_byte_identical(
