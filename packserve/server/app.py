@@ -38,7 +38,8 @@ GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
 class RequestGate:
-    """ASGI middleware, the request edge: a generation request meets a full queue with 429
+    """ASGI middleware around the whole app, the request edge: a generation request meets a
+    full queue with 429
     before its body is read (a refusal must not wait behind the work it refuses); a body
     over `max_body_bytes` gets 413, declared or streamed; a body not received within
     `body_timeout_s` gets 408.
@@ -103,8 +104,16 @@ class RequestGate:
     async def _refuse(
         error: APIError, headers: dict[str, str], scope: Scope, receive: Receive, send: Send
     ) -> None:
-        response = JSONResponse(error.body.model_dump(), status_code=error.status, headers=headers)
-        await response(scope, receive, send)
+        """The error as raw ASGI messages: this runs outside the framework, so a refusal
+        under a burst costs little more than parsing the request line."""
+        body = error.body.model_dump_json().encode()
+        fields = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            *((k.lower().encode(), v.encode()) for k, v in headers.items()),
+        ]
+        await send({"type": "http.response.start", "status": error.status, "headers": fields})
+        await send({"type": "http.response.body", "body": body})
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
@@ -123,17 +132,6 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 
     app = FastAPI(title="packserve", version="0.1.0", lifespan=lifespan)
     app.state.server = state
-
-    def queue_full() -> bool:
-        engine = state.engine
-        return engine is not None and engine.num_waiting >= settings.max_queued_requests
-
-    app.add_middleware(
-        RequestGate,
-        max_body_bytes=settings.max_body_bytes,
-        body_timeout_s=settings.body_timeout_s,
-        queue_full=queue_full,
-    )
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
@@ -339,8 +337,14 @@ def run(settings: Settings, sock: socket.socket) -> None:
         stall_timeout_s=settings.stall_timeout_s,
         max_connections=settings.max_connections or default_max_connections(),
     )
-    config = uvicorn.Config(
+    gate = RequestGate(
         app,
+        max_body_bytes=settings.max_body_bytes,
+        body_timeout_s=settings.body_timeout_s,
+        queue_full=state.queue_full,
+    )
+    config = uvicorn.Config(
+        gate,
         host=settings.host,
         port=settings.port,
         http=guarded_protocol(limits),

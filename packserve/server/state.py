@@ -31,6 +31,11 @@ class ServerState:
     failed: bool = False  # the start failed: the process is on its way out
     on_fail: Callable[[], None] | None = None  # stops the server (set by `run`)
 
+    def queue_full(self) -> bool:
+        """As many requests wait as the server queues: a generation request gets 429."""
+        engine = self.engine
+        return engine is not None and engine.num_waiting >= self.settings.max_queued_requests
+
     def fail(self) -> None:
         """The server cannot serve (the model did not load): stop it."""
         self.failed = True
