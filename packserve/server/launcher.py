@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 
@@ -270,31 +271,7 @@ class ServerProcess:
         return f"ServerProcess({self.url}, flags={self.flags}, returncode={self.returncode})"
 
 
-def launch(
-    *flags: str,
-    command: Sequence[str] = SERVE_COMMAND,
-    env: Mapping[str, str] | None = None,
-    threads: int | None = None,
-    host: str = HOST,
-    port: int | None = None,
-    log_path: str | Path | None = None,
-    ready_timeout: float = READY_TIMEOUT_S,
-    ready_path: str = "/ready",
-    cwd: str | Path | None = None,
-    new_session: bool = False,
-) -> ServerProcess:
-    """A started, ready `ServerProcess(flags, ...)`; stop it with `stop()` or a `with`."""
-    server = ServerProcess(
-        flags,
-        command=command,
-        env=env,
-        threads=threads,
-        host=host,
-        port=port,
-        log_path=log_path,
-        ready_timeout=ready_timeout,
-        ready_path=ready_path,
-        cwd=cwd,
-        new_session=new_session,
-    )
-    return server.start()
+def launch(*flags: str, **options: Any) -> ServerProcess:
+    """A started, ready `ServerProcess(flags, **options)` (its keyword arguments); stop it
+    with `stop()` or a `with`."""
+    return ServerProcess(flags, **options).start()
