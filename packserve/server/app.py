@@ -37,6 +37,16 @@ log = logging.getLogger("packserve.server")
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 
 
+def bearer_ok(authorization: str, api_key: str | None) -> bool:
+    """Whether an Authorization header carries the API key (any header when there is none).
+    Schemes are case-insensitive (RFC 9110 11.1); the key is compared in constant time."""
+    if api_key is None:
+        return True
+    scheme, _, token = authorization.strip().partition(" ")
+    valid = hmac.compare_digest(token.strip().encode(), api_key.encode())
+    return scheme.lower() == "bearer" and valid
+
+
 class RequestGate:
     """ASGI middleware around the whole app, the request edge: a generation request meets a
     full queue with 429
@@ -53,8 +63,10 @@ class RequestGate:
         max_body_bytes: int,
         body_timeout_s: float,
         queue_full: Callable[[], bool],
+        api_key: str | None,
     ) -> None:
         self.app = app
+        self.api_key = api_key
         self.limit = max_body_bytes
         self.body_timeout_s = body_timeout_s
         self.queue_full = queue_full
@@ -62,7 +74,7 @@ class RequestGate:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        if scope["method"] == "POST" and scope["path"] in GENERATION_PATHS and self.queue_full():
+        if self._refusable(scope) and self.queue_full():
             error = APIError(429, "too many requests are waiting; retry later")
             return await self._refuse(error, {"Retry-After": "1"}, scope, receive, send)
         declared = dict(scope["headers"]).get(b"content-length")
@@ -95,6 +107,14 @@ class RequestGate:
             return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
 
         await self.app(scope, replay, send)
+
+    def _refusable(self, scope: Scope) -> bool:
+        """A generation request from a caller with the key (others learn nothing, not even
+        that the queue is full: the app answers them 401)."""
+        if scope["method"] != "POST" or scope["path"] not in GENERATION_PATHS:
+            return False
+        header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+        return bearer_ok(header, self.api_key)
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = APIError(413, f"request body over {self.limit} bytes")
@@ -163,12 +183,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         return await api_error(request, APIError(500, f"internal error: {type(exc).__name__}"))
 
     async def authorized(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
-        # Schemes are case-insensitive (RFC 9110 11.1); the key is compared in constant time.
-        valid = hmac.compare_digest(token.strip().encode(), settings.api_key.encode())
-        if scheme.lower() != "bearer" or not valid:
+        if not bearer_ok(request.headers.get("authorization", ""), settings.api_key):
             raise APIError(401, "missing or invalid API key", code="invalid_api_key")
 
     @app.get("/health", responses={503: {"model": ErrorResponse}})
@@ -342,6 +357,7 @@ def run(settings: Settings, sock: socket.socket) -> None:
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
         queue_full=state.queue_full,
+        api_key=settings.api_key,
     )
     config = uvicorn.Config(
         gate,

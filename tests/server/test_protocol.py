@@ -100,3 +100,31 @@ def test_openapi_states_what_is_sent(locked: ServerProcess) -> None:
         assert {"application/json", "text/event-stream"} <= set(content)
     metrics = httpx.get(locked.url + "/metrics", timeout=30)
     assert metrics.headers["content-type"].startswith("text/plain")
+
+
+def test_a_full_queue_is_no_secret_to_callers_without_the_key(
+    launch_server: Callable[..., ServerProcess],
+) -> None:
+    """The 429 fast path (before the body is read) answers only callers with the key; the
+    others get 401 whatever the queue holds."""
+    flags = ("--api-key", KEY, "--max-num-seqs", "1", "--max-queued-requests", "1")
+    with launch_server(*flags) as server, httpx.Client(timeout=60) as client:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        long = {"prompt": "A", "max_tokens": 1900, "ignore_eos": True, "stream": True}
+        with client.stream("POST", server.url + "/v1/completions", json=long, headers=auth) as a:
+            assert a.status_code == 200
+            lines = a.iter_lines()  # kept: a dropped iterator closes the stream (and aborts A)
+            next(lines)  # A runs in the only seat
+            queued = {"prompt": "B", "max_tokens": 1900, "ignore_eos": True, "stream": True}
+            with client.stream(
+                "POST", server.url + "/v1/completions", json=queued, headers=auth
+            ) as b:
+                assert b.status_code == 200  # B waits: the queue of 1 is full
+                body = {"prompt": "C", "max_tokens": 2}
+                for path in ("/v1/completions", "/v1/chat/completions"):
+                    anonymous = client.post(server.url + path, json=body)
+                    assert anonymous.status_code == 401, anonymous.text
+                    keyed = client.post(server.url + path, json=body, headers=auth)
+
+                    assert keyed.status_code == 429, keyed.text
+                    assert keyed.headers["retry-after"] == "1"
