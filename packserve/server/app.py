@@ -116,6 +116,20 @@ class RequestGate:
         header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
         return bearer_ok(header, self.api_key)
 
+    def refuse_early(self, head: bytes) -> bool:
+        """The same decision from a request's raw head (request line and headers), for the
+        connection protocol to answer before anything is parsed."""
+        lines = head.split(b"\r\n")
+        method, _, rest = lines[0].partition(b" ")
+        path = rest.partition(b" ")[0].decode("latin-1")
+        headers = [tuple(line.split(b":", 1)) for line in lines[1:] if b":" in line]
+        scope = {
+            "method": method.decode("latin-1"),
+            "path": path,
+            "headers": [(name.strip().lower(), value.strip()) for name, value in headers],
+        }
+        return self._refusable(scope) and self.queue_full()
+
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         error = APIError(413, f"request body over {self.limit} bytes")
         await self._refuse(error, {}, scope, receive, send)
@@ -347,17 +361,18 @@ def run(settings: Settings, sock: socket.socket) -> None:
     quiet_libraries()
     app = create_app(settings)
     state: ServerState = app.state.server
-    limits = EdgeLimits(
-        header_timeout_s=settings.header_timeout_s,
-        stall_timeout_s=settings.stall_timeout_s,
-        max_connections=settings.max_connections or default_max_connections(),
-    )
     gate = RequestGate(
         app,
         max_body_bytes=settings.max_body_bytes,
         body_timeout_s=settings.body_timeout_s,
         queue_full=state.queue_full,
         api_key=settings.api_key,
+    )
+    limits = EdgeLimits(
+        header_timeout_s=settings.header_timeout_s,
+        stall_timeout_s=settings.stall_timeout_s,
+        max_connections=settings.max_connections or default_max_connections(),
+        refuse_early=gate.refuse_early,
     )
     config = uvicorn.Config(
         gate,
