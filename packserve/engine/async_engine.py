@@ -38,6 +38,7 @@ class _Submission:
     params: SamplingParams
     collector: asyncio.Queue[Timed]
     loop: asyncio.AbstractEventLoop
+    priority: int
 
 
 def _deliver(batch: list[tuple[_Submission, Timed]]) -> None:
@@ -100,13 +101,17 @@ class AsyncEngine:
         prompt_token_ids: list[int],
         params: SamplingParams,
         collector: asyncio.Queue[Timed],
+        priority: int = 0,
     ) -> None:
         """Queue a request; its deltas will arrive in `collector` (the choices of one HTTP
         request share one). Synchronous, so a handler's queue-limit check and its submission
-        happen in the same event-loop turn. Pair every submit with a `release`."""
+        happen in the same event-loop turn. Pair every submit with a `release`. A lower
+        `priority` is scheduled first (vLLM's convention)."""
         self.num_in_flight += 1
         loop = asyncio.get_running_loop()
-        self._adds.append(_Submission(request_id, prompt_token_ids, params, collector, loop))
+        self._adds.append(
+            _Submission(request_id, prompt_token_ids, params, collector, loop, priority)
+        )
         self._wake.set()
 
     def release(self, request_id: str, finished: bool) -> None:
@@ -165,7 +170,9 @@ class AsyncEngine:
         while self._adds:
             sub = self._adds.popleft()
             try:
-                self._engine.add_request(sub.prompt_token_ids, sub.params, sub.request_id)
+                self._engine.add_request(
+                    sub.prompt_token_ids, sub.params, sub.request_id, sub.priority
+                )
             except ValueError as exc:
                 error = Delta(sub.request_id, (), "", "error", error=str(exc))
                 self._send(sub, Timed(error, 0.0))

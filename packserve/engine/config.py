@@ -13,10 +13,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from packserve.kernels.choices import AttentionBackend, Dtype, LinearBackend
-from packserve.scheduler import PrefillMode
+from packserve.scheduler import PrefillMode, SchedulingPolicy
 
 DEFAULT_MAX_MODEL_LEN = 4096  # the longest default context, whatever the model allows
-DEFAULT_MAX_NUM_BATCHED_TOKENS = 4096  # the default step budget, when the context is shorter
 
 
 def knob(default: Any, help: str, flag: str | None = None) -> Any:
@@ -60,21 +59,36 @@ class EngineConfig:
     prefill_mode: PrefillMode = knob("packed", "packed: FFD rows; padded: one prompt per row")
     block_size: int = knob(16, "tokens per KV block")
     max_num_seqs: int = knob(64, "most sequences running at once")
-    max_num_batched_tokens: int | None = knob(
-        None, f"token budget of one step (default: max({DEFAULT_MAX_NUM_BATCHED_TOKENS}, context))"
+    max_num_batched_tokens: int = knob(
+        512,
+        "token budget of one step (decode tokens and prefill chunks); a longer prompt is "
+        "prefilled in chunks",
     )
-    max_prefill_row_len: int = knob(0, "capacity of one packed prefill row (0: the context)")
+    max_prefill_row_len: int = knob(0, "capacity of one packed row (0: the step budget)")
     kv_cache_memory_mb: int = knob(1024, "KV pool size in MiB")
     num_kv_blocks: int | None = knob(None, "KV pool size in blocks (overrides the MiB)")
     packing_window_ms: float = knob(0.0, "when idle, wait this long for prompts to fill rows")
+    enable_prefix_caching: bool = knob(
+        True, "reuse the KV of prompt prefixes already computed (full blocks, LRU-evicted)"
+    )
+    fairness_steps: int = knob(
+        32, "a prompt overtaken by shorter ones in this many steps is served before them"
+    )
+    scheduling_policy: SchedulingPolicy = knob(
+        "shortest-first",
+        "order of waiting prompts (after priority): shortest uncached prefill first, within "
+        "a fairness bound; or fcfs (arrival order)",
+    )
     seed: int | None = knob(None, "seed for requests that bring none")
     batch_invariant: bool = knob(False, "bitwise the same logits whatever the batch")
 
     def __post_init__(self) -> None:
         check_choices(self)
         positive = {"block_size": self.block_size, "max_num_seqs": self.max_num_seqs}
+        positive["max_num_batched_tokens"] = self.max_num_batched_tokens
+        positive["fairness_steps"] = self.fairness_steps
         positive["kv_cache_memory_mb"] = self.kv_cache_memory_mb
-        for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks"):
+        for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
         for name, value in positive.items():

@@ -6,6 +6,7 @@ import itertools
 import time
 from collections.abc import Iterator, Sequence
 
+from packserve.kernels.invariant import INVARIANT_PREFILL_CHUNK
 from packserve.kernels.loader import load_model
 from packserve.kernels.runner import Runner, RunnerConfig
 from packserve.models import resolve_model
@@ -19,7 +20,7 @@ from packserve.scheduler import (
     TokenEvent,
 )
 
-from .config import DEFAULT_MAX_NUM_BATCHED_TOKENS, EngineConfig
+from .config import EngineConfig
 from .outputs import Completion, Delta
 from .stats import EngineInfo, EngineLoad, RunningRequest, StepStats
 from .text import TextStream
@@ -58,6 +59,7 @@ class Engine:
             row_capacity=scheduler_config.row_capacity,
             prefill_mode=scheduler_config.prefill_mode,
             batch_invariant=config.batch_invariant,
+            prefix_caching=config.enable_prefix_caching,
         )
         self.last_stats: StepStats | None = None
         self._texts: dict[str, TextStream] = {}
@@ -71,15 +73,20 @@ class Engine:
         return list(prompt)
 
     def add_request(
-        self, prompt: Prompt, params: SamplingParams, request_id: str | None = None
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str | None = None,
+        priority: int = 0,
     ) -> str:
-        """Queue a prompt (text or token ids). Raises ValueError if it cannot be served."""
+        """Queue a prompt (text or token ids); a lower `priority` is scheduled first.
+        Raises ValueError if it cannot be served."""
         request_id = request_id or f"req-{next(self._ids)}"
         token_ids = self.tokenize(prompt)
         vocab = self.info.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"token ids must be in 0..{vocab - 1}")
-        self.scheduler.add(Request(request_id, token_ids, params))
+        self.scheduler.add(Request(request_id, token_ids, params, priority=priority))
         self._texts[request_id] = TextStream(self.tokenizer, params.stop)
         return request_id
 
@@ -162,11 +169,18 @@ class Engine:
         if reason is not None:
             text += text_stream.finish()
             del self._texts[event.request_id]
-        return Delta(event.request_id, event.new_token_ids, text, reason, event.logprobs)
+        return Delta(
+            event.request_id,
+            event.new_token_ids,
+            text,
+            reason,
+            event.logprobs,
+            num_cached_tokens=event.num_cached_tokens,
+        )
 
     def _fail(self, output: SchedulerOutput, message: str) -> list[Delta]:
         deltas = []
-        for seq in (*output.prefills, *output.decodes):
+        for seq in output.segments:
             self.scheduler.finish_request(seq.request_id, RequestStatus.FINISHED_ERROR)
             self._texts.pop(seq.request_id, None)
             deltas.append(Delta(seq.request_id, (), "", "error", error=message))
@@ -195,15 +209,19 @@ def _runner_config(config: EngineConfig, max_model_len: int) -> RunnerConfig:
 def _scheduler_config(
     config: EngineConfig, max_model_len: int, num_kv_blocks: int
 ) -> SchedulerConfig:
-    budget = config.max_num_batched_tokens or max(DEFAULT_MAX_NUM_BATCHED_TOKENS, max_model_len)
     return SchedulerConfig(
         max_model_len=max_model_len,
         num_kv_blocks=num_kv_blocks,
         block_size=config.block_size,
         max_num_seqs=config.max_num_seqs,
-        max_num_batched_tokens=budget,
+        max_num_batched_tokens=config.max_num_batched_tokens,
         max_prefill_row_len=config.max_prefill_row_len,
         prefill_mode=config.prefill_mode,
+        mix_decodes=config.prefill_mode == "packed" and not config.batch_invariant,
+        policy=config.scheduling_policy,
+        fairness_steps=config.fairness_steps,
+        enable_prefix_caching=config.enable_prefix_caching,
+        chunk_align=INVARIANT_PREFILL_CHUNK if config.batch_invariant else 0,
         replay_preempted=config.batch_invariant,
     )
 

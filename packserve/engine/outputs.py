@@ -17,6 +17,7 @@ class Delta:
     finish_reason: str | None  # stop, length, abort or error once finished
     logprobs: tuple[TokenLogprobs, ...] = ()
     error: str | None = None  # the message when finish_reason is "error"
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served (usage.cached_tokens)
 
 
 @dataclass(slots=True, eq=False)
@@ -31,12 +32,14 @@ class Completion:
     logprobs: list[TokenLogprobs] = field(default_factory=list)  # one per token, when asked
     finish_reason: str | None = None
     error: str | None = None
+    num_cached_tokens: int = 0  # prompt tokens the prefix cache served
     _text: list[str] = field(default_factory=list)  # the deltas' text pieces
 
     def add(self, delta: Delta) -> None:
         """Record one step's delta."""
         self.token_ids += delta.token_ids
         self.logprobs += delta.logprobs
+        self.num_cached_tokens = delta.num_cached_tokens
         if delta.text:
             self._text.append(delta.text)
         if delta.finish_reason is not None:

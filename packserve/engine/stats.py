@@ -26,6 +26,7 @@ class EngineInfo:
     row_capacity: int  # tokens one packed prefill row may hold
     prefill_mode: str  # packed or padded
     batch_invariant: bool
+    prefix_caching: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +59,14 @@ class EngineLoad:
 class StepStats:
     """What one engine step did; metrics, the dashboard and benchmarks read these."""
 
-    prefill_rows: tuple[tuple[int, ...], ...]  # [row][segment] prefill token counts, row order
+    # The packed forward's rows: [row][segment] token counts, in row order (prefill pieces,
+    # and decode tokens where they are mixed in).
+    prefill_rows: tuple[tuple[int, ...], ...]
+    num_prefill_tokens: int  # prompt tokens run (and generated ones recomputed)
     num_decode_tokens: int
+    num_sampled_tokens: int  # tokens generated: a prompt's last chunk and every new decode
+    num_cache_query_tokens: int  # prompt tokens looked up in the prefix cache
+    num_cache_hit_tokens: int  # of those, found
     num_preempted: int
     step_time_s: float
 
@@ -67,8 +74,12 @@ class StepStats:
     def of(cls, output: SchedulerOutput, step_time_s: float) -> StepStats:
         """The figures of one scheduled step."""
         return cls(
-            prefill_rows=tuple(tuple(seq.num_tokens for seq in row) for row in output.prefill_bins),
+            prefill_rows=tuple(tuple(seq.num_tokens for seq in row) for row in output.rows),
+            num_prefill_tokens=sum(seq.num_tokens for seq in output.prefills),
             num_decode_tokens=len(output.decodes),
+            num_sampled_tokens=sum(seq.sample for seq in output.segments),
+            num_cache_query_tokens=output.num_cache_query_tokens,
+            num_cache_hit_tokens=output.num_cache_hit_tokens,
             num_preempted=len(output.preempted_ids),
             step_time_s=step_time_s,
         )
@@ -78,13 +89,14 @@ class StepStats:
         return len(self.prefill_rows)
 
     @property
-    def num_prefill_tokens(self) -> int:
-        """Real prompt tokens prefilled."""
-        return sum(map(sum, self.prefill_rows))
+    def num_prefill_segments(self) -> int:
+        """Segments in the packed rows."""
+        return sum(map(len, self.prefill_rows))
 
     @property
-    def num_prefill_segments(self) -> int:
-        return sum(map(len, self.prefill_rows))
+    def num_row_tokens(self) -> int:
+        """Real tokens in the packed rows."""
+        return sum(map(sum, self.prefill_rows))
 
     @property
     def num_tokens(self) -> int:
@@ -93,18 +105,18 @@ class StepStats:
 
     @property
     def num_padded_prefill_tokens(self) -> int:
-        """Tokens computed as packed: every row padded to the longest row."""
+        """Tokens the packed forward computes: every row padded to the longest row."""
         return max(map(sum, self.prefill_rows), default=0) * len(self.prefill_rows)
 
     @property
     def num_unpacked_prefill_tokens(self) -> int:
-        """Tokens padded batching would compute: one prompt per row, padded to the longest."""
+        """Tokens padded batching would compute: one segment per row, padded to the longest."""
         lengths = [n for row in self.prefill_rows for n in row]
         return max(lengths, default=0) * len(lengths)
 
     @property
     def bin_fill(self) -> float:
-        """Real over computed prefill tokens; 1.0 when nothing was prefilled."""
+        """Real over computed tokens of the packed rows; 1.0 when there were none."""
         if not self.num_padded_prefill_tokens:
             return 1.0
-        return self.num_prefill_tokens / self.num_padded_prefill_tokens
+        return self.num_row_tokens / self.num_padded_prefill_tokens

@@ -1,4 +1,4 @@
-"""Attention for packed prefill and ragged decode, plugged into transformers' registry.
+"""Attention for packed steps (prompts, chunks, decodes), plugged into transformers' registry.
 
 The model code stays unmodified: it computes Q/K/V and RoPE, then calls the function registered
 as `packserve` with our per-step metadata in the `packserve_meta` keyword argument. That
@@ -19,22 +19,87 @@ ATTENTION_NAME = "packserve"
 
 
 @dataclass(frozen=True, slots=True)
-class PrefillMetadata:
-    """Packed rows: several prompts back to back per row, rows padded to the longest."""
+class ChunkAttention:
+    """A prefill piece after cached tokens: columns [start, end) of `row`."""
+
+    row: int
+    start: int
+    end: int
+    context_slots: torch.Tensor  # [S] slots of its context: cached tokens, then its own
+    allowed: torch.Tensor  # [1, 1, n, S] bool: causal, offset by the cached tokens
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeBucket:
+    """Single-token segments whose contexts are padded to one length."""
+
+    index: torch.Tensor  # [b] flat index (row * row_len + col) of each token
+    context_slots: torch.Tensor  # [b, L] slots of each sequence's tokens, padded with slot 0
+    # [b, 1, 1, L] additive: 0 within the sequence's length, -inf past it; None: all length L
+    mask: torch.Tensor | None
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeAttention:
+    """Every single-token segment of a step; each attends to its own cached tokens. Ordered
+    longest context first and cut into buckets of similar length, so gathering and attention
+    cost about the real context tokens, not batch x longest context."""
+
+    buckets: tuple[DecodeBucket, ...]
+    # Batch-invariant mode on CPU: attend on one thread. torch's CPU flash kernel parallelizes
+    # a call differently when it holds fewer sequences than there are threads, which changes
+    # a sequence's rounding with the number of sequences beside it (measured, torch 2.13);
+    # on one thread every call takes the same path.
+    single_thread: bool
+
+    def attend(
+        self, kv_cache: KVCache, layer: int, q: torch.Tensor, out: torch.Tensor, scale: float
+    ) -> None:
+        """q: [R*L, H, D] every token's query; writes the buckets' rows of out [R*L, H, D]."""
+        if not self.single_thread:
+            return self._attend(kv_cache, layer, q, out, scale)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._attend(kv_cache, layer, q, out, scale)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _attend(
+        self, kv_cache: KVCache, layer: int, q: torch.Tensor, out: torch.Tensor, scale: float
+    ) -> None:
+        for bucket in self.buckets:
+            keys, values = kv_cache.gather(layer, bucket.context_slots)  # [b, Hkv, L, D]
+            attended = F.scaled_dot_product_attention(
+                q.index_select(0, bucket.index)[:, :, None],  # [b, H, 1, D]
+                keys,
+                values,
+                attn_mask=bucket.mask,
+                scale=scale,
+                enable_gqa=True,
+            )  # [b, H, 1, D]
+            out.index_copy_(0, bucket.index, attended[:, :, 0])
+
+
+@dataclass(frozen=True, slots=True)
+class StepMetadata:
+    """Packed rows of segments (see `inputs.step_inputs` for how each kind attends)."""
 
     kv_cache: KVCache
     token_index: torch.Tensor  # [N] flat index (row * row_len + col) of each real token
     slot_mapping: torch.Tensor  # [N] cache slot of each real token
-    segments: tuple[tuple[int, int, int], ...]  # (row, start, end) of each prompt
-    mask: torch.Tensor | None  # [R, 1, L, L] additive block-diagonal causal mask (dense only)
+    fresh: tuple[tuple[int, int, int], ...]  # (row, start, end) of each prompt from position 0
+    mask: torch.Tensor | None  # [R, 1, L, L] block-diagonal causal mask (dense backend only)
+    chunks: tuple[ChunkAttention, ...]
+    decode: DecodeAttention | None
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
     ) -> torch.Tensor:
-        # q: [R, H, L, D]; k, v: [R, Hkv, L, D]
-        rows, _, row_len, _ = q.shape
-        flat_k = k.transpose(1, 2).reshape(rows * row_len, k.shape[1], k.shape[3])  # [R*L, Hkv, D]
-        flat_v = v.transpose(1, 2).reshape(rows * row_len, v.shape[1], v.shape[3])
+        # q: [R, H, L, D]; k, v: [R, Hkv, L, D] -> [R, L, H, D]
+        rows, heads, row_len, dim = q.shape
+        flat_k = k.transpose(1, 2).reshape(rows * row_len, k.shape[1], dim)  # [R*L, Hkv, D]
+        flat_v = v.transpose(1, 2).reshape(rows * row_len, v.shape[1], dim)
         self.kv_cache.write(  # [N, Hkv, D] each
             layer, self.slot_mapping, flat_k[self.token_index], flat_v[self.token_index]
         )
@@ -42,76 +107,35 @@ class PrefillMetadata:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=self.mask, scale=scale, enable_gqa=True
             )  # [R, H, L, D]
-            return out.transpose(1, 2)  # [R, L, H, D]
-        # varlen: each prompt attends only to itself; nothing is computed across prompts.
-        out = q.new_zeros(q.shape)
-        for row, start, end in self.segments:
-            out[row : row + 1, :, start:end] = F.scaled_dot_product_attention(
-                q[row : row + 1, :, start:end],
-                k[row : row + 1, :, start:end],
-                v[row : row + 1, :, start:end],
-                is_causal=True,
-                scale=scale,
-                enable_gqa=True,
-            )
-        return out.transpose(1, 2)  # [R, L, H, D]
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeBucket:
-    """Batch rows [start, end) of a decode step, whose contexts are padded to one length."""
-
-    start: int
-    end: int
-    context_slots: torch.Tensor  # [b, L] slots of each sequence's tokens, padded with slot 0
-    # [b, 1, 1, L] additive: 0 within the sequence's length, -inf past it; None: all length L
-    mask: torch.Tensor | None
-
-
-@dataclass(frozen=True, slots=True)
-class DecodeMetadata:
-    """One new token per sequence; each attends to its own cached tokens. The batch is ordered
-    longest context first and cut into buckets of similar length, so gathering and attention
-    cost about the real context tokens, not batch x longest context."""
-
-    kv_cache: KVCache
-    slot_mapping: torch.Tensor  # [B] cache slot of each new token
-    buckets: tuple[DecodeBucket, ...]
-    # Batch-invariant mode on CPU: attend on one thread. torch's CPU flash kernel parallelizes
-    # a call differently when it holds fewer sequences than there are threads, which changes
-    # a sequence's rounding with the number of sequences beside it (measured, torch 2.13);
-    # on one thread every call takes the same path.
-    single_thread: bool = False
-
-    def attend(
-        self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        # q: [B, H, 1, D]; k, v: [B, Hkv, 1, D]
-        self.kv_cache.write(layer, self.slot_mapping, k[:, :, 0], v[:, :, 0])
-        if not self.single_thread:
-            return self._attend(layer, q, scale)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return self._attend(layer, q, scale)
-        finally:
-            torch.set_num_threads(threads)
-
-    def _attend(self, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
-        outs = []
-        for bucket in self.buckets:
-            keys, values = self.kv_cache.gather(layer, bucket.context_slots)  # [b, Hkv, L, D]
-            outs.append(
-                F.scaled_dot_product_attention(
-                    q[bucket.start : bucket.end],
-                    keys,
-                    values,
-                    attn_mask=bucket.mask,
+            out = out.transpose(1, 2).reshape(rows * row_len, heads, dim)
+        else:
+            out = q.new_zeros(rows * row_len, heads, dim)
+            for row, start, end in self.fresh:  # each prompt attends only to itself
+                attended = F.scaled_dot_product_attention(
+                    q[row : row + 1, :, start:end],
+                    k[row : row + 1, :, start:end],
+                    v[row : row + 1, :, start:end],
+                    is_causal=True,
                     scale=scale,
                     enable_gqa=True,
-                )
-            )  # [b, H, 1, D]
-        return torch.cat(outs).transpose(1, 2)  # [B, 1, H, D]
+                )  # [1, H, n, D]
+                out[row * row_len + start : row * row_len + end] = attended[0].transpose(0, 1)
+        for chunk in self.chunks:
+            keys, values = self.kv_cache.gather(layer, chunk.context_slots[None])  # [1, Hkv, S, D]
+            attended = F.scaled_dot_product_attention(
+                q[chunk.row : chunk.row + 1, :, chunk.start : chunk.end],
+                keys,
+                values,
+                attn_mask=chunk.allowed,
+                scale=scale,
+                enable_gqa=True,
+            )  # [1, H, n, D]
+            flat = chunk.row * row_len
+            out[flat + chunk.start : flat + chunk.end] = attended[0].transpose(0, 1)
+        if self.decode is not None:
+            flat_q = q.transpose(1, 2).reshape(rows * row_len, heads, dim)
+            self.decode.attend(self.kv_cache, layer, flat_q, out, scale)
+        return out.view(rows, row_len, heads, dim)
 
 
 def packserve_attention(
@@ -122,7 +146,7 @@ def packserve_attention(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    packserve_meta: PrefillMetadata | DecodeMetadata | None = None,
+    packserve_meta: StepMetadata | None = None,
     **kwargs: object,
 ) -> tuple[torch.Tensor, None]:
     """transformers attention-function signature; returns ([B, T, H, D], no weights)."""

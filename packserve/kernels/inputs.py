@@ -9,7 +9,7 @@ import torch
 
 from packserve.scheduler import ScheduledSequence
 
-from .attention import DecodeBucket, DecodeMetadata, PrefillMetadata
+from .attention import ChunkAttention, DecodeAttention, DecodeBucket, StepMetadata
 from .choices import AttentionBackend
 from .kv_cache import KVCache
 
@@ -20,8 +20,8 @@ class ModelInputs:
 
     input_ids: torch.Tensor  # [R, L]
     position_ids: torch.Tensor  # [R, L]
-    meta: PrefillMetadata | DecodeMetadata
-    sample_index: torch.Tensor  # [num_seqs] flat index into [R * L] of each last token
+    meta: StepMetadata
+    sample_index: torch.Tensor  # [S] flat index into [R * L] of each sampling segment's last token
 
 
 BlockTables = Mapping[str, Sequence[int]]  # request_id -> block ids (position // block_size)
@@ -32,61 +32,81 @@ def slots_of(block_ids: Sequence[int], positions: range, block_size: int) -> lis
     return [block_ids[p // block_size] * block_size + p % block_size for p in positions]
 
 
-def prefill_inputs(
-    bins: tuple[tuple[ScheduledSequence, ...], ...],
+def step_inputs(
+    rows: tuple[tuple[ScheduledSequence, ...], ...],
     block_tables: BlockTables,
     kv_cache: KVCache,
     backend: AttentionBackend,
     dtype: torch.dtype,
+    invariant_pad: int = 0,
 ) -> ModelInputs:
-    """Packed rows: prompts back to back, positions restarting at 0 per prompt, rows padded to
-    the longest row. Padding tokens write nothing and attend only to themselves."""
-    if any(seq.start_pos for row in bins for seq in row):
-        # A later chunk must also attend to its cached prefix, which this attention cannot.
-        raise ValueError("prefill segments must start at position 0 (no chunked prefill)")
+    """Packed rows: segments back to back, each at its own positions (restarting at its
+    `start_pos`), rows padded to the longest row; pads write nothing and attend only to
+    themselves. How each segment attends:
+
+    - a prompt from position 0 (several tokens): causally to itself; with the dense backend,
+      all of them in one masked call (block-diagonal causal mask per row), else one call each;
+    - a piece after cached tokens (a chunk, the rest of a prefix hit): to its request's
+      cached tokens and causally to itself, read back from the KV pool;
+    - a single token (a decode, a one-token piece): to its cached context, batched with the
+      other single tokens in length buckets (`decode_attention`).
+    Sampling reads the last token of every segment whose `sample` is set, in row order."""
     block_size = kv_cache.spec.block_size
-    row_len = max(sum(seq.num_tokens for seq in row) for row in bins)
-    ids = [[0] * row_len for _ in bins]
-    positions = [[0] * row_len for _ in bins]
-    segment = [[-1 - col for col in range(row_len)] for _ in bins]  # pads: a segment each
+    device = kv_cache.k.device
+    row_len = max(sum(seq.num_tokens for seq in row) for row in rows)
+    ids = [[0] * row_len for _ in rows]
+    positions = [[0] * row_len for _ in rows]
+    segment = [[-1 - col for col in range(row_len)] for _ in rows]  # pads: a segment each
     token_index: list[int] = []
     slots: list[int] = []
-    segments: list[tuple[int, int, int]] = []
+    fresh: list[tuple[int, int, int]] = []
+    chunks: list[ChunkAttention] = []
+    singles: list[tuple[int, ScheduledSequence]] = []
     sample_index: list[int] = []
-    for r, row in enumerate(bins):
+    for r, row in enumerate(rows):
         start = 0
         for s, seq in enumerate(row):
             end = start + seq.num_tokens
+            flat = r * row_len + start
             ids[r][start:end] = seq.token_ids
             positions[r][start:end] = range(seq.start_pos, seq.end_pos)
-            segment[r][start:end] = [s] * seq.num_tokens
-            token_index.extend(range(r * row_len + start, r * row_len + end))
+            token_index.extend(range(flat, flat + seq.num_tokens))
             table = block_tables[seq.request_id]
             slots.extend(slots_of(table, range(seq.start_pos, seq.end_pos), block_size))
-            segments.append((r, start, end))
-            sample_index.append(r * row_len + end - 1)
+            if seq.num_tokens == 1:
+                singles.append((flat, seq))
+            elif seq.start_pos == 0:
+                fresh.append((r, start, end))
+                segment[r][start:end] = [s] * seq.num_tokens
+            else:
+                chunks.append(chunk_attention(r, start, seq, table, block_size, device))
+            if seq.sample:
+                sample_index.append(flat + seq.num_tokens - 1)
             start = end
-    device = kv_cache.k.device
     mask = None
-    if backend == "dense":
+    if backend == "dense" and fresh:
         seg = torch.tensor(segment, device=device)  # [R, L]
         causal = torch.ones(row_len, row_len, dtype=torch.bool, device=device).tril()
         allowed = (seg[:, :, None] == seg[:, None, :]) & causal  # [R, L, L]
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         mask.masked_fill_(~allowed, float("-inf"))
         mask = mask[:, None]  # [R, 1, L, L]
-    meta = PrefillMetadata(
+    meta = StepMetadata(
         kv_cache=kv_cache,
         token_index=torch.tensor(token_index, device=device),
         slot_mapping=torch.tensor(slots, device=device),
-        segments=tuple(segments),
+        fresh=tuple(fresh),
         mask=mask,
+        chunks=tuple(chunks),
+        decode=decode_attention(singles, block_tables, kv_cache, dtype, invariant_pad)
+        if singles
+        else None,
     )
     return ModelInputs(
         input_ids=torch.tensor(ids, device=device),
         position_ids=torch.tensor(positions, device=device),
         meta=meta,
-        sample_index=torch.tensor(sample_index, device=device),
+        sample_index=torch.tensor(sample_index, device=device, dtype=torch.long),
     )
 
 
@@ -118,43 +138,59 @@ def _equal_runs(values: Sequence[int]) -> list[tuple[int, int]]:
     return runs
 
 
-def decode_inputs(
-    decodes: tuple[ScheduledSequence, ...],
+def chunk_attention(
+    row: int,
+    start: int,
+    seq: ScheduledSequence,
+    table: Sequence[int],
+    block_size: int,
+    device: torch.device,
+) -> ChunkAttention:
+    """A piece after cached tokens, at columns [start, start + n) of `row`: it reads its whole
+    context [0, end_pos) back from the pool; query i sees keys 0..start_pos + i."""
+    context = torch.tensor(slots_of(table, range(seq.end_pos), block_size), device=device)
+    query_pos = torch.arange(seq.start_pos, seq.end_pos, device=device)
+    allowed = torch.arange(seq.end_pos, device=device)[None, :] <= query_pos[:, None]
+    return ChunkAttention(row, start, start + seq.num_tokens, context, allowed[None, None])
+
+
+def decode_attention(
+    singles: Sequence[tuple[int, ScheduledSequence]],
     block_tables: BlockTables,
     kv_cache: KVCache,
     dtype: torch.dtype,
     invariant_pad: int = 0,
-) -> ModelInputs:
-    """A ragged batch: one token per sequence at its own position. The model sees the batch
-    longest context first, cut into length buckets; `sample_index` restores the given order.
+) -> DecodeAttention:
+    """Attention of single-token segments (flat index, segment): longest context first, cut
+    into length buckets, each bucket one batched call over its contexts' cached tokens.
 
     `invariant_pad` > 0 (batch-invariant mode): on CPU a sequence of context L attends over L
     rounded up to a multiple of `invariant_pad`, masked past L, in a bucket of the sequences
-    with the same rounded length, on one thread (see `DecodeMetadata.single_thread`); on
+    with the same rounded length, on one thread (see `DecodeAttention.single_thread`); on
     other devices, whose kernels choose their split by batch size, each sequence attends
     alone. Either way its attention computes the same whatever else is in the batch."""
     block_size = kv_cache.spec.block_size
     device = kv_cache.k.device
-    order = sorted(range(len(decodes)), key=lambda i: -decodes[i].start_pos)
-    seqs = [decodes[i] for i in order]
-    lengths = [seq.start_pos + 1 for seq in seqs]  # tokens each sequence attends to
+    ordered = sorted(singles, key=lambda item: -item[1].start_pos)
+    lengths = [seq.end_pos for _, seq in ordered]  # tokens each sequence attends to
     padded_buckets = bool(invariant_pad) and device.type == "cpu"
     if padded_buckets:
         padded = [-(-n // invariant_pad) * invariant_pad for n in lengths]
         runs = _equal_runs(padded)
     elif invariant_pad:
         padded = lengths
-        runs = [(i, i + 1) for i in range(len(seqs))]
+        runs = [(i, i + 1) for i in range(len(ordered))]
     else:
         runs = length_buckets(lengths)
         padded = [lengths[start] for start, end in runs for _ in range(start, end)]
     max_blocks = -(-padded[0] // block_size)
-    seq_tables = [block_tables[seq.request_id] for seq in seqs]
+    seq_tables = [block_tables[seq.request_id] for _, seq in ordered]
     tables = torch.tensor(
         [list(table[:max_blocks]) + [0] * (max_blocks - len(table)) for table in seq_tables],
         device=device,
     )  # [B, max_blocks]
     length = torch.tensor(lengths, device=device)
+    flat = torch.tensor([index for index, _ in ordered], device=device)
     buckets = []
     for start, end in runs:
         pos = torch.arange(padded[start], device=device)  # [L]
@@ -164,23 +200,5 @@ def decode_inputs(
             past = (pos[None, :] >= length[start:end, None])[:, None, None]  # [b, 1, 1, L]
             mask.masked_fill_(past, float("-inf"))
         slots = tables[start:end, pos // block_size] * block_size + pos % block_size  # [b, L]
-        buckets.append(DecodeBucket(start, end, slots, mask))
-    new_slots = [
-        slots_of(table, range(seq.start_pos, seq.start_pos + 1), block_size)[0]
-        for seq, table in zip(seqs, seq_tables, strict=True)
-    ]
-    meta = DecodeMetadata(
-        kv_cache=kv_cache,
-        slot_mapping=torch.tensor(new_slots, device=device),
-        buckets=tuple(buckets),
-        single_thread=padded_buckets,
-    )
-    rank = [0] * len(order)  # rank[i]: where decodes[i] sits in the model's batch
-    for r, i in enumerate(order):
-        rank[i] = r
-    return ModelInputs(
-        input_ids=torch.tensor([[seq.token_ids[-1]] for seq in seqs], device=device),
-        position_ids=torch.tensor([[seq.start_pos] for seq in seqs], device=device),
-        meta=meta,
-        sample_index=torch.tensor(rank, device=device),
-    )
+        buckets.append(DecodeBucket(flat[start:end], slots, mask))
+    return DecodeAttention(buckets=tuple(buckets), single_thread=padded_buckets)

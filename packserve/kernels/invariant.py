@@ -43,6 +43,10 @@ DEFAULT_DECODE_TILE_ROWS = 16
 # Decode attention pads each context to a multiple of this many keys (inputs.decode_inputs),
 # so sequences of similar length share one attention call.
 DEFAULT_DECODE_CONTEXT_PAD = 64
+# Batch-invariant prefill runs in chunks of this many tokens, at fixed positions (the
+# scheduler's chunk_align): a prompt is computed in the same pieces whatever the step holds,
+# and the prefix cache reuses whole chunks only.
+INVARIANT_PREFILL_CHUNK = 256
 # Positions per chunk of the rotary table: every chunk is computed by one call of this shape.
 ROTARY_CHUNK = 64
 # Rotary variants whose cos/sin depend on the position alone (dynamic ones rescale with the

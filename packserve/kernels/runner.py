@@ -16,9 +16,8 @@ from packserve.scheduler import (
     SchedulerOutput,
 )
 
-from .attention import PrefillMetadata
 from .choices import AttentionBackend, LinearBackend
-from .inputs import ModelInputs, decode_inputs, prefill_inputs
+from .inputs import ModelInputs, step_inputs
 from .invariant import (
     DEFAULT_DECODE_CONTEXT_PAD,
     DEFAULT_DECODE_TILE_ROWS,
@@ -134,32 +133,29 @@ class Runner:
 
     @torch.inference_mode()
     def execute(self, output: SchedulerOutput) -> RunnerOutput:
-        """Bring the request states up to date, prefill the packed rows, decode the running
-        batch, sample."""
+        """Bring the request states up to date, run the packed rows (and the decode batch
+        when it runs apart), sample a token for every segment that samples."""
         self._update_states(output)
         if self.config.batch_invariant and torch.get_num_threads() != self.num_threads:
             torch.set_num_threads(self.num_threads)
         seqs: list[ScheduledSequence] = []
         logits: list[torch.Tensor] = []
         tables = {rid: state.block_ids for rid, state in self.requests.items()}
-        if output.prefill_bins:
-            dtype = self.model.dtype
+        pad = self.config.decode_context_pad if self.config.batch_invariant else 0
+        forwards = [(output.rows, False), (((*output.decode_batch,),), True)]
+        for rows, decode_only in forwards:
+            if not rows or not rows[0]:
+                continue
             backend = self.config.attention_backend
-            inputs = prefill_inputs(output.prefill_bins, tables, self.kv_cache, backend, dtype)
-            logits.append(self.forward(inputs))
-            seqs += output.prefills
-        if output.decodes:
-            pad = self.config.decode_context_pad if self.config.batch_invariant else 0
-            inputs = decode_inputs(output.decodes, tables, self.kv_cache, self.model.dtype, pad)
-            logits.append(self.forward(inputs))
-            seqs += output.decodes
+            inputs = step_inputs(rows, tables, self.kv_cache, backend, self.model.dtype, pad)
+            logits.append(self.forward(inputs, decode_only))
+            seqs += [seq for row in rows for seq in row if seq.sample]
         if not seqs:
             return RunnerOutput(sampled_token_ids={}, logprobs={})
         states = [self.requests[seq.request_id] for seq in seqs]
         tokens, logprobs = sample(torch.cat(logits).float(), states, self.generator)
-        for seq, state, token in zip(seqs, states, tokens, strict=True):
-            if seq.end_pos == state.num_tokens:  # a new token; a replayed position's is dropped
-                state.output_token_ids.append(token)
+        for state, token in zip(states, tokens, strict=True):
+            state.output_token_ids.append(token)
         return RunnerOutput(
             sampled_token_ids={seq.request_id: t for seq, t in zip(seqs, tokens, strict=True)},
             logprobs={
@@ -175,15 +171,16 @@ class Runner:
             self.requests.pop(request_id, None)
         for new in output.new_requests:
             self.requests[new.request_id] = RequestState.of(new)
-        for seq in (*output.prefills, *output.decodes):
+        for seq in output.segments:
             self.requests[seq.request_id].block_ids += seq.new_block_ids
 
-    def forward(self, inputs: ModelInputs) -> torch.Tensor:
-        """Logits [num_seqs, V] at each sequence's last token; the lm head runs only there."""
-        if self.tiles is not None:  # the tile height follows the phase, never the batch
-            prefill = isinstance(inputs.meta, PrefillMetadata)
+    def forward(self, inputs: ModelInputs, decode_only: bool = False) -> torch.Tensor:
+        """Logits [num_sampled, V] at each sampling segment's last token; the lm head runs
+        only there. In batch-invariant mode the tile height follows the forward's phase
+        (`decode_only`), never its size."""
+        if self.tiles is not None:
             self.tiles.rows = (
-                self.config.prefill_tile_rows if prefill else self.config.decode_tile_rows
+                self.config.decode_tile_rows if decode_only else self.config.prefill_tile_rows
             )
         hidden = self.model.get_decoder()(
             input_ids=inputs.input_ids,
@@ -192,4 +189,4 @@ class Runner:
             packserve_meta=inputs.meta,
         ).last_hidden_state  # [R, L, hidden]
         last = hidden.reshape(-1, hidden.shape[-1]).index_select(0, inputs.sample_index)
-        return self.model.get_output_embeddings()(last)  # [num_seqs, V]
+        return self.model.get_output_embeddings()(last)  # [num_sampled, V]

@@ -1,7 +1,7 @@
 """packserve scheduler: request state, KV-block accounting, FFD packing. Pure Python, no torch."""
 
-from .block_manager import BlockAllocator, blocks_for
-from .config import PrefillMode, SchedulerConfig
+from .block_manager import BlockAllocator, block_hash, blocks_for
+from .config import PrefillMode, SchedulerConfig, SchedulingPolicy
 from .outputs import (
     NewRequest,
     RunnerOutput,
@@ -25,9 +25,11 @@ __all__ = [
     "ScheduledSequence",
     "Scheduler",
     "SchedulerConfig",
+    "SchedulingPolicy",
     "SchedulerOutput",
     "TokenEvent",
     "TokenLogprobs",
+    "block_hash",
     "blocks_for",
     "pack_ffd",
     "pack_rows",

@@ -1,4 +1,4 @@
-"""Scheduler configuration: the budgets every step is packed under."""
+"""Scheduler configuration: the budgets every step is packed under, and its policies."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 PrefillMode = Literal["packed", "padded"]
+# The order in which prefills are served, after priority: the shortest uncached prefill first
+# (with a fairness bound), or arrival order.
+SchedulingPolicy = Literal["shortest-first", "fcfs"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -18,8 +21,21 @@ class SchedulerConfig:
     block_size: int  # tokens per KV block
     max_num_seqs: int  # cap on running sequences (the decode batch)
     max_num_batched_tokens: int  # per-step token budget (prefill tokens + decode tokens)
-    max_prefill_row_len: int  # widest packed prefill row; 0 means max_model_len
-    prefill_mode: PrefillMode  # "packed": FFD rows; "padded": one prompt per row
+    max_prefill_row_len: int  # widest packed row; 0 means the step budget
+    prefill_mode: PrefillMode  # "packed": FFD rows; "padded": one segment per row
+    # Decode tokens join the packed rows (one forward per step) rather than a forward of
+    # their own. Off in batch-invariant mode (a forward's tile height follows its phase) and
+    # in padded mode (the unpacked baseline).
+    mix_decodes: bool
+    policy: SchedulingPolicy
+    # A prompt overtaken by shorter ones in this many steps is served before them.
+    fairness_steps: int
+    enable_prefix_caching: bool
+    # 0: a prompt is cut into chunks wherever the step's budget ends. k > 0 (batch-invariant
+    # mode): chunks start and end at multiples of k (or at the prompt's end), so a prompt is
+    # always computed in the same pieces, and only whole chunks computed by a prefill are
+    # cached and reused: the K/V a prefix hit reuses is bitwise what the request computes.
+    chunk_align: int
     # After a preemption, prefill the prompt only and feed the generated tokens back one per
     # decode step (bitwise the computation they first had) instead of prefilling them all.
     replay_preempted: bool
@@ -32,15 +48,32 @@ class SchedulerConfig:
                 f"the KV pool ({self.num_kv_blocks} blocks of {self.block_size}) cannot hold "
                 f"one sequence of max_model_len={self.max_model_len}"
             )
-        # No chunked prefill: any admissible prompt must fit one step and one row.
-        if self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError("max_num_batched_tokens must be >= max_model_len")
-        if self.max_prefill_row_len and self.max_prefill_row_len < self.max_model_len:
-            raise ValueError("max_prefill_row_len must be 0 or >= max_model_len")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode each)")
+        if self.max_prefill_row_len < 0:
+            raise ValueError("max_prefill_row_len must be 0 (the step budget) or positive")
         if self.prefill_mode not in ("packed", "padded"):
             raise ValueError(f"unknown prefill_mode {self.prefill_mode!r}")
+        if self.prefill_mode == "padded" and self.mix_decodes:
+            raise ValueError("padded mode runs decodes apart (mix_decodes=False)")
+        if self.policy not in ("shortest-first", "fcfs"):
+            raise ValueError(f"unknown scheduling policy {self.policy!r}")
+        if self.fairness_steps < 1:
+            raise ValueError("fairness_steps must be positive")
+        if self.chunk_align < 0 or self.chunk_align % self.block_size:
+            raise ValueError("chunk_align must be 0 or a multiple of block_size")
+        if self.chunk_align and (
+            self.max_num_batched_tokens < self.chunk_align + self.max_num_seqs
+            or self.row_capacity < self.chunk_align
+        ):
+            raise ValueError(
+                "with chunk_align, a step must hold one chunk and a decode for every "
+                "sequence, and a row one chunk"
+            )
 
     @property
     def row_capacity(self) -> int:
-        """Tokens one packed prefill row may hold."""
-        return self.max_prefill_row_len or self.max_model_len
+        """Tokens one packed row may hold."""
+        return min(
+            self.max_prefill_row_len or self.max_num_batched_tokens, self.max_num_batched_tokens
+        )

@@ -23,14 +23,20 @@ class NewRequest:
 
 @dataclass(frozen=True, slots=True)
 class ScheduledSequence:
-    """One segment of a request's work in a step: a prefill (the known tokens from 0, after
-    an admission) or a decode (one token). Carries only what changed since the last step:
-    the request's params, block table and generated tokens live with the runner."""
+    """One segment of a request's work in a step: a piece of its prefill (the whole prompt,
+    a chunk of it, or what follows a prefix-cache hit) or a decode (one token). It attends to
+    the request's cached tokens before `start_pos` and causally to itself. Carries only what
+    changed since the last step: params, block table and generated tokens live with the
+    runner."""
 
     request_id: str
     token_ids: tuple[int, ...]  # tokens to run at positions start_pos, start_pos + 1, ...
-    start_pos: int  # position of token_ids[0]: 0 for a prefill, the context length for a decode
+    start_pos: int  # position of token_ids[0]: the tokens before it are in the KV cache
     new_block_ids: tuple[int, ...]  # appended to the request's block table this step
+    is_decode: bool  # one token after the prefill (a new one, or a replayed one)
+    # The step samples a token after the last one: the segment reaches the end of the
+    # request's known tokens (a prefill's last chunk, a decode that is not a replay).
+    sample: bool
 
     @property
     def num_tokens(self) -> int:
@@ -46,6 +52,11 @@ class ScheduledSequence:
 class SchedulerOutput:
     """Everything the runner does in one step, as a delta on what it already holds.
 
+    The step's segments run as one packed forward (`rows`, FFD), except where decode tokens
+    are kept apart (`decode_batch`: batch-invariant mode, where a forward's tile height
+    follows its phase, and the padded baseline); either way the step holds at most the
+    scheduler's token budget.
+
     The runner keeps per-request state from `new_requests` and drops it for the ids in
     `preempted_ids` and `finished_ids`, before anything else in the step; a request id may
     be finished and admitted anew in the same step. A step with no work need not run: its
@@ -55,21 +66,36 @@ class SchedulerOutput:
     """
 
     new_requests: tuple[NewRequest, ...]  # admitted this step, in admission order
-    prefill_bins: tuple[tuple[ScheduledSequence, ...], ...]  # [num_rows][segments in the row]
-    decodes: tuple[ScheduledSequence, ...]  # running requests, one token each, admission order
+    rows: tuple[tuple[ScheduledSequence, ...], ...]  # [num_rows][segments in the row]
+    decode_batch: tuple[ScheduledSequence, ...]  # decode tokens run as a forward of their own
     preempted_ids: tuple[str, ...]  # requests preempted (requeued for recompute) this step
     # Requests that ended (finished, aborted, failed) since the last step with work; a step
     # with no work is never run, so it leaves them for the next one.
     finished_ids: tuple[str, ...]
+    num_cache_query_tokens: int = 0  # prompt tokens looked up in the prefix cache on admission
+    num_cache_hit_tokens: int = 0  # of those, found (their prefill is skipped)
+
+    @property
+    def segments(self) -> tuple[ScheduledSequence, ...]:
+        """Every segment of the step: the rows' in row order, then the decode batch."""
+        return (*(seq for row in self.rows for seq in row), *self.decode_batch)
 
     @property
     def prefills(self) -> tuple[ScheduledSequence, ...]:
-        return tuple(seq for row in self.prefill_bins for seq in row)
+        return tuple(seq for seq in self.segments if not seq.is_decode)
+
+    @property
+    def decodes(self) -> tuple[ScheduledSequence, ...]:
+        return tuple(seq for seq in self.segments if seq.is_decode)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(seq.num_tokens for seq in self.segments)
 
     @property
     def is_empty(self) -> bool:
         """No work: nothing to prefill or decode (the step need not run)."""
-        return not self.prefill_bins and not self.decodes
+        return not self.rows and not self.decode_batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +108,7 @@ class TokenLogprobs:
 
 @dataclass(frozen=True, slots=True)
 class RunnerOutput:
-    """What one forward step produced: one sampled token per scheduled sequence."""
+    """What one step produced: one token for each segment that samples."""
 
     sampled_token_ids: Mapping[str, int]  # request_id -> token sampled this step
     logprobs: Mapping[str, TokenLogprobs]  # request_id -> logprobs, for requests that asked
@@ -96,3 +122,4 @@ class TokenEvent:
     new_token_ids: tuple[int, ...]
     finish_reason: str | None  # OpenAI finish_reason once finished: stop, length, abort, error
     logprobs: tuple[TokenLogprobs, ...] = ()
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission

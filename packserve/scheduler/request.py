@@ -81,11 +81,18 @@ class Request:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    priority: int = 0  # lower is served first (vLLM's convention)
     arrival_time: float = field(default_factory=time.monotonic)
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     block_ids: list[int] = field(default_factory=list)  # block table: position // block_size -> id
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
+    # Tokens computed by prefill since the last admission; the rest are decoded one per step.
+    prefill_end: int = 0
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    num_skipped_steps: int = 0  # steps in which later arrivals were served ahead of it
+    block_hashes: list[bytes] = field(default_factory=list)  # chained digests of full blocks
+    arrival_index: int = 0  # order of arrival, set by the scheduler
 
     @property
     def num_tokens(self) -> int:

@@ -1,10 +1,11 @@
-"""Continuous-batching scheduler with first-fit-decreasing prefill packing. Pure Python."""
+"""Continuous batching with chunked prefill, prefix caching and FFD-packed mixed steps. Pure
+Python."""
 
 from __future__ import annotations
 
-from collections import deque
+import itertools
 
-from .block_manager import BlockAllocator, blocks_for
+from .block_manager import BlockAllocator, block_hash, blocks_for
 from .config import SchedulerConfig
 from .outputs import NewRequest, RunnerOutput, ScheduledSequence, SchedulerOutput, TokenEvent
 from .packing import pack_rows
@@ -12,14 +13,18 @@ from .request import Request, RequestStatus
 
 
 class Scheduler:
-    """Owns request state and KV-block accounting; decides each step's prefills and decodes.
+    """Owns request state and KV-block accounting; decides each step's segments.
 
-    Step contract: `schedule()` -> runner -> `update(output, runner_output)`. Requests are
-    admitted first come, first served while the token budget, the sequence cap and the free KV
-    blocks allow; the admitted prompts are then packed into rows first-fit-decreasing.
+    A step spends at most `max_num_batched_tokens` tokens: first one decode token for every
+    running sequence past its prefill (so running streams never stall behind a prompt), then
+    prefill pieces in policy order: priority first, then the shortest uncached prefill (or
+    arrival order under fcfs), a prompt overtaken for `fairness_steps` steps going first. A
+    prompt that does not fit what the step has left is cut (chunked prefill); a prompt whose
+    leading blocks are in the prefix cache starts after them. The segments are packed into
+    rows first-fit-decreasing.
 
     The runner holds each running request's state; a step sends a request whole once, when it
-    is (re)admitted, and afterwards only what changed (a decode's token and new blocks), with
+    is (re)admitted, and afterwards only what changed (a segment's tokens and new blocks), with
     the ids whose state the runner should drop.
     """
 
@@ -27,11 +32,12 @@ class Scheduler:
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.allocator = BlockAllocator(config.num_kv_blocks)
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []  # in admission order: the last is preempted first
+        self.waiting: list[Request] = []  # served in policy order, not list order
+        self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}  # every unfinished request by id
         self.num_preemptions_total = 0
         self._finished_ids: list[str] = []  # ended since the last step with work
+        self._arrivals = itertools.count()
 
     # -- requests in and out ------------------------------------------------------------------
 
@@ -46,6 +52,7 @@ class Scheduler:
                 f"the prompt has {request.num_tokens} tokens; this model's context is "
                 f"{self.config.max_model_len} tokens including at least one generated token"
             )
+        request.arrival_index = next(self._arrivals)
         self.requests[request.request_id] = request
         self.waiting.append(request)
 
@@ -70,33 +77,36 @@ class Scheduler:
     # -- the step -------------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
-        """Choose this step's work: one token for each running sequence, then new prefills."""
-        decodes, preempted = self._schedule_decodes()
-        # Admitting while preempting would only evict again; vLLM makes the same choice.
-        budget = self.config.max_num_batched_tokens - len(decodes)
-        admitted = [] if preempted else self._admit(budget)
-        finished_ids: tuple[str, ...] = ()
-        if decodes or admitted:  # a step with no work is not run: keep the ids for the next
-            finished_ids = tuple(self._finished_ids)
-            self._finished_ids.clear()
-        return SchedulerOutput(
-            new_requests=tuple(self._new_request(r) for r in admitted),
-            prefill_bins=self._pack(admitted),
-            decodes=tuple(decodes),
-            preempted_ids=tuple(r.request_id for r in preempted),
-            finished_ids=finished_ids,
-        )
+        """Choose this step's work: a decode for each running sequence past its prefill, then
+        prefill pieces in policy order while the budget, the seats and the KV pool allow."""
+        step = _Step(budget=self.config.max_num_batched_tokens)
+        for request in list(self.running):
+            if request.status == RequestStatus.RUNNING and self._is_decoding(request):
+                self._schedule_decode(request, step)
+        candidates = [r for r in self.running if r.request_id not in step.segments]
+        if not step.preempted:  # admitting while preempting would only evict again (as vLLM)
+            candidates += self.waiting
+        for request in self._ordered(candidates):
+            if step.budget == 0:
+                break
+            if request.status == RequestStatus.RUNNING:
+                self._schedule_prefill(request, step)
+            elif not step.preempted:  # waiting, and nobody was preempted (nor is this one)
+                self._try_admit(request, step)
+        self._count_skips(candidates, step)
+        return self._output(step)
 
     def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[TokenEvent]:
-        """Record the sampled tokens, finish what is done, and emit one delta per sequence
-        that gained a token (a replaying sequence gains none until it has caught up)."""
+        """Record what ran: computed tokens, newly full blocks for the prefix cache, sampled
+        tokens; finish what is done. One event per segment that sampled."""
         events = []
-        for seq in (*output.prefills, *output.decodes):
+        for seq in output.segments:
             request = self.requests.get(seq.request_id)
             if request is None:  # finished by the caller while the step ran
                 continue
             request.num_computed_tokens = seq.end_pos
-            if request.num_computed_tokens < request.num_tokens:  # replaying known tokens
+            self._register_blocks(request, seq.start_pos)
+            if not seq.sample:  # a prompt's chunk, or a replayed token
                 continue
             token = result.sampled_token_ids[seq.request_id]
             request.output_token_ids.append(token)
@@ -110,6 +120,7 @@ class Scheduler:
                     new_token_ids=(token,),
                     finish_reason=status.finish_reason if status else None,
                     logprobs=(logprobs,) if logprobs else (),
+                    num_cached_tokens=request.num_cached_tokens,
                 )
             )
         return events
@@ -128,83 +139,230 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
-    # -- internals ------------------------------------------------------------------------------
+    # -- decodes and prefills -------------------------------------------------------------------
 
-    def _schedule_decodes(self) -> tuple[list[ScheduledSequence], list[Request]]:
-        """One token for every running sequence, with room for it in the KV pool: preempts
-        from the back (most recently admitted first) until the rest fit. Returns the decodes
-        and the preempted requests."""
-        decodes: list[ScheduledSequence] = []
-        preempted: list[Request] = []
-        i = 0
-        while i < len(self.running):
-            request = self.running[i]
-            pos = request.num_computed_tokens  # the first token without K/V
-            need = blocks_for(pos + 1, self.config.block_size) - len(request.block_ids)
-            while need > self.allocator.num_free and request in self.running:
-                victim = self.running[-1]
-                self._preempt(victim)
-                preempted.append(victim)
-            if request not in self.running:  # it was the most recent one: preempted itself
-                break
-            new_block_ids = self.allocator.allocate(need)
-            request.block_ids += new_block_ids
-            decodes.append(
-                ScheduledSequence(
-                    request_id=request.request_id,
-                    token_ids=request.known_token_ids(pos, pos + 1),
-                    start_pos=pos,
-                    new_block_ids=tuple(new_block_ids),
-                )
+    def _is_decoding(self, request: Request) -> bool:
+        return request.num_computed_tokens >= request.prefill_end
+
+    def _schedule_decode(self, request: Request, step: _Step) -> None:
+        pos = request.num_computed_tokens  # the first token without K/V
+        new_block_ids = self._grow(request, pos + 1, step)
+        if new_block_ids is None:  # it was the one to preempt
+            return
+        step.add(
+            ScheduledSequence(
+                request_id=request.request_id,
+                token_ids=request.known_token_ids(pos, pos + 1),
+                start_pos=pos,
+                new_block_ids=new_block_ids,
+                is_decode=True,
+                sample=pos + 1 == request.num_tokens,
             )
-            i += 1
-        return decodes, preempted
+        )
 
-    def _preempt(self, request: Request) -> None:
-        """Free a running request's blocks and requeue it at the front, for recompute."""
-        self.running.remove(request)
-        self._free(request)
-        request.status = RequestStatus.WAITING
-        request.num_computed_tokens = 0
-        self.num_preemptions_total += 1
-        self.waiting.appendleft(request)
+    def _schedule_prefill(self, request: Request, step: _Step) -> None:
+        """The next chunk of a running request's prefill, if one fits the step."""
+        start = request.num_computed_tokens
+        end = self._chunk_end(request, start, step.budget)
+        if end == start:
+            return
+        new_block_ids = self._grow(request, end, step)
+        if new_block_ids is not None:
+            step.add(self._prefill_segment(request, start, end, new_block_ids))
 
-    def _admit(self, token_budget: int) -> list[Request]:
-        """Admit waiting requests in arrival order while budget, seats and KV blocks last."""
-        admitted: list[Request] = []
-        while self.waiting and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
-            num_tokens = self._prefill_len(request)
-            need = blocks_for(num_tokens, self.config.block_size)
-            if num_tokens > token_budget or need > self.allocator.num_free:
-                break
-            self.waiting.popleft()
-            request.block_ids = self.allocator.allocate(need)
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            admitted.append(request)
-            token_budget -= num_tokens
-        return admitted
+    def _try_admit(self, request: Request, step: _Step) -> None:
+        """Admit a waiting request with its first chunk, if a seat, the budget and the KV pool
+        (after the blocks promised to unfinished prefills) allow."""
+        if len(self.running) >= self.config.max_num_seqs:
+            return
+        target = self._prefill_target(request)
+        hit = self._cached_prefix(request, target)
+        start = len(hit) * self.config.block_size
+        end = self._chunk_end(request, start, step.budget, target)
+        if end == start:
+            return
+        hit_free = sum(self.allocator.is_free(b) for b in hit)
+        need_all = blocks_for(target, self.config.block_size) - len(hit)
+        if need_all + self._promised_blocks() > self.allocator.num_free - hit_free:
+            return
+        self.allocator.share(hit)
+        request.block_ids = hit + self.allocator.allocate(
+            blocks_for(end, self.config.block_size) - len(hit)
+        )
+        request.status = RequestStatus.RUNNING
+        request.num_computed_tokens = start
+        request.prefill_end = target
+        if not request.output_token_ids:  # usage reports the first admission's hit
+            request.num_cached_tokens = start
+        self.waiting.remove(request)
+        self.running.append(request)
+        step.new_requests.append(self._new_request(request))
+        step.cache_queries += target if self.config.enable_prefix_caching else 0
+        step.cache_hits += start
+        step.add(self._prefill_segment(request, start, end, ()))
 
-    def _prefill_len(self, request: Request) -> int:
-        """Tokens prefilled on admission: all known ones, or the prompt alone when replaying."""
+    def _prefill_segment(
+        self, request: Request, start: int, end: int, new_block_ids: tuple[int, ...]
+    ) -> ScheduledSequence:
+        return ScheduledSequence(
+            request_id=request.request_id,
+            token_ids=request.known_token_ids(start, end),
+            start_pos=start,
+            new_block_ids=new_block_ids,
+            is_decode=False,
+            sample=end == request.num_tokens,
+        )
+
+    def _prefill_target(self, request: Request) -> int:
+        """Tokens prefilled after an admission: all known ones, or the prompt alone when
+        replaying a preempted request's generated tokens."""
         if self.config.replay_preempted:
             return len(request.prompt_token_ids)
         return request.num_tokens
 
-    def _pack(self, admitted: list[Request]) -> tuple[tuple[ScheduledSequence, ...], ...]:
-        """Group admitted prompts into prefill rows: FFD when packed, one per row when padded."""
-        if self.config.prefill_mode == "padded":
-            bins = [[i] for i in range(len(admitted))]
-        else:
-            bins = pack_rows([self._prefill_len(r) for r in admitted], self.config.row_capacity)
-        return tuple(tuple(self._prefill(admitted[i]) for i in row) for row in bins)
+    def _chunk_end(self, request: Request, start: int, budget: int, target: int = 0) -> int:
+        """Where a prefill piece from `start` ends, given what the step has left: at the
+        target, or where the budget (or a row) ends; with chunk_align, at the next multiple of
+        it (or the target), and only if that whole chunk fits. `start` when nothing fits."""
+        target = target or request.prefill_end
+        room = min(budget, self.config.row_capacity)
+        align = self.config.chunk_align
+        if not align:
+            return min(target, start + room)
+        end = min(target, (start // align + 1) * align)
+        return end if end - start <= room else start
 
-    def _prefill(self, request: Request) -> ScheduledSequence:
-        """An admitted request's prefill: its known tokens from position 0 (the prompt alone
-        when replaying); its block table went with its `NewRequest`."""
-        token_ids = request.known_token_ids(0, self._prefill_len(request))
-        return ScheduledSequence(request.request_id, token_ids, start_pos=0, new_block_ids=())
+    def _grow(self, request: Request, end: int, step: _Step) -> tuple[int, ...] | None:
+        """Blocks for a running request's positions up to `end`, preempting unscheduled
+        requests (the lowest priority, most recently admitted first) until they fit. None
+        if the request itself was the one preempted."""
+        need = blocks_for(end, self.config.block_size) - len(request.block_ids)
+        while need > self.allocator.num_free:
+            victim = max(
+                (r for r in self.running if r.request_id not in step.segments),
+                key=lambda r: (r.priority, self.running.index(r)),
+            )
+            self._preempt(victim)
+            step.preempted.append(victim)
+            if victim is request:
+                return None
+        new_block_ids = self.allocator.allocate(max(need, 0))
+        request.block_ids += new_block_ids
+        return tuple(new_block_ids)
+
+    def _promised_blocks(self) -> int:
+        """Blocks the running prefills still need to finish: admission leaves them free."""
+        size = self.config.block_size
+        return sum(
+            max(blocks_for(r.prefill_end, size) - len(r.block_ids), 0)
+            for r in self.running
+            if not self._is_decoding(r)
+        )
+
+    def _ordered(self, candidates: list[Request]) -> list[Request]:
+        """Prefill candidates in service order: priority, then (shortest-first) the requests
+        overtaken for `fairness_steps` steps in arrival order, then the rest by uncached
+        prefill left; or (fcfs) arrival order."""
+        if self.config.policy == "fcfs":
+            return sorted(candidates, key=lambda r: (r.priority, r.arrival_index))
+
+        def key(r: Request) -> tuple[int, int, int, int]:
+            if r.num_skipped_steps >= self.config.fairness_steps:
+                return (r.priority, 0, r.arrival_index, 0)
+            if r.status == RequestStatus.WAITING:
+                target = self._prefill_target(r)
+                left = target - len(self._cached_prefix(r, target)) * self.config.block_size
+            else:
+                left = r.prefill_end - r.num_computed_tokens
+            return (r.priority, 1, left, r.arrival_index)
+
+        return sorted(candidates, key=key)
+
+    def _count_skips(self, candidates: list[Request], step: _Step) -> None:
+        """A candidate left out of a step in which a later arrival was served was overtaken."""
+        served = [r.arrival_index for r in candidates if r.request_id in step.segments]
+        latest = max(served, default=-1)
+        for request in candidates:
+            if request.request_id not in step.segments and request.arrival_index < latest:
+                request.num_skipped_steps += 1
+
+    def _output(self, step: _Step) -> SchedulerOutput:
+        finished_ids: tuple[str, ...] = ()
+        if step.segments:  # a step with no work is not run: keep the ids for the next
+            finished_ids = tuple(self._finished_ids)
+            self._finished_ids.clear()
+        segments = list(step.segments.values())
+        mixed = self.config.mix_decodes
+        to_pack = segments if mixed else [s for s in segments if not s.is_decode]
+        if self.config.prefill_mode == "padded":
+            bins = [[i] for i in range(len(to_pack))]
+        else:
+            bins = pack_rows([s.num_tokens for s in to_pack], self.config.row_capacity)
+        return SchedulerOutput(
+            new_requests=tuple(step.new_requests),
+            rows=tuple(tuple(to_pack[i] for i in row) for row in bins),
+            decode_batch=() if mixed else tuple(s for s in segments if s.is_decode),
+            preempted_ids=tuple(r.request_id for r in step.preempted),
+            finished_ids=finished_ids,
+            num_cache_query_tokens=step.cache_queries,
+            num_cache_hit_tokens=step.cache_hits,
+        )
+
+    # -- the prefix cache -----------------------------------------------------------------------
+
+    def _cached_prefix(self, request: Request, target: int) -> list[int]:
+        """The cached blocks a request admitted now would reuse: the longest registered prefix
+        of its full blocks, leaving at least the last token of `target` to compute (its
+        logits are needed); in whole chunks with chunk_align."""
+        if not self.config.enable_prefix_caching:
+            return []
+        size, align = self.config.block_size, self.config.chunk_align
+        usable = target - 1
+        if align:
+            usable = usable // align * align
+        num_blocks = usable // size
+        self._hash_blocks(request, num_blocks)
+        hit = self.allocator.lookup(request.block_hashes[:num_blocks])
+        if align:
+            del hit[len(hit) // (align // size) * (align // size) :]
+        return hit
+
+    def _register_blocks(self, request: Request, start: int) -> None:
+        """Register the blocks a segment from `start` completed (K/V now cached). With
+        chunk_align, only blocks of whole chunks computed by the prefill."""
+        if not self.config.enable_prefix_caching:
+            return
+        size, align = self.config.block_size, self.config.chunk_align
+
+        def complete(computed: int) -> int:  # registrable blocks once `computed` are
+            if align:
+                computed = min(computed, request.prefill_end) // align * align
+            return computed // size
+
+        first, end = complete(start), complete(request.num_computed_tokens)
+        self._hash_blocks(request, end)
+        for i in range(first, end):
+            self.allocator.register(request.block_ids[i], request.block_hashes[i])
+
+    def _hash_blocks(self, request: Request, num_blocks: int) -> None:
+        """Extend the request's chain of block digests to its first `num_blocks` blocks."""
+        size = self.config.block_size
+        hashes = request.block_hashes
+        for i in range(len(hashes), num_blocks):
+            parent = hashes[-1] if hashes else b""
+            hashes.append(block_hash(parent, request.known_token_ids(i * size, (i + 1) * size)))
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _preempt(self, request: Request) -> None:
+        """Free a running request's blocks and requeue it, for recompute."""
+        self.running.remove(request)
+        self._free(request)
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0
+        request.prefill_end = 0
+        self.num_preemptions_total += 1
+        self.waiting.append(request)
 
     def _new_request(self, request: Request) -> NewRequest:
         """What the runner keeps about an admitted request."""
@@ -231,3 +389,19 @@ class Scheduler:
     def _free(self, request: Request) -> None:
         self.allocator.free(request.block_ids)
         request.block_ids = []
+
+
+class _Step:
+    """What one `schedule` call has chosen so far."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget  # tokens left
+        self.segments: dict[str, ScheduledSequence] = {}  # by request id, in schedule order
+        self.new_requests: list[NewRequest] = []
+        self.preempted: list[Request] = []
+        self.cache_queries = 0
+        self.cache_hits = 0
+
+    def add(self, seq: ScheduledSequence) -> None:
+        self.segments[seq.request_id] = seq
+        self.budget -= seq.num_tokens
