@@ -2,7 +2,7 @@
 
 `DashboardRecorder.observe_step` runs on the engine thread after every step with the step's
 StepStats and the EngineLoad the engine just published; it only appends to bounded ring
-buffers (constant work per step, plus a sum over the step's prefill rows). Everything else,
+buffers (constant work per step, plus a sum over the step's packed rows). Everything else,
 percentiles, padding arithmetic and JSON, happens in the feed handler on the event loop, when
 somebody is looking. `bench/dashboard_overhead.py` measures the per-step cost.
 
@@ -34,7 +34,7 @@ from packserve.engine import EngineInfo, EngineLoad, StepStats
 from .metrics import RequestTimings
 
 HISTORY_S = 300  # seconds of per-second series kept (the charts' window)
-PREFILL_STEPS = 32  # prefill steps kept (the page draws the newest few)
+PREFILL_STEPS = 32  # steps with prompt tokens in their packed rows kept (the page draws a few)
 TTFT_SAMPLES = 4096  # first-token latencies kept
 TTFT_WINDOW_S = 10  # the TTFT chart: one p50/p99 point per this many seconds
 RATE_WINDOW_S = 10  # tokens/s and friends: over this many complete seconds
@@ -47,6 +47,8 @@ class _Second:
 
     __slots__ = (
         "busy_s",
+        "cache_hits",
+        "cache_queries",
         "gen_tokens",
         "kv",
         "prompt_tokens",
@@ -64,8 +66,10 @@ class _Second:
         self.sec = sec
         self.seq = 0  # the last step recorded into it: the feed's `since` compares to this
         self.steps = 0
-        self.prompt_tokens = 0
+        self.prompt_tokens = 0  # prompt tokens run (a prefix-cache hit skips its tokens)
         self.gen_tokens = 0
+        self.cache_queries = 0  # prompt tokens looked up in the prefix cache
+        self.cache_hits = 0  # of those, found
         self.busy_s = 0.0
         self.running = 0  # the gauges: the highest value seen during the second...
         self.waiting = 0
@@ -80,6 +84,8 @@ class _Second:
             "steps": self.steps,
             "prompt_tokens": self.prompt_tokens,
             "gen_tokens": self.gen_tokens,
+            "cache_queries": self.cache_queries,
+            "cache_hits": self.cache_hits,
             "busy_s": round(self.busy_s, 4),
             "running": self.running,
             "waiting": self.waiting,
@@ -124,7 +130,6 @@ class DashboardRecorder:
     def observe_step(self, stats: StepStats, load: EngineLoad) -> None:
         """Engine thread, after every step: the step's figures and the load it left."""
         now = self._clock()
-        generated = stats.num_decode_tokens + stats.num_prefill_segments
         kv = load.kv_cache_usage
         with self._lock:
             self._seq += 1
@@ -137,7 +142,9 @@ class DashboardRecorder:
             second.seq = seq
             second.steps += 1
             second.prompt_tokens += stats.num_prefill_tokens
-            second.gen_tokens += generated
+            second.gen_tokens += stats.num_sampled_tokens
+            second.cache_queries += stats.num_cache_query_tokens
+            second.cache_hits += stats.num_cache_hit_tokens
             second.busy_s += stats.step_time_s
             second.running = max(second.running, load.num_running)
             second.waiting = max(second.waiting, load.num_waiting)
@@ -145,7 +152,7 @@ class DashboardRecorder:
             second.running_end = load.num_running
             second.waiting_end = load.num_waiting
             second.kv_end = kv
-            if stats.prefill_rows:
+            if stats.prefill_rows and stats.num_prefill_tokens:  # not decode tokens alone
                 self._prefills.append((seq, now, stats))
             self._last_at = now
             self._last = (stats, load)
@@ -180,6 +187,8 @@ class DashboardRecorder:
         cost_packed = sum(s["packed"] for s in packed)
         cost_padded = sum(s["padded"] for s in packed)
         recent = sorted(v for ts, v in ttft if now - ts <= TTFT_KPI_WINDOW_S)
+        cache_queries = sum(s.cache_queries for s in full)
+        cache_hits = sum(s.cache_hits for s in full)
         return {
             "seq": seq,
             "since": since,
@@ -202,6 +211,12 @@ class DashboardRecorder:
                 "ttft_p50_s": _percentile(recent, 0.5),
                 "ttft_p99_s": _percentile(recent, 0.99),
                 "ttft_n": len(recent),
+                # Over the same complete seconds as the rates; None when nothing was looked up.
+                "prefix_cache_queries": cache_queries,
+                "prefix_cache_hits": cache_hits,
+                "prefix_cache_hit_rate": (
+                    round(cache_hits / cache_queries, 4) if cache_queries else None
+                ),
                 "prefill_steps": len(packed),
                 "prefill_real_tokens": real,
                 "prefill_packed_tokens": cost_packed,
@@ -227,15 +242,19 @@ class DashboardRecorder:
 
 
 def _step_json(step: tuple[int, float, StepStats], now: float) -> dict[str, Any]:
-    """One prefill step with its cost both ways: as packed (every row padded to the longest
-    row) and as padded batching would have run it (one prompt per row)."""
+    """One step's packed rows with their cost both ways: as packed (every row padded to the
+    longest row) and as padded batching would have run them (one segment per row). The rows
+    hold prompt pieces and, mixed in, decode tokens: every prefill segment is in a row, so
+    the rows' other tokens are decodes."""
     seq, at, stats = step
     return {
         "seq": seq,
         "age_s": round(max(0.0, now - at), 2),
         "step_ms": round(stats.step_time_s * 1000, 2),
         "rows": [list(row) for row in stats.prefill_rows],
-        "real": stats.num_prefill_tokens,
+        "real": stats.num_row_tokens,
+        "prompt_tokens": stats.num_prefill_tokens,
+        "decode_tokens": stats.num_row_tokens - stats.num_prefill_tokens,
         "packed": stats.num_padded_prefill_tokens,
         "padded": stats.num_unpacked_prefill_tokens,
     }

@@ -57,10 +57,23 @@ class Metrics:
         self.generation_tokens = counter("generation_tokens_total", "Tokens generated.")
         self.success = counter("request_success_total", "Finished requests.", ("finished_reason",))
         self.preemptions = counter("num_preemptions_total", "Sequences preempted.")
-        self.prefill_rows = counter("prefill_rows_total", "Packed prefill rows run.")
-        self.prefill_real = counter("prefill_tokens_real_total", "Real prompt tokens prefilled.")
+        self.prefix_queries = counter(
+            "prefix_cache_queries_total",
+            "Prompt tokens looked up in the prefix cache (on admission).",
+        )
+        self.prefix_hits = counter(
+            "prefix_cache_hits_total", "Prompt tokens found in the prefix cache."
+        )
+        # The packed forward's rows hold prompt pieces and, mixed in, decode tokens: real and
+        # padded count the same rows, so their ratio is the rows' fill.
+        self.prefill_rows = counter("prefill_rows_total", "Packed forward rows run.")
+        self.prefill_real = counter(
+            "prefill_tokens_real_total",
+            "Real tokens of the packed rows (prompt pieces and decode tokens mixed in).",
+        )
         self.prefill_padded = counter(
-            "prefill_tokens_padded_total", "Prefill tokens computed, padding included."
+            "prefill_tokens_padded_total",
+            "Tokens the packed rows computed, padding included.",
         )
         self.ttft = histogram(
             "time_to_first_token_seconds", "Time to first token.", LATENCY_BUCKETS
@@ -81,7 +94,7 @@ class Metrics:
         )
         self.bin_fill = histogram(
             "prefill_bin_fill_ratio",
-            "Real over computed tokens of each prefill step.",
+            "Real over computed tokens of each step's packed rows.",
             FILL_BUCKETS,
         )
         self.model_name = model_name
@@ -93,6 +106,8 @@ class Metrics:
             self.prompt_tokens,
             self.generation_tokens,
             self.preemptions,
+            self.prefix_queries,
+            self.prefix_hits,
             self.prefill_rows,
             self.prefill_real,
             self.prefill_padded,
@@ -123,9 +138,11 @@ class Metrics:
         m = self.model_name
         self.preemptions.labels(m).inc(stats.num_preempted)
         self.iteration_tokens.labels(m).observe(stats.num_tokens)
+        self.prefix_queries.labels(m).inc(stats.num_cache_query_tokens)
+        self.prefix_hits.labels(m).inc(stats.num_cache_hit_tokens)
         if stats.num_prefill_rows:
             self.prefill_rows.labels(m).inc(stats.num_prefill_rows)
-            self.prefill_real.labels(m).inc(stats.num_prefill_tokens)
+            self.prefill_real.labels(m).inc(stats.num_row_tokens)
             self.prefill_padded.labels(m).inc(stats.num_padded_prefill_tokens)
             self.bin_fill.labels(m).observe(stats.bin_fill)
 

@@ -96,7 +96,7 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         prompts = completion_prompts(engine, body.prompt)
         choices = make_choices(state, engine, prompts, body, body.max_tokens, body.logprobs)
         # Submitted in the same event-loop turn as the queue check above.
-        generation = Generation(engine, choices, state.metrics, state.finished)
+        generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
         decode = engine.decode
         echo = [decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
         head = {
@@ -158,7 +158,7 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
         choices = make_choices(state, engine, [prompt], body, max_tokens, top)
-        generation = Generation(engine, choices, state.metrics, state.finished)
+        generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
         decode = engine.decode
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",

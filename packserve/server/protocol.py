@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 MAX_CHOICES = 256  # n x prompts in one request
 MAX_STOP = 16  # OpenAI allows 4 stop strings; we allow more, but not thousands
+PRIORITY_BOUND = 2**31  # priority is a 32-bit signed integer, as in vLLM's protobuf API
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -34,6 +35,15 @@ class SamplingFields(BaseModel):
     presence_penalty: FiniteFloat = Field(0.0, ge=-2, le=2)
     frequency_penalty: FiniteFloat = Field(0.0, ge=-2, le=2)
     ignore_eos: bool = False
+    # vLLM's extension. Strict: a JSON integer only (no 1.0, "1" or true), so a typo is
+    # refused rather than silently reordered.
+    priority: int = Field(
+        0,
+        strict=True,
+        ge=-PRIORITY_BOUND,
+        lt=PRIORITY_BOUND,
+        description="scheduling priority: lower runs first among waiting requests (default 0)",
+    )
     user: str | None = None
 
     def stop_strings(self) -> tuple[str, ...]:

@@ -86,7 +86,8 @@ class Backlog(asyncio.Queue[Timed]):
 
 
 class Generation:
-    """The choices of one HTTP request, submitted to the engine together on construction."""
+    """The choices of one HTTP request, submitted to the engine together on construction,
+    all at the request's `priority` (lower is scheduled first)."""
 
     def __init__(
         self,
@@ -94,6 +95,7 @@ class Generation:
         choices: list[Choice],
         metrics: Metrics,
         on_done: Callable[[Choice], None],
+        priority: int = 0,
     ) -> None:
         self.engine = engine
         self.choices = choices
@@ -102,7 +104,9 @@ class Generation:
         capacity = MAX_BACKLOG_PER_CHOICE * len(choices)
         self.collector = Backlog(capacity, self._fell_behind)
         for c in choices:
-            engine.submit(c.request_id, list(c.out.prompt_token_ids), c.params, self.collector)
+            engine.submit(
+                c.request_id, list(c.out.prompt_token_ids), c.params, self.collector, priority
+            )
 
     def _fell_behind(self) -> None:
         """The consumer is too far behind: abort what is unfinished (KV freed within a step)
@@ -111,9 +115,15 @@ class Generation:
         for c in self.choices:
             if c.out.finish_reason is None:
                 self.engine.abort(c.request_id)
-                self.collector.put_final(
-                    Timed(Delta(c.request_id, (), "", "abort", error=message), 0.0)
+                cut = Delta(
+                    c.request_id,
+                    (),
+                    "",
+                    "abort",
+                    error=message,
+                    num_cached_tokens=c.out.num_cached_tokens,  # usage still tells it
                 )
+                self.collector.put_final(Timed(cut, 0.0))
 
     async def events(self) -> AsyncIterator[tuple[Choice, Timed]]:
         """Every choice's deltas as they arrive, each already recorded in its Choice.
@@ -139,15 +149,23 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-def usage(choices: list[Choice], n: int) -> dict[str, int]:
-    # The n choices of one prompt share its tokens: count them once.
-    prompts = {c.index // n: len(c.out.prompt_token_ids) for c in choices}
+def usage(choices: list[Choice], n: int) -> dict[str, Any]:
+    """OpenAI's usage object. The n choices of one prompt share its tokens: the prompt is
+    counted once, and so is its cached part: the tokens every one of its choices found in
+    the prefix cache (the least of them), so cached_tokens <= prompt_tokens always."""
+    prompts: dict[int, int] = {}
+    cached: dict[int, int] = {}
+    for c in choices:
+        p = c.index // n
+        prompts[p] = len(c.out.prompt_token_ids)
+        cached[p] = min(cached.get(p, prompts[p]), c.out.num_cached_tokens)
     completion = sum(len(c.out.token_ids) for c in choices)
     prompt = sum(prompts.values())
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
     }
 
 

@@ -28,8 +28,26 @@ class Clock:
         return self.t
 
 
-def stats(rows: tuple[tuple[int, ...], ...] = (), decode: int = 0) -> StepStats:
-    return StepStats(prefill_rows=rows, num_decode_tokens=decode, num_preempted=0, step_time_s=0.02)
+def stats(
+    rows: tuple[tuple[int, ...], ...] = (),
+    decode: int = 0,
+    prompt: int | None = None,
+    sampled: int | None = None,
+    queries: int = 0,
+    hits: int = 0,
+) -> StepStats:
+    """A step's figures. By default its rows are prompt pieces, each the prompt's last (so
+    each samples a token), and the decode tokens run apart from the rows."""
+    return StepStats(
+        prefill_rows=rows,
+        num_prefill_tokens=sum(map(sum, rows)) if prompt is None else prompt,
+        num_decode_tokens=decode,
+        num_sampled_tokens=decode + sum(map(len, rows)) if sampled is None else sampled,
+        num_cache_query_tokens=queries,
+        num_cache_hit_tokens=hits,
+        num_preempted=0,
+        step_time_s=0.02,
+    )
 
 
 def load(running: tuple[RunningRequest, ...] = (), num_running: int = 3) -> EngineLoad:
@@ -80,6 +98,7 @@ def test_packing_arithmetic_and_since() -> None:
     (step,) = feed["prefill_steps"]
     assert step["rows"] == [[100, 20], [90, 30], [50]]
     assert step["real"] == 290
+    assert step["prompt_tokens"] == 290 and step["decode_tokens"] == 0
     assert step["packed"] == 3 * 120  # every row padded to the longest row
     assert step["padded"] == 5 * 100  # one prompt per row, padded to the longest prompt
     assert feed["summary"]["packed_fill"] == pytest.approx(290 / 360, abs=1e-4)
@@ -128,6 +147,7 @@ def test_running_table_and_config_follow_the_engine() -> None:
             row_capacity=256,
             prefill_mode="packed",
             batch_invariant=False,
+            prefix_caching=True,
         )
     )
     a = RunningRequest("req-1", 30, 3, clock.t - 2.0)
@@ -139,6 +159,7 @@ def test_running_table_and_config_follow_the_engine() -> None:
     assert feed["running_total"] == 1
     assert feed["config"]["row_capacity"] == 256
     assert feed["config"]["eos_token_ids"] == [1]
+    assert feed["config"]["prefix_caching"] is True
     json.dumps(feed)  # the config is plain JSON
     # Every step's published load replaces the table: a request that left is gone at once.
     clock.t += 0.01
@@ -162,6 +183,50 @@ def test_ttft_percentiles() -> None:
     feed = rec.feed()
     assert feed["summary"]["ttft_n"] == 0 and feed["summary"]["ttft_p50_s"] is None
     assert sum(p["n"] for p in feed["ttft_series"]) == 100
+
+
+def test_mixed_rows_chunks_and_generated_tokens() -> None:
+    """Decode tokens mixed into the rows count as the rows' real tokens (the fill compares
+    like with like) but not as prompt tokens; a chunk that does not end its prompt generates
+    nothing; a step of decode tokens alone is not a prefill step."""
+    clock = Clock()
+    rec = DashboardRecorder(clock=clock)
+    # a 200-token chunk of a longer prompt, a 30-token prompt's end and three decode tokens
+    rec.observe_step(stats(((200,), (30, 1, 1, 1)), decode=3, prompt=230, sampled=4), load())
+    feed = rec.feed()
+    (step,) = feed["prefill_steps"]
+    assert step["real"] == 233
+    assert step["prompt_tokens"] == 230 and step["decode_tokens"] == 3
+    assert step["packed"] == 2 * 200 and step["padded"] == 5 * 200
+    (second,) = feed["series"]
+    assert second["prompt_tokens"] == 230
+    assert second["gen_tokens"] == 4
+    clock.t += 0.01
+    rec.observe_step(stats(((1, 1, 1),), decode=3, prompt=0, sampled=3), load())
+    assert len(rec.feed()["prefill_steps"]) == 1  # decode tokens alone: not drawn as a prefill
+    assert [s["gen_tokens"] for s in rec.feed()["series"]] == [7]
+
+
+def test_prefix_cache_hit_rate_over_the_rate_window() -> None:
+    clock = Clock(1000.0)
+    rec = DashboardRecorder(clock=clock)
+    assert rec.feed()["summary"]["prefix_cache_hit_rate"] is None  # nothing looked up yet
+    for i in range(10):  # one admission a second: 100 prompt tokens looked up, 32 found
+        clock.t = 1000.5 + i
+        rec.observe_step(stats(((68,),), queries=100, hits=32), load())
+    clock.t = 1010.5
+    summary = rec.feed()["summary"]
+    assert summary["prefix_cache_queries"] == 1000
+    assert summary["prefix_cache_hits"] == 320
+    assert summary["prefix_cache_hit_rate"] == pytest.approx(0.32, abs=1e-4)
+    series = rec.feed()["series"]
+    assert [(s["cache_queries"], s["cache_hits"]) for s in series] == [(100, 32)] * 10
+    # The second in progress is not in the window yet; old seconds leave it.
+    rec.observe_step(stats(((100,),), queries=100, hits=0), load())
+    assert rec.feed()["summary"]["prefix_cache_queries"] == 1000
+    clock.t = 1030.5
+    summary = rec.feed()["summary"]
+    assert summary["prefix_cache_queries"] == 0 and summary["prefix_cache_hit_rate"] is None
 
 
 # -- the real server --------------------------------------------------------------------------
@@ -210,10 +275,20 @@ def test_live_feed_shape_and_no_prompt_text(dash_server, load, wait_for) -> None
         assert all(sum(row) <= feed["config"]["row_capacity"] for row in step["rows"])
         # Packing can cost more than padding (130,120,120 in rows of 256: 2x250 > 3x130).
         assert step["real"] <= min(step["packed"], step["padded"])
+        # rows of prompt pieces (every recorded step has some) and decode tokens mixed in
+        assert step["prompt_tokens"] > 0 and step["decode_tokens"] >= 0
+        assert step["prompt_tokens"] + step["decode_tokens"] == step["real"]
     assert len(feed["series"]) <= feed["history_s"]
     s = feed["summary"]
     assert 0 < s["kv_cache_usage"] <= 1 and s["kv_blocks"] > 0
     assert 0 < s["ttft_p50_s"] <= s["ttft_p99_s"]
+    assert feed["config"]["prefix_caching"] is True
+    assert 0 <= s["prefix_cache_hits"] <= s["prefix_cache_queries"]
+    rate = s["prefix_cache_hit_rate"]
+    assert (rate is None) == (s["prefix_cache_queries"] == 0)
+    assert rate is None or 0 <= rate <= 1
+    for second in feed["series"]:
+        assert 0 <= second["cache_hits"] <= second["cache_queries"]
 
     later = httpx.get(url, params={"since": feed["seq"]}, timeout=10).json()
     assert all(step["seq"] > feed["seq"] for step in later["prefill_steps"])

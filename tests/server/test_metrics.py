@@ -18,6 +18,8 @@ EXPECTED = {  # the vLLM-compatible names dashboards and autoscalers rely on
     "generation_tokens": "counter",
     "request_success": "counter",
     "num_preemptions": "counter",
+    "prefix_cache_queries": "counter",
+    "prefix_cache_hits": "counter",
     "prefill_rows": "counter",
     "prefill_tokens_real": "counter",
     "prefill_tokens_padded": "counter",
@@ -97,6 +99,7 @@ def test_counters_move_by_one_request(
     usage = completion(stream=stream)
     assert usage["prompt_tokens"] == n_prompt
     assert usage["completion_tokens"] == M
+    cached = usage["prompt_tokens_details"]["cached_tokens"]  # the other run may have left some
     settle(base_url)  # bounded; normally already idle
     after = metrics(base_url)
 
@@ -108,9 +111,13 @@ def test_counters_move_by_one_request(
     assert d("request_success_total", finished_reason="length") == 1
     assert d("request_success_total", finished_reason="stop") == 0
     assert d("request_success_total", finished_reason="abort") == 0
-    assert d("prefill_tokens_real_total") == n_prompt
-    assert d("prefill_tokens_padded_total") >= n_prompt
-    assert d("prefill_rows_total") == 1
+    assert d("prefix_cache_queries_total") >= n_prompt  # each admission looks its prompt up
+    assert d("prefix_cache_hits_total") == cached
+    # The packed rows: the uncached prompt and, mixed in, decode tokens (each a segment).
+    real = d("prefill_tokens_real_total")
+    assert n_prompt - cached <= real <= n_prompt - cached + M - 1
+    assert d("prefill_tokens_padded_total") >= real
+    assert 1 <= d("prefill_rows_total") <= M
     assert d("num_preemptions_total") == 0
     assert d("e2e_request_latency_seconds_count") == 1
     assert d("e2e_request_latency_seconds_sum") > 0
@@ -123,8 +130,9 @@ def test_counters_move_by_one_request(
     assert d("inter_token_latency_seconds_count") == M - 1
     # one step prefills the prompt (and samples token 1), M - 1 steps decode one token each
     assert d("iteration_tokens_total_count") == M
-    assert d("iteration_tokens_total_sum") == n_prompt + M - 1
-    assert d("prefill_bin_fill_ratio_count") == 1
+    assert d("iteration_tokens_total_sum") == n_prompt - cached + M - 1
+    # one fill per step that ran packed rows, every step of one sequence
+    assert d("prefill_bin_fill_ratio_count") == d("prefill_rows_total")
     # the histograms' +Inf buckets agree with their counts
     assert d("e2e_request_latency_seconds_bucket", le="+Inf") == 1
     assert metric(after, P + "num_requests_running") == 0
@@ -170,5 +178,39 @@ def test_n_and_prompt_lists_count_every_choice(base_url, http, tokenizer, metric
     assert _delta(before, after, metric, P + "generation_tokens_total") == 12
     assert _delta(before, after, metric, P + "request_success_total", finished_reason="length") == 4
     assert _delta(before, after, metric, P + "prompt_tokens_total") == 2 * n_prompt
-    assert _delta(before, after, metric, P + "prefill_tokens_real_total") == 2 * n_prompt
+    # the rows hold both prompts twice (n = 2) and, at most, the 4 x 2 decode tokens
+    real = _delta(before, after, metric, P + "prefill_tokens_real_total")
+    cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert cached == 0  # prompts shorter than a block
+    assert 2 * n_prompt <= real <= 2 * n_prompt + 8
+    assert _delta(before, after, metric, P + "prefix_cache_queries_total") >= 2 * n_prompt
     assert _delta(before, after, metric, P + "e2e_request_latency_seconds_count") == 4
+
+
+def test_prefix_cache_counters_move_by_the_reported_amounts(
+    base_url, http, metrics, metric, settle
+):
+    """A prompt of several blocks sent twice: queries count both admissions' prompt tokens,
+    hits exactly what the second response reports as cached."""
+    prompt = list(range(300, 300 + 200))  # token ids of no other test
+    body = {"prompt": prompt, "max_tokens": 2, "temperature": 0, "ignore_eos": True}
+    settle(base_url)
+    before = metrics(base_url)
+    usages = []
+    for _ in range(2):
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        usages.append(r.json()["usage"])
+    settle(base_url)
+    after = metrics(base_url)
+    cached = [u["prompt_tokens_details"]["cached_tokens"] for u in usages]
+    assert cached[0] == 0 and cached[1] > 0
+
+    def d(name: str) -> float:
+        return _delta(before, after, metric, P + name)
+
+    assert d("prefix_cache_hits_total") == sum(cached)
+    assert d("prefix_cache_queries_total") >= 2 * len(prompt)
+    assert d("prompt_tokens_total") == 2 * len(prompt)  # cached or not, a prompt token counts
+    # what ran: the first prompt whole, the second's uncached rest, one decode each
+    assert d("iteration_tokens_total_sum") == 2 * len(prompt) - cached[1] + 2

@@ -120,7 +120,7 @@
     parts.push(`up ${age(feed.uptime_s)}`);
     $("meta").textContent = parts.join(" · ");
     const idle = feed.last_step_age_s;
-    if (idle !== null && idle < 2) setStatus("live", "live · engine stepping");
+    if (idle !== null && idle < 2) setStatus("live", `live · ${rate(feed.summary.steps_per_s)} steps/s`);
     else setStatus("idle", idle === null ? "live · no steps yet" : "live · engine idle");
     renderKpis(feed);
     renderBins(feed);
@@ -135,11 +135,11 @@
     $("kpi-ptps").textContent = rate(s.prompt_tokens_per_s);
     $("kpi-running").textContent = int(s.running);
     $("kpi-maxseqs").textContent = cfg.max_num_seqs ? int(cfg.max_num_seqs) : "–";
-    $("kpi-steps").textContent = rate(s.steps_per_s);
     $("kpi-waiting").textContent = int(s.waiting);
     $("kpi-busy").textContent = pct(s.busy);
     withUnit($("kpi-kv"), pct(s.kv_cache_usage));
     $("kpi-kvblocks").textContent = `${int(s.kv_blocks_used)} / ${int(s.kv_blocks)}`;
+    renderCache(s, cfg);
     withUnit($("kpi-ttft-p50"), seconds(s.ttft_p50_s));
     withUnit($("kpi-ttft-p99"), seconds(s.ttft_p99_s));
     $("kpi-ttft-n").textContent = int(s.ttft_n);
@@ -151,7 +151,20 @@
     $("kpi-saved").textContent = saved === null ? "no prefill yet" : verdict(saved);
   }
 
-  // Rows padded to the longest row can cost more than one prompt per row: say so.
+  // Prefix cache: hits over lookups (prompt tokens) in the rate window; off when disabled.
+  function renderCache(s, cfg) {
+    if (cfg.prefix_caching === false) {
+      $("kpi-cache").textContent = "off";
+      $("kpi-cache-sub").textContent = "prefix caching disabled";
+      return;
+    }
+    withUnit($("kpi-cache"), pct(s.prefix_cache_hit_rate));
+    $("kpi-cache-sub").textContent = s.prefix_cache_queries
+      ? `${int(s.prefix_cache_hits)} / ${int(s.prefix_cache_queries)} prompt tok`
+      : "no prompts in the last 10 s";
+  }
+
+  // Rows padded to the longest row can cost more than one segment per row: say so.
   const verdict = (saved) => (saved >= 0 ? `saves ${pct(saved)}` : `costs +${pct(-saved)}`);
 
   function savings(packed, padded) {
@@ -167,7 +180,9 @@
   }
 
   // Prefill bins: each step twice, as it ran (packed rows, each padded to the longest row) and
-  // as padded batching would have run it (one prompt per row, padded to the longest prompt).
+  // as padded batching would have run it (one segment per row, padded to the longest). A
+  // segment is a prompt piece (a whole prompt, a chunk, what follows a prefix-cache hit) or a
+  // decode token mixed into the rows.
   // Both use the step's token scale and row height, so their areas compare directly.
   function renderBins(feed) {
     const box = $("bins");
@@ -203,8 +218,13 @@
     wrap.dataset.seq = step.seq;
     const info = el("div", "step-info");
     info.append(el("div", "step-id", `step ${int(step.seq)}`));
-    info.append(el("div", "", `${prompts.length} prompt${prompts.length === 1 ? "" : "s"} · ${int(step.real)} tok`));
-    info.append(el("div", "", `${step.step_ms.toFixed(1)} ms · ${ago(now - step.at)}`));
+    const decodes = step.decode_tokens || 0;
+    const pieces = prompts.length - decodes;
+    const what = [`${pieces} prompt${pieces === 1 ? "" : "s"}`];
+    if (decodes) what.push(`${int(decodes)} decode`);
+    info.append(el("div", "", what.join(" + ")));
+    info.append(el("div", "", `${int(step.real)} tok · ${step.step_ms.toFixed(1)} ms`));
+    info.append(el("div", "", ago(now - step.at)));
     if (step.padded !== step.packed) info.append(savings(step.packed, step.padded));
     wrap.append(info);
     wrap.append(binBox(packedRows, packedLen, scale, rowH, step.real, "packed"));
@@ -223,7 +243,7 @@
       for (const p of row) {
         const seg = el("div", `seg seg-${p.c}`);
         seg.style.width = `${(100 * p.n) / rowLen}%`;
-        seg.title = `prompt: ${p.n} tokens`;
+        seg.title = p.n === 1 ? "1 token" : `${p.n} tokens`;
         r.append(seg);
         used += p.n;
       }
