@@ -85,7 +85,11 @@ def worst_case(calls: int = 20_000) -> dict[str, float]:
     prompts; and the recorder alone with that load prebuilt."""
     stats = StepStats(
         prefill_rows=((100, 80, 60), (120, 90), (200,), (50,) * 4, (30,) * 6),
+        num_prefill_tokens=1000,
         num_decode_tokens=256,
+        num_sampled_tokens=256 + 16,
+        num_cache_query_tokens=1000,
+        num_cache_hit_tokens=0,
         num_preempted=0,
         step_time_s=0.05,
     )

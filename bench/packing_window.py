@@ -176,11 +176,11 @@ def run_one(engine: Engine, trace: list[Req], window_s: float, tag: str) -> dict
     finally:
         aeng.shutdown()  # joins the loop thread: every on_step call has happened
     assert not engine.has_unfinished
-    prefills = [s for s in steps if s.num_prefill_rows]
+    prefills = [s for s in steps if s.num_prefill_tokens]
     # A step with prefills and no decodes started from an idle engine: exactly the steps a
     # window delays. Nothing finishes in its prefill step (max_tokens >= 2, ignore_eos), so
     # the running count after such a step is the number of prompts it prefilled.
-    idle = [i for i, s in enumerate(steps) if s.num_prefill_rows and not s.num_decode_tokens]
+    idle = [i for i, s in enumerate(steps) if s.num_prefill_tokens and not s.num_decode_tokens]
     real = sum(s.num_prefill_tokens for s in prefills)
     expected = sum(len(r.prompt) for r in trace)
     preempted = sum(s.num_preempted for s in steps)
@@ -197,6 +197,7 @@ def run_one(engine: Engine, trace: list[Req], window_s: float, tag: str) -> dict
         "prefill_steps": len(prefills),
         "prefill_rows": sum(s.num_prefill_rows for s in prefills),
         "prefill_tokens": real,
+        "row_tokens": sum(s.num_row_tokens for s in prefills),  # decode tokens mixed in too
         "padded_prefill_tokens": sum(s.num_padded_prefill_tokens for s in prefills),
         "idle_start_steps": len(idle),
         "idle_start_prompts": sum(running_after[i] for i in idle),
@@ -231,7 +232,7 @@ def aggregate(runs: list[dict[str, Any]], num_prompts: int) -> dict[str, Any]:
         "prefill_steps": total("prefill_steps"),
         "prompts_per_prefill_step": num_prompts / total("prefill_steps"),
         "rows_per_prefill_step": total("prefill_rows") / total("prefill_steps"),
-        "bin_fill": total("prefill_tokens") / total("padded_prefill_tokens"),
+        "bin_fill": total("row_tokens") / total("padded_prefill_tokens"),
         "idle_start_steps": total("idle_start_steps"),
         "idle_start_frac": total("idle_start_prompts") / len(ttft),
         "prompts_per_idle_start_step": total("idle_start_prompts")

@@ -342,7 +342,7 @@ def make_sequences(
     for i, prompt in enumerate(prompts):
         k = blocks_for(len(prompt), BLOCK_SIZE)
         blocks = tuple(range(offset, offset + k))
-        seqs.append(ScheduledSequence(f"p{i}", prompt, 0, ()))
+        seqs.append(ScheduledSequence(f"p{i}", prompt, 0, (), is_decode=False, sample=True))
         requests[f"p{i}"] = NewRequest(f"p{i}", params, len(prompt), (), blocks)
         offset += k
     return seqs, requests, offset
@@ -367,7 +367,7 @@ def prefill_step(bins: Bins, requests: Requests) -> SchedulerOutput:
     """One step prefilling `bins`, its requests (re)admitted: a step may run again."""
     admitted = tuple(requests[seq.request_id] for row in bins for seq in row)
     return SchedulerOutput(
-        new_requests=admitted, prefill_bins=bins, decodes=(), preempted_ids=(), finished_ids=()
+        new_requests=admitted, rows=bins, decode_batch=(), preempted_ids=(), finished_ids=()
     )
 
 
@@ -893,7 +893,7 @@ def run_profile(settings: Settings, out_dir: Path) -> None:
     in PROFILE_CASES. Writes <stem>.profile.txt."""
     from torch.profiler import ProfilerActivity, profile
 
-    from packserve.kernels.inputs import prefill_inputs
+    from packserve.kernels.inputs import step_inputs
 
     model_dir = default_model_dir(settings.model_size)
     cfg = transformers.AutoConfig.from_pretrained(str(model_dir))
@@ -923,7 +923,7 @@ def run_profile(settings: Settings, out_dir: Path) -> None:
             wall = time.perf_counter() - start
             start = time.perf_counter()
             tables = {r: list(req.block_ids) for r, req in requests.items()}
-            prefill_inputs(bins, tables, runner.kv_cache, backend, model.dtype)
+            step_inputs(bins, tables, runner.kv_cache, backend, model.dtype)
             inputs_s = time.perf_counter() - start
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 runner.execute(step)
@@ -945,7 +945,7 @@ def run_profile(settings: Settings, out_dir: Path) -> None:
                 f"\n== {method}: {rows} rows x {row_len} tokens ({sum(lengths)} real, "
                 f"{len(lengths)} prompts); unprofiled wall {wall:.2f}s = "
                 f"{sum(lengths) / wall:.0f} tok/s, model {flops / wall / 1e9:.0f} GFLOP/s = "
-                f"{100 * flops / wall / 1e9 / peak:.0f}% of peak; prefill_inputs {inputs_s:.3f}s; "
+                f"{100 * flops / wall / 1e9 / peak:.0f}% of peak; step_inputs {inputs_s:.3f}s; "
                 f"profiled self-CPU total {total:.2f}s\n"
             )
             for cat, sec in sorted(per_cat.items(), key=lambda kv: -kv[1]):

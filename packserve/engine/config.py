@@ -64,6 +64,11 @@ class EngineConfig:
         "token budget of one step (decode tokens and prefill chunks); a longer prompt is "
         "prefilled in chunks",
     )
+    max_prefill_tokens_while_decoding: int = knob(
+        128,
+        "prefill tokens a step may hold while sequences decode: bounds the gap between a "
+        "stream's tokens when prompts arrive (batch-invariant mode: at least its chunk)",
+    )
     max_prefill_row_len: int = knob(0, "capacity of one packed row (0: the step budget)")
     kv_cache_memory_mb: int = knob(1024, "KV pool size in MiB")
     num_kv_blocks: int | None = knob(None, "KV pool size in blocks (overrides the MiB)")
@@ -87,6 +92,7 @@ class EngineConfig:
         positive = {"block_size": self.block_size, "max_num_seqs": self.max_num_seqs}
         positive["max_num_batched_tokens"] = self.max_num_batched_tokens
         positive["fairness_steps"] = self.fairness_steps
+        positive["max_prefill_tokens_while_decoding"] = self.max_prefill_tokens_while_decoding
         positive["kv_cache_memory_mb"] = self.kv_cache_memory_mb
         for name in ("max_model_len", "num_kv_blocks"):
             if getattr(self, name) is not None:

@@ -209,19 +209,21 @@ def _runner_config(config: EngineConfig, max_model_len: int) -> RunnerConfig:
 def _scheduler_config(
     config: EngineConfig, max_model_len: int, num_kv_blocks: int
 ) -> SchedulerConfig:
+    align = INVARIANT_PREFILL_CHUNK if config.batch_invariant else 0
     return SchedulerConfig(
         max_model_len=max_model_len,
         num_kv_blocks=num_kv_blocks,
         block_size=config.block_size,
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
+        max_prefill_tokens_while_decoding=max(config.max_prefill_tokens_while_decoding, align),
         max_prefill_row_len=config.max_prefill_row_len,
         prefill_mode=config.prefill_mode,
         mix_decodes=config.prefill_mode == "packed" and not config.batch_invariant,
         policy=config.scheduling_policy,
         fairness_steps=config.fairness_steps,
         enable_prefix_caching=config.enable_prefix_caching,
-        chunk_align=INVARIANT_PREFILL_CHUNK if config.batch_invariant else 0,
+        chunk_align=align,
         replay_preempted=config.batch_invariant,
     )
 

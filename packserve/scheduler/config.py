@@ -21,6 +21,9 @@ class SchedulerConfig:
     block_size: int  # tokens per KV block
     max_num_seqs: int  # cap on running sequences (the decode batch)
     max_num_batched_tokens: int  # per-step token budget (prefill tokens + decode tokens)
+    # Prefill tokens a step may hold while sequences decode: bounds how much longer than a
+    # decode step such a step takes (the gap between a running stream's tokens).
+    max_prefill_tokens_while_decoding: int
     max_prefill_row_len: int  # widest packed row; 0 means the step budget
     prefill_mode: PrefillMode  # "packed": FFD rows; "padded": one segment per row
     # Decode tokens join the packed rows (one forward per step) rather than a forward of
@@ -50,6 +53,8 @@ class SchedulerConfig:
             )
         if self.max_num_batched_tokens < self.max_num_seqs:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode each)")
+        if self.max_prefill_tokens_while_decoding < max(self.chunk_align, 1):
+            raise ValueError("max_prefill_tokens_while_decoding must be >= max(chunk_align, 1)")
         if self.max_prefill_row_len < 0:
             raise ValueError("max_prefill_row_len must be 0 (the step budget) or positive")
         if self.prefill_mode not in ("packed", "padded"):

@@ -16,12 +16,13 @@ class Scheduler:
     """Owns request state and KV-block accounting; decides each step's segments.
 
     A step spends at most `max_num_batched_tokens` tokens: first one decode token for every
-    running sequence past its prefill (so running streams never stall behind a prompt), then
-    prefill pieces in policy order: priority first, then the shortest uncached prefill (or
-    arrival order under fcfs), a prompt overtaken for `fairness_steps` steps going first. A
-    prompt that does not fit what the step has left is cut (chunked prefill); a prompt whose
-    leading blocks are in the prefix cache starts after them. The segments are packed into
-    rows first-fit-decreasing.
+    running sequence past its prefill, then prefill pieces, at most
+    `max_prefill_tokens_while_decoding` of them if anything decodes (so a long prompt never
+    stalls the running streams for more than one bounded step). Prefills are served in
+    policy order: priority first, then the shortest uncached prefill (or arrival order under
+    fcfs), a prompt overtaken for `fairness_steps` steps going first. A prompt that does not
+    fit what the step has left is cut (chunked prefill); a prompt whose leading blocks are in
+    the prefix cache starts after them. The segments are packed into rows first-fit-decreasing.
 
     The runner holds each running request's state; a step sends a request whole once, when it
     is (re)admitted, and afterwards only what changed (a segment's tokens and new blocks), with
@@ -83,11 +84,13 @@ class Scheduler:
         for request in list(self.running):
             if request.status == RequestStatus.RUNNING and self._is_decoding(request):
                 self._schedule_decode(request, step)
+        if step.segments:  # streams are decoding: bound the step's prefill
+            step.prefill_left = self.config.max_prefill_tokens_while_decoding
         candidates = [r for r in self.running if r.request_id not in step.segments]
         if not step.preempted:  # admitting while preempting would only evict again (as vLLM)
             candidates += self.waiting
         for request in self._ordered(candidates):
-            if step.budget == 0:
+            if step.room == 0:
                 break
             if request.status == RequestStatus.RUNNING:
                 self._schedule_prefill(request, step)
@@ -163,7 +166,7 @@ class Scheduler:
     def _schedule_prefill(self, request: Request, step: _Step) -> None:
         """The next chunk of a running request's prefill, if one fits the step."""
         start = request.num_computed_tokens
-        end = self._chunk_end(request, start, step.budget)
+        end = self._chunk_end(request, start, step.room)
         if end == start:
             return
         new_block_ids = self._grow(request, end, step)
@@ -178,7 +181,7 @@ class Scheduler:
         target = self._prefill_target(request)
         hit = self._cached_prefix(request, target)
         start = len(hit) * self.config.block_size
-        end = self._chunk_end(request, start, step.budget, target)
+        end = self._chunk_end(request, start, step.room, target)
         if end == start:
             return
         hit_free = sum(self.allocator.is_free(b) for b in hit)
@@ -396,12 +399,20 @@ class _Step:
 
     def __init__(self, budget: int) -> None:
         self.budget = budget  # tokens left
+        self.prefill_left = budget  # prefill tokens left
         self.segments: dict[str, ScheduledSequence] = {}  # by request id, in schedule order
         self.new_requests: list[NewRequest] = []
         self.preempted: list[Request] = []
         self.cache_queries = 0
         self.cache_hits = 0
 
+    @property
+    def room(self) -> int:
+        """Tokens a prefill piece may still take."""
+        return min(self.budget, self.prefill_left)
+
     def add(self, seq: ScheduledSequence) -> None:
         self.segments[seq.request_id] = seq
         self.budget -= seq.num_tokens
+        if not seq.is_decode:
+            self.prefill_left -= seq.num_tokens

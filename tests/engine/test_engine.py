@@ -19,7 +19,9 @@ def test_info_states_the_engine_that_was_built(engine: Engine) -> None:
     assert info.max_model_len == 256
     assert info.vocab_size == engine.model.config.vocab_size
     assert info.num_kv_blocks == 64 and info.block_size == 16 and info.max_num_seqs == 4
-    assert info.row_capacity == 256 and info.prefill_mode == "packed"
+    assert info.max_num_batched_tokens == 512  # the default budget; rows may span it
+    assert info.row_capacity == 512 and info.prefill_mode == "packed"
+    assert info.prefix_caching
     eos = engine.tokenizer.eos_token_id
     assert eos in info.eos_token_ids
 
@@ -31,7 +33,7 @@ def test_load_and_stats_follow_each_step(engine: Engine) -> None:
     idle = engine.load()
     assert (idle.num_running, idle.num_waiting, idle.num_kv_blocks_used) == (0, 5, 0)
 
-    engine.step()  # four seats: four prompts prefilled, the fifth waits
+    engine.step()  # four seats: the four shortest prompts prefilled, the longest waits
     stats, load = engine.last_stats, engine.load()
     assert stats is not None
     assert sorted(n for row in stats.prefill_rows for n in row) == [10, 20, 30, 40]
@@ -42,9 +44,12 @@ def test_load_and_stats_follow_each_step(engine: Engine) -> None:
     )
     assert stats.num_unpacked_prefill_tokens == 4 * 40
     assert stats.bin_fill == stats.num_prefill_tokens / stats.num_padded_prefill_tokens
+    assert stats.num_sampled_tokens == 4 and stats.num_cache_hit_tokens == 0
+    assert stats.num_cache_query_tokens == 100
     assert (load.num_running, load.num_waiting) == (4, 1)
-    assert [r.request_id for r in load.running] == ids[:4]
-    assert [r.num_prompt_tokens for r in load.running] == [40, 20, 30, 10]
+    # admitted shortest first
+    assert [r.request_id for r in load.running] == [ids[3], ids[1], ids[2], ids[0]]
+    assert [r.num_prompt_tokens for r in load.running] == [10, 20, 30, 40]
     assert all(r.num_output_tokens == 1 for r in load.running)
     # the prompts' 40, 20, 30 and 10 tokens, in blocks of 16
     assert load.num_kv_blocks_used == 3 + 2 + 2 + 1
@@ -52,7 +57,8 @@ def test_load_and_stats_follow_each_step(engine: Engine) -> None:
 
     engine.step()
     stats = engine.last_stats
-    assert stats is not None and stats.num_decode_tokens == 4 and not stats.prefill_rows
+    assert stats is not None and stats.num_decode_tokens == 4 and stats.num_prefill_tokens == 0
+    assert stats.num_row_tokens == 4 and stats.bin_fill == 1.0  # decode tokens in the rows
     while engine.has_unfinished:
         engine.step()
     done = engine.load()

@@ -6,7 +6,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from packserve.kernels.inputs import decode_inputs, length_buckets, prefill_inputs
+from packserve.kernels.inputs import length_buckets, step_inputs
 from packserve.scheduler import ScheduledSequence, blocks_for
 
 
@@ -40,12 +40,13 @@ def test_bucketed_decode_logits_match_alone(make_engine, reference_model, mixed_
         n = blocks_for(len(prompt) + 1, block_size)
         tables[str(i)] = list(range(next_block, next_block + n))
         next_block += n
-        prefills.append(ScheduledSequence(str(i), tuple(prompt), 0, ()))
-        decodes.append(ScheduledSequence(str(i), (first,), len(prompt), ()))
-    inputs = decode_inputs(tuple(decodes), tables, kv, torch.float32)
-    assert len(inputs.meta.buckets) > 2  # lengths 1..300 really take several buckets
+        prefills.append(ScheduledSequence(str(i), tuple(prompt), 0, (), False, True))
+        decodes.append(ScheduledSequence(str(i), (first,), len(prompt), (), True, True))
+    inputs = step_inputs((tuple(decodes),), tables, kv, "varlen", torch.float32)
+    assert inputs.meta.decode is not None
+    assert len(inputs.meta.decode.buckets) > 2  # lengths 1..300 really take several buckets
     with torch.inference_mode():
-        prefill = prefill_inputs((tuple(prefills),), tables, kv, "varlen", torch.float32)
+        prefill = step_inputs((tuple(prefills),), tables, kv, "varlen", torch.float32)
         engine.runner.forward(prefill)
         logits = engine.runner.forward(inputs)
         for i, (prompt, first) in enumerate(cases):

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from packserve.kernels.inputs import prefill_inputs
+from packserve.kernels.inputs import step_inputs
 from packserve.scheduler import SamplingParams, ScheduledSequence, blocks_for
 
 CONFIGS = [
@@ -72,12 +72,12 @@ def test_packed_prefill_logits_match_alone(make_engine, reference_model, mixed_w
         n = blocks_for(len(prompt), engine.config.block_size)
         tables[str(i)] = list(range(next_block, next_block + n))
         next_block += n
-        row.append(ScheduledSequence(str(i), tuple(prompt), 0, ()))
+        row.append(ScheduledSequence(str(i), tuple(prompt), 0, (), False, True))
     # Two rows of six prompts each: back to back, positions restarting per prompt.
     bins = (tuple(row[:6]), tuple(row[6:]))
     with torch.inference_mode():
         packed = engine.runner.forward(
-            prefill_inputs(bins, tables, engine.runner.kv_cache, backend, torch.float32)
+            step_inputs(bins, tables, engine.runner.kv_cache, backend, torch.float32)
         )
         for i, prompt in enumerate(prompts):
             ids = torch.tensor([prompt], device=reference_model.device)
@@ -151,3 +151,49 @@ def test_smollm2_greedy_matches_generate_alone(smollm2_dir, greedy_reference):
         assert_matches(list(out.token_ids), expected, f"prompt of {len(prompt)} tokens")
         answered += "Paris" in out.text
     assert answered == 1  # a real model: the first question is answered
+
+
+def shared_prefix_workload(reference_model, reference_greedy, count: int, seed: int):
+    """`count` prompts that share a 200-token prefix (then 1..60 tokens of their own), with
+    what `generate` makes of each alone."""
+    rng = random.Random(seed)
+    vocab = reference_model.config.vocab_size
+    prefix = [rng.randrange(16, vocab) for _ in range(200)]
+    workload = []
+    for _ in range(count):
+        prompt = prefix + [rng.randrange(16, vocab) for _ in range(rng.randint(1, 60))]
+        workload.append((prompt, 12, reference_greedy(reference_model, prompt, 12)))
+    return workload
+
+
+@pytest.mark.parametrize("backend", ["varlen", "dense"])
+def test_greedy_exact_through_chunks_prefix_hits_and_mixed_steps(
+    make_engine, reference_model, greedy_reference, backend
+):
+    """A 48-token budget: prompts are prefilled in chunks, in steps mixed with decodes; the
+    second wave finds the shared prefix (and its own first wave) in the cache. Every output
+    equals the prompt alone."""
+    reference_greedy, assert_matches = greedy_reference
+    workload = shared_prefix_workload(reference_model, reference_greedy, 8, seed=3)
+    engine = make_engine(attention_backend=backend, max_num_batched_tokens=48, max_num_seqs=8)
+    mixed = chunked = 0
+    for wave in range(2):
+        ids = []
+        for prompt, _, _ in workload:
+            ids.append(engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=12)))
+        got: dict[str, list[int]] = {i: [] for i in ids}
+        cached: dict[str, int] = {}
+        while engine.has_unfinished:
+            for delta in engine.step():
+                got[delta.request_id] += delta.token_ids
+                cached[delta.request_id] = delta.num_cached_tokens
+            stats = engine.last_stats
+            mixed += stats.num_decode_tokens > 0 and stats.num_prefill_tokens > 0
+            chunked += stats.num_prefill_tokens > 0 and stats.num_sampled_tokens == 0
+        for (prompt, _, expected), rid in zip(workload, ids, strict=True):
+            assert_matches(got[rid], expected, f"wave {wave}, prompt of {len(prompt)} tokens")
+            assert cached[rid] % engine.config.block_size == 0 and cached[rid] < len(prompt)
+        if wave == 1:  # the whole prefix and more: the first wave ran every prompt
+            assert all(cached[rid] >= 192 for rid in ids)
+    assert mixed and chunked
+    assert engine.scheduler.allocator.num_used == 0
