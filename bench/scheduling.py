@@ -434,11 +434,11 @@ def c_jobs(sizes: Sizes, prefixed: list[str], chats: list[list[str]]) -> list[Jo
 # -- D: the step budget ----------------------------------------------------------------------
 
 
-def d_jobs(budgets: Sequence[int], level: int, prompts, tok, stall) -> list[Job]:
-    """Per budget, `new` on a fresh server for A (fresh) and another for B."""
+def d_jobs(flag: str, budgets: Sequence[int], level: int, prompts, tok, stall) -> list[Job]:
+    """Per value of the budget `flag`, `new` on a fresh server for A (fresh) and another for B."""
     jobs: list[Job] = []
     for budget in budgets:
-        flags = ("--max-num-batched-tokens", str(budget))
+        flags = (flag, str(budget))
         a_key, b_key = {"budget": budget, "workload": "A"}, {"budget": budget, "workload": "B"}
         jobs.append((a_key, "new", flags, lambda s: iter([load_run(s, prompts, tok, level)])))
         jobs.append((b_key, "new", flags, lambda s: iter([stall_run(s, *stall)])))
@@ -656,7 +656,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sections", default="A,B,C,D", help="any of A,B,C,D")
     p.add_argument("--systems", default="base,new", help=f"A's and B's, of {','.join(SYSTEMS)}")
-    p.add_argument("--budgets", default=None, help="D's --max-num-batched-tokens values")
+    p.add_argument("--budgets", default=None, help="D's values of --budget-flag")
+    p.add_argument(
+        "--budget-flag",
+        default="--max-num-batched-tokens",
+        help="the budget D sweeps (or --max-prefill-tokens-while-decoding)",
+    )
     p.add_argument("--levels", default=None, help="A's max concurrency levels (the first: D's)")
     p.add_argument("--num-prompts", type=int, default=None, help="A's prompts (default 96)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
@@ -720,7 +725,7 @@ def main() -> None:
         "A": lambda: a_jobs(systems, s.levels, set_a, tok),
         "B": lambda: b_jobs(systems, stall),
         "C": lambda: c_jobs(s, prefixed, chats),
-        "D": lambda: d_jobs(s.budgets, s.levels[0], set_a, tok, stall),
+        "D": lambda: d_jobs(args.budget_flag, s.budgets, s.levels[0], set_a, tok, stall),
     }
 
     wall0 = time.monotonic()

@@ -160,6 +160,31 @@ def test_logits_bitwise_under_preemption(make_engine, prompts_128, alone_128, mo
 
 
 @pytest.mark.slow
+def test_logits_bitwise_through_prefix_hits(make_engine, monkeypatch):
+    """Six prompts sharing a 600-token prefix, after a seventh warmed the prefix cache: each
+    reuses its two whole 256-token chunks (chunks are aligned, so the cached K/V is what the
+    prompt computes itself), and its logits equal the prompt run alone with caching off."""
+    engine = make_engine(batch_invariant=True)
+    cold = make_engine(batch_invariant=True, enable_prefix_caching=False)
+    rng = random.Random(21)
+    vocab = engine.model.config.vocab_size
+    prefix = [rng.randrange(16, vocab) for _ in range(600)]
+    prompts = [prefix + [rng.randrange(16, vocab) for _ in range(rng.randint(1, 100))]]
+    prompts += [prefix + [rng.randrange(16, vocab) for _ in range(n)] for n in (1, 7, 50, 99)]
+    prompts.append(prefix)
+    alone = logits_alone(cold, prompts[1:], GREEDY, monkeypatch)
+    run_together(engine, prompts[:1], GREEDY)  # registers the prefix's whole chunks
+    with recorded_logits(monkeypatch) as rows:
+        ids = [engine.add_request(p, GREEDY) for p in prompts[1:]]
+        hits = 0
+        while engine.has_unfinished:
+            engine.step()
+            hits += engine.last_stats.num_cache_hit_tokens if engine.last_stats else 0
+    assert hits == 512 * len(ids)
+    assert_bitwise(alone, rows, ids)
+
+
+@pytest.mark.slow
 def test_seeded_sampling_ignores_neighbours(invariant_engine, prompts_128):
     params = SamplingParams(temperature=1.0, top_p=0.95, seed=3, max_tokens=16, ignore_eos=True)
     target = prompts_128[7]
@@ -240,14 +265,16 @@ def test_smollm2_logits_batched_and_preempted_equal_alone_bitwise(smollm2_dir, m
     with a KV pool small enough to preempt; every logits row equals the prompt alone."""
     engine = Engine(EngineConfig(model=str(smollm2_dir), batch_invariant=True))
     prompts = random_prompts(engine.model.config.vocab_size, 16, 1000, seed=12)
-    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     alone = logits_alone(engine, prompts, params, monkeypatch)
     with recorded_logits(monkeypatch) as rows:
         ids = run_together(engine, prompts, params)
     assert_bitwise(alone, rows, ids)
+    # Admission keeps the blocks a prompt's prefill needs, so only decodes growing into a
+    # full pool preempt: 72 blocks do (the schedule, not the model, decides where).
     small = Engine(
         EngineConfig(
-            model=str(smollm2_dir), batch_invariant=True, num_kv_blocks=100, max_model_len=1024
+            model=str(smollm2_dir), batch_invariant=True, num_kv_blocks=72, max_model_len=1024
         )
     )
     with recorded_logits(monkeypatch) as rows:
