@@ -1,29 +1,24 @@
-"""Drive the scheduler step by step with a hand-built runner (no torch, no mocks).
+"""Drive the scheduler step by step with `KVRunner` (no torch, no mocks), checking every step.
 
-The runner here is a stand-in for the model and for `kernels.Runner`'s bookkeeping: it keeps
-each running request's state (block table, generated tokens) from the step deltas alone, as the
-real runner does, writes each scheduled segment's tokens into a paged "KV cache" of token ids
-through that block table, reads the whole context back through it, and samples a deterministic
-function of it. Block tables that are short, shared between sequences, stale after reuse or
-wrongly rebuilt from the deltas corrupt what is read back, and with it the sampled tokens, which
-are compared against a reference generation computed without the scheduler.
-
-Every step also goes through `Harness.step`, which checks the step contract and the scheduler's
-invariants (budgets, FCFS, block tables, preemption order, deltas, events) against the state
-before it, and that the runner holds state for exactly the requests of the step it ran.
-
-Also here: the reference first-fit-decreasing (shared with test_packing.py) and the hypothesis
-strategy of random workloads.
+`Harness.step` checks the step contract and the scheduler's invariants against the state
+before it: the token budget, the prefill bound while streams decode and the row capacity; FFD
+rows; a decode for every running sequence past its prefill; prefill pieces cut only where the
+step, a row or an aligned chunk ends; every position of an admission computed once, in order,
+after its prefix-cache hit; the documented preemption victims; no admission while preempting;
+policy order (priority, then shortest-first with its fairness bound, or fcfs) up to the
+reasons a request may be passed over; reference counts equal to the running requests that hold
+each block; the prefix-cache index (found through the tests' own chain of digests) holding
+exactly the blocks whose content is the prefix its digest stands for; cache counters; events.
 """
 
 from __future__ import annotations
 
-import zlib
-from collections import defaultdict
-from collections.abc import Callable, Iterable, Sequence
+import copy
+import dataclasses
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-
-from hypothesis import strategies as st
+from typing import Any
 
 from packserve.scheduler import (
     Request,
@@ -34,161 +29,12 @@ from packserve.scheduler import (
     SchedulerConfig,
     SchedulerOutput,
     TokenEvent,
-    TokenLogprobs,
+    block_hash,
     blocks_for,
 )
 
-VOCAB = 64
-EOS = 0
-NO_EOS: frozenset[int] = frozenset()
-
-
-def next_token(context: Sequence[int]) -> int:
-    """The fake model: a deterministic function of every token of the sequence so far."""
-    return zlib.crc32(",".join(map(str, context)).encode()) % VOCAB
-
-
-def reference(
-    prompt: Sequence[int], params: SamplingParams, eos: Iterable[int], max_model_len: int
-) -> tuple[list[int], str]:
-    """What a request generates on its own, by the documented stop rules."""
-    eos = set(eos)
-    out: list[int] = []
-    while True:
-        token = next_token([*prompt, *out])
-        out.append(token)
-        if token in params.stop_token_ids or (token in eos and not params.ignore_eos):
-            return out, "stop"
-        if len(out) >= params.max_tokens or len(prompt) + len(out) >= max_model_len:
-            return out, "length"
-
-
-def descending(lengths: list[int]) -> list[int]:
-    """Indices by decreasing length; equal lengths keep their input order."""
-    order = list(range(len(lengths)))
-    # Two stable sorts: by index, then by length descending.
-    order.sort()
-    order.sort(key=lambda i: lengths[i], reverse=True)
-    return order
-
-
-def reference_ffd(lengths: list[int], capacity: int) -> list[list[int]]:
-    """A plain first-fit-decreasing, written independently of the implementation: items by
-    decreasing length (ties: earlier first), each into the first bin with room."""
-    bins: list[list[int]] = []
-    for i in descending(lengths):
-        for b in bins:
-            if sum(lengths[j] for j in b) + lengths[i] <= capacity:
-                b.append(i)
-                break
-        else:
-            bins.append([i])
-    return bins
-
-
-def reference_rows(lengths: list[int], widest: int) -> list[list[int]]:
-    """The documented row policy: FFD at the longest prompt x 1, 2, 4, ... (capped at the
-    widest row), keeping the first capacity with the fewest computed tokens."""
-    if not lengths:
-        return []
-    best, best_cost = [], None
-    capacity = max(lengths)
-    while True:
-        bins = reference_ffd(lengths, capacity)
-        cost = len(bins) * max(sum(lengths[i] for i in b) for b in bins)
-        if best_cost is None or cost < best_cost:
-            best, best_cost = bins, cost
-        if capacity >= widest:
-            return best
-        capacity = min(2 * capacity, widest)
-
-
-TokenFn = Callable[[str, list[int]], int]
-
-
-@dataclass
-class RunnerState:
-    """What the runner keeps about one request, rebuilt from the step deltas only."""
-
-    params: SamplingParams
-    num_prompt_tokens: int
-    output_token_ids: list[int]
-    block_ids: list[int]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.num_prompt_tokens + len(self.output_token_ids)
-
-
-class KVRunner:
-    """Paged token-id cache addressed by block tables it keeps from the deltas; samples from
-    it. Records, for each sampled request, the generated tokens it would have sampled with
-    (penalties, the seeded draw index)."""
-
-    def __init__(self, config: SchedulerConfig, token_fn: TokenFn | None = None) -> None:
-        self.block_size = config.block_size
-        self.cache: list[list[int | None]] = [
-            [None] * config.block_size for _ in range(config.num_kv_blocks)
-        ]
-        self.token_fn = token_fn or (lambda rid, ctx: next_token(ctx))
-        self.logprobs: dict[str, TokenLogprobs] = {}
-        self.states: dict[str, RunnerState] = {}
-        self.sampled_with: dict[str, tuple[int, ...]] = {}  # this step's sampling inputs
-
-    def _slot(self, table: list[int], pos: int) -> tuple[list[int | None], int]:
-        return self.cache[table[pos // self.block_size]], pos % self.block_size
-
-    def __call__(self, out: SchedulerOutput) -> RunnerOutput:
-        for rid in (*out.preempted_ids, *out.finished_ids):
-            self.states.pop(rid, None)
-        for new in out.new_requests:
-            self.states[new.request_id] = RunnerState(
-                new.params, new.num_prompt_tokens, list(new.output_token_ids), list(new.block_ids)
-            )
-        seqs = (*out.prefills, *out.decodes)
-        for seq in seqs:
-            self.states[seq.request_id].block_ids += seq.new_block_ids
-        # The whole batch writes its K/V first, then attends: shared blocks would clobber.
-        for seq in seqs:
-            table = self.states[seq.request_id].block_ids
-            for j, token in enumerate(seq.token_ids):
-                block, off = self._slot(table, seq.start_pos + j)
-                block[off] = token
-        sampled = {}
-        self.sampled_with = {}
-        for seq in seqs:
-            state = self.states[seq.request_id]
-            ctx = []
-            for pos in range(seq.end_pos):
-                block, off = self._slot(state.block_ids, pos)
-                ctx.append(block[off])
-            assert None not in ctx, f"{seq.request_id} read a KV slot nobody wrote"
-            token = self.token_fn(seq.request_id, ctx)
-            sampled[seq.request_id] = token
-            self.sampled_with[seq.request_id] = tuple(state.output_token_ids)
-            if seq.end_pos == state.num_tokens:  # a new token, not a replayed position's
-                state.output_token_ids.append(token)
-        lps = {rid: lp for rid, lp in self.logprobs.items() if rid in sampled}
-        return RunnerOutput(sampled_token_ids=sampled, logprobs=lps)
-
-
-@dataclass
-class Snapshot:
-    """What the scheduler looked like before `schedule()`."""
-
-    running: list[tuple[Request, int, list[int]]]  # request, num_computed_tokens, block ids
-    waiting: list[Request]
-    outputs: dict[str, list[int]]
-    num_free: int
-
-    @classmethod
-    def of(cls, sched: Scheduler) -> Snapshot:
-        return cls(
-            running=[(r, r.num_computed_tokens, list(r.block_ids)) for r in sched.running],
-            waiting=list(sched.waiting),
-            outputs={rid: list(r.output_token_ids) for rid, r in sched.requests.items()},
-            num_free=sched.allocator.num_free,
-        )
+from .kv_runner import KVRunner, TokenFn
+from .reference import EOS, NO_EOS, VOCAB, chain_digests, reference_rows
 
 
 def ids(requests: Iterable[Request]) -> list[str]:
@@ -199,119 +45,121 @@ def all_token_ids(request: Request) -> list[int]:
     return request.prompt_token_ids + request.output_token_ids
 
 
-def check_blocks(sched: Scheduler) -> None:
-    """Block ownership: running requests hold disjoint blocks, the rest are free."""
-    total = sched.config.num_kv_blocks
-    held = [b for r in sched.running for b in r.block_ids]
-    assert len(held) == len(set(held)), "a block is held by two running requests"
-    assert all(0 <= b < total for b in held)
-    assert len(held) == sched.allocator.num_used
-    assert sched.allocator.num_used + sched.allocator.num_free == total
-    for r in sched.waiting:
-        assert r.block_ids == [] and r.status == RequestStatus.WAITING
-    for r in sched.running:
-        assert r.status == RequestStatus.RUNNING
+def prefill_len(cfg: SchedulerConfig, request: Request) -> int:
+    """Tokens a request prefills when admitted: the prompt alone when replaying."""
+    return len(request.prompt_token_ids) if cfg.replay_preempted else request.num_tokens
 
 
 def num_prefill_tokens(out: SchedulerOutput) -> int:
     return sum(seq.num_tokens for seq in out.prefills)
 
 
-def check_schedule(
-    sched: Scheduler, before: Snapshot, out: SchedulerOutput, ended: list[str]
-) -> None:
-    """Check one `schedule()` against the state before it; `ended` holds the requests that
-    ended since the last step with work, which this one must report if it has work."""
+def row_ids(out: SchedulerOutput) -> list[list[str]]:
+    return [[seq.request_id for seq in row] for row in out.rows]
+
+
+def row_lens(out: SchedulerOutput) -> list[int]:
+    """Real tokens in each row."""
+    return [sum(seq.num_tokens for seq in row) for row in out.rows]
+
+
+def cached_prefix(sched: Scheduler, request: Request, target: int) -> list[int]:
+    """The blocks a request admitted now would reuse, by the documented rule (found with the
+    tests' own digests): the longest registered prefix of its full blocks that leaves the last
+    token of `target` to compute, in whole chunks with chunk_align."""
     cfg = sched.config
-    bs = cfg.block_size
-    pre_running = [r for r, _, _ in before.running]
-    decode_ids = [s.request_id for s in out.decodes]
-    prefill_ids = [s.request_id for s in out.prefills]
+    if not cfg.enable_prefix_caching:
+        return []
+    bs, align = cfg.block_size, cfg.chunk_align
+    usable = target - 1
+    if align:
+        usable = usable // align * align
+    tokens = all_token_ids(request)[: usable // bs * bs]
+    hit = sched.allocator.lookup(chain_digests(tokens, bs))
+    if align:
+        per_chunk = align // bs
+        del hit[len(hit) // per_chunk * per_chunk :]
+    return hit
 
-    # Preemption takes a suffix of the running list, most recently admitted first.
-    k = len(out.preempted_ids)
-    m = len(pre_running) - k
-    assert list(out.preempted_ids) == ids(pre_running[m:])[::-1]
-    assert decode_ids == ids(pre_running[:m]), "every kept running sequence decodes, in order"
-    if k:
-        assert not out.prefill_bins, "admitted prompts in a step that preempted"
-        # Preempting one request fewer would not have fit: the kept ones plus the earliest
-        # victim need more new blocks than were free plus what the other victims held.
-        need = [blocks_for(c + 1, bs) - len(b) for _, c, b in before.running]
-        held_after = sum(len(b) for _, _, b in before.running[m + 1 :])
-        assert sum(need[: m + 1]) > before.num_free + held_after, "needless preemption"
-        # Requeued at the front, in admission order, for recompute from scratch.
-        assert ids(sched.waiting) == ids(pre_running[m:]) + ids(before.waiting)
-        for r in pre_running[m:]:
-            assert r.status == RequestStatus.WAITING
-            assert r.block_ids == [] and r.num_computed_tokens == 0
-        admitted: list[Request] = []
-    else:
-        admitted = sched.running[m:]
-        assert ids(admitted) == ids(before.waiting[: len(admitted)]), "not FCFS"
-        assert ids(sched.waiting) == ids(before.waiting[len(admitted) :])
-        assert sorted(prefill_ids) == sorted(ids(admitted))
-        if sched.waiting:  # admission stopped for a reason: seats, token budget or KV blocks
-            head = sched.waiting[0]
-            head_len = prefill_len(cfg, head)
-            left = cfg.max_num_batched_tokens - len(out.decodes) - num_prefill_tokens(out)
-            assert (
-                len(sched.running) >= cfg.max_num_seqs
-                or head_len > left
-                or blocks_for(head_len, bs) > sched.allocator.num_free
-            ), f"{head.request_id} could have been admitted"
 
-    # Budgets.
-    assert num_prefill_tokens(out) + len(out.decodes) <= cfg.max_num_batched_tokens
-    assert len(sched.running) <= cfg.max_num_seqs
-    assert sorted(prefill_ids + decode_ids) == sorted(ids(sched.running))
-    assert len(set(prefill_ids + decode_ids)) == len(prefill_ids) + len(decode_ids)
+@dataclass
+class Running:
+    """A running request as it was before `schedule()`."""
 
-    # Prefill rows.
-    for row in out.prefill_bins:
-        assert row, "empty prefill row"
-        assert sum(s.num_tokens for s in row) <= cfg.row_capacity
-    if cfg.prefill_mode == "padded":
-        assert [len(row) for row in out.prefill_bins] == [1] * len(admitted)
-        assert prefill_ids == ids(admitted)
-    else:
-        lengths = [prefill_len(cfg, r) for r in admitted]
-        bins = reference_rows(lengths, cfg.row_capacity)
-        expect = [[admitted[i].request_id for i in b] for b in bins]
-        assert [[s.request_id for s in row] for row in out.prefill_bins] == expect
+    request: Request
+    computed: int  # num_computed_tokens
+    prefill_end: int
+    block_ids: list[int]
 
-    # Admitted requests are sent whole, once: what the runner keeps about each.
-    assert [n.request_id for n in out.new_requests] == ids(admitted)
-    new = {n.request_id: n for n in out.new_requests}
-    for r in admitted:
-        n = new[r.request_id]
-        assert n.params is r.params
-        assert n.num_prompt_tokens == len(r.prompt_token_ids)
-        assert list(n.output_token_ids) == before.outputs[r.request_id]
+    @property
+    def rid(self) -> str:
+        return self.request.request_id
 
-    # Each segment: its tokens, and the block table the runner rebuilds from the deltas.
-    old_tables = {r.request_id: b for r, _, b in before.running}
-    computed = {r.request_id: c for r, c, _ in before.running}
-    for seq in (*out.prefills, *out.decodes):
-        r = sched.requests[seq.request_id]
-        if seq.request_id in new:
-            table = list(new[seq.request_id].block_ids) + list(seq.new_block_ids)
-            assert seq.start_pos == 0
-            assert list(seq.token_ids) == all_token_ids(r)[: prefill_len(cfg, r)]
-        else:  # the next token without K/V: the last one, or a replayed one
-            table = old_tables[seq.request_id] + list(seq.new_block_ids)
-            assert seq.start_pos == computed[seq.request_id] < r.num_tokens
-            assert cfg.replay_preempted or seq.start_pos == r.num_tokens - 1
-            assert seq.token_ids == (all_token_ids(r)[seq.start_pos],)
-        assert table == r.block_ids, "the runner's block table differs from the scheduler's"
-        assert len(table) == blocks_for(seq.end_pos, bs)
+    @property
+    def decoding(self) -> bool:
+        return self.computed >= self.prefill_end
 
-    # Requests that ended are reported once, in the first step with work after they ended.
-    if out.is_empty:
-        assert out.finished_ids == ()
-    else:
-        assert sorted(out.finished_ids) == sorted(ended)
-    check_blocks(sched)
+
+@dataclass
+class Snapshot:
+    """What the scheduler looked like before `schedule()`."""
+
+    running: list[Running]
+    waiting: list[Request]
+    outputs: dict[str, list[int]]
+    num_free: int
+    skipped: dict[str, int]  # num_skipped_steps
+    hits: dict[str, int]  # waiting request -> tokens its admission would find cached
+    has_unfinished: bool
+
+    @classmethod
+    def of(cls, sched: Scheduler) -> Snapshot:
+        cfg = sched.config
+        return cls(
+            running=[
+                Running(r, r.num_computed_tokens, r.prefill_end, list(r.block_ids))
+                for r in sched.running
+            ],
+            waiting=list(sched.waiting),
+            outputs={rid: list(r.output_token_ids) for rid, r in sched.requests.items()},
+            num_free=sched.allocator.num_free,
+            skipped={rid: r.num_skipped_steps for rid, r in sched.requests.items()},
+            hits={
+                r.request_id: len(cached_prefix(sched, r, prefill_len(cfg, r))) * cfg.block_size
+                for r in sched.waiting
+            },
+            has_unfinished=sched.has_unfinished,
+        )
+
+
+def simulate_decode_phase(cfg: SchedulerConfig, before: Snapshot) -> tuple[list[str], list[str]]:
+    """The documented first phase of a step: in admission order, one decode for each running
+    request past its prefill; where its next block does not fit, preempt the running request
+    not yet scheduled with the highest (priority, admission position), itself included, until
+    it fits. Returns the decoded ids and the victims, in order."""
+    refs = Counter(b for run in before.running for b in run.block_ids)
+    free = before.num_free
+    alive = list(before.running)
+    scheduled: list[str] = []
+    victims: list[str] = []
+    for run in before.running:
+        if run not in alive or not run.decoding:
+            continue
+        need = blocks_for(run.computed + 1, cfg.block_size) - len(run.block_ids)
+        while need > free:
+            unscheduled = [x for x in alive if x.rid not in scheduled]
+            victim = max(unscheduled, key=lambda x: (x.request.priority, alive.index(x)))
+            alive.remove(victim)
+            victims.append(victim.rid)
+            for b in victim.block_ids:
+                refs[b] -= 1
+                free += refs[b] == 0
+            if victim is run:
+                break
+        else:
+            free -= max(need, 0)
+            scheduled.append(run.rid)
+    return scheduled, victims
 
 
 class Harness:
@@ -326,17 +174,33 @@ class Harness:
         self.config = config
         self.eos = eos
         self.sched = Scheduler(config, eos)
-        self.runner = KVRunner(config, token_fn)
         self.requests: dict[str, Request] = {}
+        self.runner = KVRunner(config, token_fn, truth=lambda rid: self.truth[rid])
+        self.truth: dict[str, list[int]] = {}  # each request's tokens while a step runs
         self.events: dict[str, list[TokenEvent]] = defaultdict(list)
         self.reasons: dict[str, str] = {}  # finish reason of every ended request
         self.history: list[SchedulerOutput] = []
         self.ended: list[str] = []  # requests that ended since the last step with work
+        self.stale: set[str] = set()  # preempted in a step that did not run
+        self.num_steps = 0
+        # Per admission: the next position to compute, the prefill target, the cache hit.
+        self.next_pos: dict[str, int] = {}
+        self.targets: dict[str, int] = {}
+        self.hits: dict[str, list[int]] = defaultdict(list)  # every admission's hit, in order
+        self.hits_before_output: dict[str, list[int]] = defaultdict(list)
+        self.first_token_step: dict[str, int] = {}
+        self._digests: dict[str, list[bytes]] = {}
+        self._keys: dict[str, list[int]] = {}
+        self.index: dict[bytes, int] = {}  # the prefix-cache index, as found with our digests
 
-    def add(self, rid: str, prompt: Sequence[int], **params) -> Request:
-        request = Request(rid, list(prompt), SamplingParams(**params))
+    # -- requests in and out -----------------------------------------------------------------
+
+    def add(self, rid: str, prompt: Sequence[int], priority: int = 0, **params) -> Request:
+        return self.add_request(Request(rid, list(prompt), SamplingParams(**params), priority))
+
+    def add_request(self, request: Request) -> Request:
         self.sched.add(request)
-        self.requests[rid] = request
+        self.requests[request.request_id] = request
         return request
 
     def finish(self, rid: str, status: RequestStatus) -> bool:
@@ -349,66 +213,47 @@ class Harness:
             assert reason is not None
             self.reasons[rid] = reason
             self.ended.append(rid)
+            self.next_pos.pop(rid, None)
             r = self.requests[rid]
             assert r.status == status and r.block_ids == []
             assert rid not in self.sched.requests
             assert r not in self.sched.running and r not in self.sched.waiting
-        check_blocks(self.sched)
+        self.check_state()
         return done
 
     def abort(self, rid: str) -> bool:
         return self.finish(rid, RequestStatus.FINISHED_ABORTED)
 
+    # -- the step ------------------------------------------------------------------------------
+
     def step(self, abort_mid: Iterable[str] = ()) -> tuple[SchedulerOutput, list[TokenEvent]]:
         before = Snapshot.of(self.sched)
         out = self.sched.schedule()
-        check_schedule(self.sched, before, out, self.ended)
-        scheduled = {s.request_id for s in (*out.prefills, *out.decodes)}
+        self.check_schedule(before, out)
+        self.check_state()
+        self.truth = {rid: all_token_ids(r) for rid, r in self.requests.items()}
+        running = set(ids(self.sched.running))
         for rid in abort_mid:  # the caller ends requests while the runner works
             self.abort(rid)
-        # A replaying sequence runs a token it already has: it gains none in this step.
-        replaying = {
-            s.request_id
-            for s in (*out.prefills, *out.decodes)
-            if s.end_pos < self.requests[s.request_id].num_tokens
-        }
         if out.is_empty:  # nothing to run: the engine skips the runner
+            assert not before.has_unfinished or out.preempted_ids, "idle step with work left"
+            self.stale |= set(out.preempted_ids)
             result = RunnerOutput({}, {})
         else:
             self.ended = [rid for rid in self.ended if rid not in out.finished_ids]
+            self.stale -= {n.request_id for n in out.new_requests} | set(out.finished_ids)
+            self.runner.registered = set(self.index.values())
+            self.runner.live = running  # a request aborted while the step runs still writes
             result = self.runner(out)
-            assert set(self.runner.states) == scheduled, "runner state for the wrong requests"
+            # The runner holds the running requests (one preempted in a step that did not run
+            # stays until it is admitted again or reported finished).
+            assert set(self.runner.states) == running | self.stale, "runner state mismatch"
         events = self.sched.update(out, result)
-        self._check_events(out, events, replaying)
+        self._check_events(out, events)
+        self.check_state(contents=True)
         self.history.append(out)
+        self.num_steps += 1
         return out, events
-
-    def _check_events(
-        self, out: SchedulerOutput, events: list[TokenEvent], replaying: set[str]
-    ) -> None:
-        scheduled = (*out.prefills, *out.decodes)
-        live = {s.request_id for s in scheduled if self.reasons.get(s.request_id) != "abort"}
-        assert sorted(e.request_id for e in events) == sorted(live - replaying)
-        for e in events:
-            assert e.request_id not in self.reasons, "event after the request ended"
-            r = self.requests[e.request_id]
-            assert len(e.new_token_ids) == 1 and r.output_token_ids[-1] == e.new_token_ids[0]
-            # Sampled with every token generated before it (penalties, seeded draw index).
-            assert self.runner.sampled_with[e.request_id] == tuple(r.output_token_ids[:-1])
-            self.events[e.request_id].append(e)
-            if e.finish_reason is None:
-                assert r in self.sched.running and r.status == RequestStatus.RUNNING
-                assert r.num_computed_tokens == r.num_tokens - 1
-                assert len(r.block_ids) == blocks_for(r.num_computed_tokens, self.config.block_size)
-                state = self.runner.states[e.request_id]
-                assert state.output_token_ids == r.output_token_ids
-            else:
-                self.reasons[e.request_id] = e.finish_reason
-                self.ended.append(e.request_id)
-                assert r.status.is_finished and r.status.finish_reason == e.finish_reason
-                assert r.block_ids == [] and e.request_id not in self.sched.requests
-                assert r not in self.sched.running
-        check_blocks(self.sched)
 
     def run(self, max_steps: int = 5000) -> None:
         for _ in range(max_steps):
@@ -417,6 +262,345 @@ class Harness:
             self.step()
         assert not self.sched.has_unfinished, "the scheduler did not drain"
         self.check_drained()
+
+    # -- checks of one schedule() ------------------------------------------------------------
+
+    def check_schedule(self, before: Snapshot, out: SchedulerOutput) -> None:
+        """Check one `schedule()` against the state before it."""
+        cfg, sched = self.config, self.sched
+        bs, align = cfg.block_size, cfg.chunk_align
+        segs = {seq.request_id: seq for seq in out.segments}
+        assert len(segs) == len(out.segments), "two segments for one request"
+        self._check_rows(out)
+
+        # Preemption: the decode phase exactly as documented; later victims (prefilling
+        # requests whose chunk did not fit) in decreasing (priority, admission) order.
+        pos = {run.rid: i for i, run in enumerate(before.running)}
+        by_id = {run.rid: run for run in before.running}
+        decoded, decode_victims = simulate_decode_phase(cfg, before)
+        assert sorted(s.request_id for s in out.decodes if s.request_id in by_id) == sorted(
+            decoded
+        ), "not every running sequence past its prefill decodes"
+        assert list(out.preempted_ids[: len(decode_victims)]) == decode_victims
+        preempted = set(out.preempted_ids)
+        assert len(preempted) == len(out.preempted_ids) and preempted <= set(by_id)
+
+        def key(rid: str) -> tuple[int, int]:
+            return (by_id[rid].request.priority, pos[rid])
+
+        later_victims = out.preempted_ids[len(decode_victims) :]
+        survivors = [run for run in before.running if run.rid not in preempted]
+        idle = [run.rid for run in survivors if run.rid not in segs]
+        for a, b in zip(later_victims, later_victims[1:], strict=False):
+            assert key(a) > key(b), "victims not in (priority, admission) order"
+        for rid in out.preempted_ids:
+            assert all(key(rid) > key(other) for other in idle), f"{rid} was not the victim"
+            r = self.requests[rid]
+            assert r.status == RequestStatus.WAITING and r.block_ids == []
+            assert r.num_computed_tokens == 0 and rid not in segs
+            self.next_pos.pop(rid, None)
+        for rid in later_victims:
+            assert not by_id[rid].decoding
+
+        # Admission: from the waiting requests, never in a step that preempted.
+        admitted = [n.request_id for n in out.new_requests]
+        waiting_before = set(ids(before.waiting))
+        assert set(admitted) <= waiting_before and len(set(admitted)) == len(admitted)
+        assert not (admitted and out.preempted_ids), "admitted in a step that preempted"
+        assert ids(sched.running) == [run.rid for run in survivors] + admitted
+        assert sorted(ids(sched.waiting)) == sorted((waiting_before - set(admitted)) | preempted)
+        assert len(sched.running) <= cfg.max_num_seqs
+        assert set(segs) <= set(ids(sched.running))
+
+        queries = hits = 0
+        for new in out.new_requests:
+            rid = new.request_id
+            r = self.requests[rid]
+            seq = segs[rid]
+            target = prefill_len(cfg, r)
+            assert new.params is r.params
+            assert new.num_prompt_tokens == len(r.prompt_token_ids)
+            assert list(new.output_token_ids) == before.outputs[rid]
+            assert list(new.block_ids) + list(seq.new_block_ids) == r.block_ids
+            assert r.prefill_end == target
+            hit = seq.start_pos
+            assert hit % bs == 0 and hit < target, f"{rid}: a hit of {hit} tokens"
+            assert hit % (align or bs) == 0, f"{rid}: a hit of {hit} tokens, not whole chunks"
+            if not cfg.enable_prefix_caching:
+                assert hit == 0
+            # The hit's blocks are the index's blocks for the request's own prefix, the longest
+            # one usable (its blocks cannot have been evicted since, nor others registered).
+            digests = chain_digests(all_token_ids(r)[:hit], bs)
+            assert r.block_ids[: hit // bs] == [self.index.get(d) for d in digests]
+            assert len(cached_prefix(sched, r, target)) * bs == hit, f"{rid}: not the longest hit"
+            queries += target if cfg.enable_prefix_caching else 0
+            hits += hit
+            self.next_pos[rid] = hit
+            self.targets[rid] = target
+            self.hits[rid].append(hit)
+            if not before.outputs[rid]:
+                self.hits_before_output[rid].append(hit)
+        assert out.num_cache_query_tokens == queries
+        assert out.num_cache_hit_tokens == hits <= queries
+
+        # Each segment: the next positions of its admission, its tokens, its block table.
+        # While sequences decode, the step's prefill is bounded (the gap between a stream's
+        # tokens); a piece takes what is left of that, of the budget and of a row.
+        budget_left = cfg.max_num_batched_tokens - out.num_tokens
+        prefill_cap = cfg.max_prefill_tokens_while_decoding if out.decodes else budget_left
+        prefill_left = prefill_cap - (num_prefill_tokens(out) if out.decodes else 0)
+        assert prefill_left >= 0, "over the prefill bound of a step with decodes"
+        room = min(budget_left, prefill_left, cfg.row_capacity)
+        for rid, seq in segs.items():
+            r = self.requests[rid]
+            tokens = all_token_ids(r)
+            target = self.targets[rid]
+            assert seq.start_pos == self.next_pos[rid], f"{rid}: a position skipped or redone"
+            assert seq.num_tokens >= 1
+            assert list(seq.token_ids) == tokens[seq.start_pos : seq.end_pos]
+            assert seq.sample == (seq.end_pos == len(tokens))
+            if seq.is_decode:  # one token past the prefill: a new one, or a replayed one
+                assert seq.num_tokens == 1 and seq.start_pos >= target
+                assert cfg.replay_preempted or seq.sample
+            else:
+                assert seq.end_pos <= target
+                if align:  # whole aligned chunks, or the prefill's end
+                    assert seq.start_pos % align == 0
+                    assert seq.end_pos % align == 0 or seq.end_pos == target
+                elif seq.end_pos < target:  # cut where the step's room or a row ends
+                    assert min(budget_left, prefill_left) == 0 or (
+                        seq.num_tokens == cfg.row_capacity
+                    ), f"{rid}'s piece was cut with room left"
+            if rid in by_id:
+                run = by_id[rid]
+                assert seq.is_decode == run.decoding
+                assert seq.start_pos == run.computed
+                assert run.block_ids + list(seq.new_block_ids) == r.block_ids
+            assert len(r.block_ids) == blocks_for(seq.end_pos, bs)
+            self.next_pos[rid] = seq.end_pos
+
+        # Passed over only for a reason: a prefilling request not served had no room left for
+        # its next piece; a waiting one not admitted (in a step that did not preempt) had no
+        # seat, no room, or not the KV blocks its whole prefill needs beyond those promised.
+        promised = sum(  # blocks the running prefills still need
+            max(blocks_for(r.prefill_end, bs) - len(r.block_ids), 0)
+            for r in sched.running
+            if r.num_computed_tokens < r.prefill_end
+        )
+        seats_full = len(sched.running) >= cfg.max_num_seqs
+
+        def chunk(start: int, target: int) -> int:
+            return min(target, (start // align + 1) * align) - start if align else 1
+
+        def no_room(run: Running) -> bool:
+            return chunk(run.computed, run.prefill_end) > room
+
+        def kv_blocked(r: Request) -> bool:
+            target = prefill_len(cfg, r)
+            hit = cached_prefix(sched, r, target)
+            hit_free = sum(sched.allocator.is_free(b) for b in hit)
+            need = blocks_for(target, bs) - len(hit)
+            return need + promised > sched.allocator.num_free - hit_free
+
+        def refused(r: Request) -> bool:
+            target = prefill_len(cfg, r)
+            start = len(cached_prefix(sched, r, target)) * bs
+            return seats_full or chunk(start, target) > room or kv_blocked(r)
+
+        for rid in idle:
+            if not by_id[rid].decoding:
+                assert no_room(by_id[rid]), f"running {rid} got no piece with room left"
+        if not out.preempted_ids:
+            for r in sched.waiting:
+                assert refused(r), f"{r.request_id} could have been admitted"
+
+        # Policy order: a candidate passed over while a later one in the order was served had
+        # no room (or, waiting, no seat while a running prefill was served, or no KV blocks).
+        # Checked where the hits the order was made with are known: none changed in the step.
+        candidates = [
+            run.request
+            for run in before.running
+            if not run.decoding and run.rid not in decode_victims
+        ]
+        if not decode_victims:
+            candidates += before.waiting
+        stable = all(
+            before.hits[r.request_id]
+            == (
+                segs[r.request_id].start_pos
+                if r.request_id in admitted
+                else len(cached_prefix(sched, r, prefill_len(cfg, r))) * bs
+            )
+            for r in before.waiting
+            if r in candidates
+        )
+        # Overtaken: a candidate left out of a step in which a later arrival was served.
+        latest = max((r.arrival_index for r in candidates if r.request_id in segs), default=-1)
+        for r in candidates:
+            overtaken = r.request_id not in segs and r.arrival_index < latest
+            assert r.num_skipped_steps == before.skipped[r.request_id] + overtaken
+        for rid in set(before.skipped) - set(ids(candidates)):
+            assert self.requests[rid].num_skipped_steps == before.skipped[rid]
+        if stable:
+            order = sorted(candidates, key=lambda r: self._policy_key(before, by_id, r))
+            for i, r in enumerate(order):
+                rid = r.request_id
+                if rid in segs or rid in preempted:
+                    continue
+                for later in order[i + 1 :]:
+                    if later.request_id not in segs:
+                        continue
+                    if rid in by_id:
+                        assert no_room(by_id[rid]), f"{later.request_id} overtook {rid}"
+                    elif not out.preempted_ids:  # else no admission after the preemption
+                        assert (
+                            (seats_full and later.request_id not in admitted)
+                            or chunk(before.hits[rid], prefill_len(cfg, r)) > room
+                            or kv_blocked(r)
+                        ), f"{later.request_id} overtook {rid}"
+
+        # Requests that ended are reported once, in the first step with work after they ended.
+        if out.is_empty:
+            assert out.finished_ids == ()
+        else:
+            assert sorted(out.finished_ids) == sorted(self.ended)
+
+    def _policy_key(self, before: Snapshot, by_id: dict[str, Running], r: Request) -> tuple:
+        """The documented service order: priority, then (fcfs) arrival; or (shortest-first)
+        the requests overtaken in fairness_steps steps in arrival order, then the shortest
+        uncached prefill left, ties by arrival."""
+        cfg = self.config
+        if cfg.policy == "fcfs":
+            return (r.priority, r.arrival_index)
+        if before.skipped[r.request_id] >= cfg.fairness_steps:
+            return (r.priority, 0, r.arrival_index, 0)
+        if r.request_id in by_id:
+            run = by_id[r.request_id]
+            left = run.prefill_end - run.computed
+        else:
+            left = prefill_len(cfg, r) - before.hits[r.request_id]
+        return (r.priority, 1, left, r.arrival_index)
+
+    def _check_rows(self, out: SchedulerOutput) -> None:
+        """The step's token budget, the row capacity, and how segments are laid out."""
+        cfg = self.config
+        assert out.num_tokens <= cfg.max_num_batched_tokens, "over the step's token budget"
+        assert out.num_tokens == sum(row_lens(out)) + len(out.decode_batch)
+        for row in out.rows:
+            assert row, "empty row"
+            assert sum(seq.num_tokens for seq in row) <= cfg.row_capacity, "row over capacity"
+        if cfg.mix_decodes:
+            assert out.decode_batch == ()
+        else:  # decode tokens run as a forward of their own
+            assert all(not seq.is_decode for row in out.rows for seq in row)
+            assert all(seq.is_decode for seq in out.decode_batch)
+        assert out.segments == (*(seq for row in out.rows for seq in row), *out.decode_batch)
+        assert out.prefills == tuple(s for s in out.segments if not s.is_decode)
+        assert out.decodes == tuple(s for s in out.segments if s.is_decode)
+        assert out.is_empty == (not out.segments)
+        if cfg.prefill_mode == "padded":
+            assert all(len(row) == 1 for row in out.rows), "padded mode: one segment a row"
+        else:  # FFD: the rows' lengths are FFD's whatever the order of equal lengths
+            lengths = [seq.num_tokens for row in out.rows for seq in row]
+            expect = [[lengths[i] for i in b] for b in reference_rows(lengths, cfg.row_capacity)]
+            assert [[seq.num_tokens for seq in row] for row in out.rows] == expect, "not FFD"
+
+    # -- checks of the state -------------------------------------------------------------------
+
+    def digests(self, rid: str) -> list[bytes]:
+        """The chain of digests of a request's full blocks (extended as it generates)."""
+        tokens = all_token_ids(self.requests[rid])
+        bs = self.config.block_size
+        known = self._digests.setdefault(rid, [])
+        for i in range(len(known), len(tokens) // bs):
+            parent = known[-1] if known else b""
+            known.append(block_hash(parent, tokens[i * bs : (i + 1) * bs]))
+        return known
+
+    def keys(self, rid: str) -> list[int]:
+        """`chain_keys` of a request's tokens (extended as it generates)."""
+        tokens = all_token_ids(self.requests[rid])
+        known = self._keys.setdefault(rid, [])
+        for token in tokens[len(known) :]:
+            known.append(hash((known[-1] if known else 0, token)))
+        return known
+
+    def check_state(self, contents: bool = False) -> None:
+        """Block ownership and the prefix-cache index. Reference counts equal the running
+        requests holding each block; a block held by two is registered. Every registered block
+        is found by the digest of a prefix some request has, no block under two digests; with
+        `contents`, each holds exactly the K/V of that prefix."""
+        sched, alloc = self.sched, self.sched.allocator
+        total = self.config.num_kv_blocks
+        refs = Counter(b for r in sched.running for b in r.block_ids)
+        for r in sched.running:
+            assert r.status == RequestStatus.RUNNING
+            assert len(set(r.block_ids)) == len(r.block_ids)
+            assert all(0 <= b < total for b in r.block_ids)
+        for r in sched.waiting:
+            assert r.status == RequestStatus.WAITING
+            assert r.block_ids == [] and r.num_computed_tokens == 0
+        assert [alloc.ref_counts[b] for b in range(total)] == [refs[b] for b in range(total)]
+        assert all(alloc.is_free(b) == (refs[b] == 0) for b in range(total))
+        assert alloc.num_free == total - len(refs) and alloc.num_used == len(refs)
+        index: dict[bytes, int] = {}
+        stands_for: dict[bytes, tuple[str, int]] = {}  # (request, end) of the prefix
+        bs = self.config.block_size
+        for rid, r in self.requests.items():
+            digests = self.digests(rid)
+            assert r.block_hashes == digests[: len(r.block_hashes)], f"{rid}: wrong digests"
+            for i, digest in enumerate(digests):
+                found = alloc.lookup([digest])
+                if found:
+                    index[digest] = found[0]
+                    stands_for[digest] = (rid, (i + 1) * bs)
+        if not self.config.enable_prefix_caching:
+            assert not index
+        assert alloc.num_cached == len(index), "a block registered under a digest of no prefix"
+        assert len(set(index.values())) == len(index), "one block under two prefixes"
+        assert {b for b, n in refs.items() if n > 1} <= set(index.values())
+        self.index = index
+        if contents:
+            cache = self.runner.cache
+            for digest, block in index.items():
+                rid, end = stands_for[digest]
+                tokens, keys = all_token_ids(self.requests[rid]), self.keys(rid)
+                expect = [(tokens[p], keys[p]) for p in range(end - bs, end)]
+                assert cache[block] == expect, f"block {block} is not the prefix it stands for"
+
+    def _check_events(self, out: SchedulerOutput, events: list[TokenEvent]) -> None:
+        live = {s.request_id for s in out.segments if self.reasons.get(s.request_id) != "abort"}
+        sampling = {s.request_id for s in out.segments if s.sample}
+        assert sorted(e.request_id for e in events) == sorted(live & sampling)
+        for e in events:
+            rid = e.request_id
+            assert rid not in self.reasons, "event after the request ended"
+            r = self.requests[rid]
+            assert len(e.new_token_ids) == 1 and r.output_token_ids[-1] == e.new_token_ids[0]
+            # The hit of an admission before its first token (that it is the first admission's,
+            # as documented, is test_prefix_cache's `test_num_cached_tokens_is_the_first_...`).
+            assert e.num_cached_tokens == r.num_cached_tokens
+            assert e.num_cached_tokens in self.hits_before_output[rid]
+            # Sampled with every token generated before it (penalties, seeded draw index).
+            assert self.runner.sampled_with[rid] == tuple(r.output_token_ids[:-1])
+            self.events[rid].append(e)
+            self.first_token_step.setdefault(rid, self.num_steps)
+            if e.finish_reason is None:
+                assert r in self.sched.running and r.status == RequestStatus.RUNNING
+                assert r.num_computed_tokens == r.num_tokens - 1
+                assert len(r.block_ids) == blocks_for(r.num_computed_tokens, self.config.block_size)
+                assert self.runner.states[rid].output_token_ids == r.output_token_ids
+            else:
+                self.reasons[rid] = e.finish_reason
+                self.ended.append(rid)
+                self.next_pos.pop(rid, None)
+                assert r.status.is_finished and r.status.finish_reason == e.finish_reason
+                assert r.block_ids == [] and rid not in self.sched.requests
+                assert r not in self.sched.running
+        for seq in out.segments:  # the scheduler's count of computed tokens is the runner's
+            r = self.requests[seq.request_id]
+            if seq.request_id in self.sched.requests:
+                assert r.num_computed_tokens == seq.end_pos
 
     def check_drained(self) -> None:
         s = self.sched
@@ -428,11 +612,14 @@ class Harness:
             emitted = [t for e in self.events.get(rid, []) for t in e.new_token_ids]
             assert emitted == r.output_token_ids
         # The runner holds nothing the next step with work would not tell it to drop.
-        assert set(self.runner.states) <= set(self.ended)
-        # The free list holds every block exactly once.
-        assert sorted(s.allocator.allocate(self.config.num_kv_blocks)) == list(
+        assert set(self.runner.states) <= set(self.ended) | self.stale
+        # The free list holds every block exactly once (taken from a copy: the cached blocks
+        # stay for the requests a test adds next).
+        assert sorted(copy.deepcopy(s.allocator).allocate(self.config.num_kv_blocks)) == list(
             range(self.config.num_kv_blocks)
         )
+
+    # -- what happened ---------------------------------------------------------------------------
 
     def tokens(self, rid: str) -> list[int]:
         return list(self.requests[rid].output_token_ids)
@@ -441,27 +628,31 @@ class Harness:
         return sum(rid in out.preempted_ids for out in self.history)
 
 
-def prefill_len(cfg: SchedulerConfig, request: Request) -> int:
-    """Tokens a request prefills when admitted: the prompt alone when replaying."""
-    return len(request.prompt_token_ids) if cfg.replay_preempted else request.num_tokens
-
-
 # The scheduler config has no defaults (the engine's EngineConfig holds them); these are the
-# tests' own, with the engine's budgets and policies.
-TEST_CONFIG = {
-    "max_model_len": 32,
-    "num_kv_blocks": 256,
-    "block_size": 4,
-    "max_num_seqs": 64,
-    "max_num_batched_tokens": 4096,
-    "max_prefill_row_len": 0,
-    "prefill_mode": "packed",
-    "replay_preempted": False,
-}
+# tests' own, with the engine's policies (shortest-first, prefix caching, decodes mixed in).
+TEST_CONFIG = SchedulerConfig(
+    max_model_len=32,
+    num_kv_blocks=256,
+    block_size=4,
+    max_num_seqs=8,
+    max_num_batched_tokens=4096,
+    max_prefill_tokens_while_decoding=4096,
+    max_prefill_row_len=0,
+    prefill_mode="packed",
+    mix_decodes=True,
+    policy="shortest-first",
+    fairness_steps=32,
+    enable_prefix_caching=True,
+    chunk_align=0,
+    replay_preempted=False,
+)
 
 
-def config(**kw) -> SchedulerConfig:
-    return SchedulerConfig(**(TEST_CONFIG | kw))
+def config(**kw: Any) -> SchedulerConfig:
+    """TEST_CONFIG with these fields changed (padded mode runs decodes apart)."""
+    if kw.get("prefill_mode") == "padded":
+        kw.setdefault("mix_decodes", False)
+    return dataclasses.replace(TEST_CONFIG, **kw)
 
 
 def prompt(seed: int, n: int) -> list[int]:
@@ -473,50 +664,11 @@ def scripted(prompts: dict[str, list[int]], scripts: dict[str, list[int]]) -> To
     return lambda rid, ctx: scripts[rid][len(ctx) - len(prompts[rid])]
 
 
-# -- random workloads ---------------------------------------------------------------------------
-
-
-@dataclass
-class Job:
-    rid: str
-    prompt: list[int]
-    params: SamplingParams
-    arrive: int  # step before which it is added
-    abort: tuple[int, bool] | None  # (step, while the step runs?)
-
-
-@st.composite
-def workloads(draw):
-    """A scheduler config and jobs arriving (and maybe aborted) over the first steps."""
-    block_size = draw(st.sampled_from([1, 2, 4, 8]))
-    max_model_len = draw(st.integers(4, 40))
-    min_blocks = blocks_for(max_model_len, block_size)
-    cfg = SchedulerConfig(
-        max_model_len=max_model_len,
-        num_kv_blocks=draw(st.integers(min_blocks, 3 * min_blocks)),
-        block_size=block_size,
-        max_num_seqs=draw(st.integers(1, 8)),
-        max_num_batched_tokens=draw(st.integers(max_model_len, 3 * max_model_len)),
-        max_prefill_row_len=draw(st.sampled_from([0, max_model_len, 2 * max_model_len])),
-        prefill_mode=draw(st.sampled_from(["packed", "padded"])),
-        replay_preempted=draw(st.booleans()),
-    )
-    jobs = []
-    for i in range(draw(st.integers(1, 12))):
-        n = draw(st.integers(1, max_model_len - 1))
-        params = SamplingParams(
-            max_tokens=draw(st.integers(1, 40)),
-            ignore_eos=draw(st.booleans()),
-            stop_token_ids=tuple(draw(st.lists(st.integers(0, VOCAB - 1), max_size=2))),
-        )
-        abort = draw(st.none() | st.tuples(st.integers(0, 30), st.booleans()))
-        jobs.append(
-            Job(
-                rid=f"r{i}",
-                prompt=draw(st.lists(st.integers(0, VOCAB - 1), min_size=n, max_size=n)),
-                params=params,
-                arrive=draw(st.integers(0, 10)),
-                abort=abort,
-            )
-        )
-    return cfg, jobs
+def preemption_workload(num_kv_blocks: int, **kw) -> Harness:
+    """A, B, C: 3-token prompts, 6 tokens each, 2 blocks of 2 each once prefilled; a pool of
+    6 blocks makes them preempt one another."""
+    cfg = config(max_model_len=12, num_kv_blocks=num_kv_blocks, block_size=2, **kw)
+    h = Harness(cfg, eos=NO_EOS)
+    for i, rid in enumerate("ABC"):
+        h.add(rid, prompt(i + 1, 3), max_tokens=6)
+    return h

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from packserve.scheduler import pack_ffd, pack_rows, row_cost
 
-from .harness import descending, reference_ffd
+from .reference import descending, reference_ffd
 
 
 @st.composite
