@@ -16,6 +16,11 @@ from packserve.kernels.choices import AttentionBackend, Dtype, LinearBackend
 from packserve.scheduler import PrefillMode, SchedulingPolicy
 
 DEFAULT_MAX_MODEL_LEN = 4096  # the longest default context, whatever the model allows
+# While sequences decode, a prefill token after c cached tokens is charged 1 + c / this: its
+# attention over c keys costs about as much as its linear layers at c ~ 1000 (measured on a
+# 2-core AMD EPYC, SmolLM2-135M fp32: a 64-token chunk adds ~1.35 ms/token of linear layers
+# and 3.5 ms of attention per layer at 3000 keys; bench/results/scheduling_cap.md).
+PREFILL_CONTEXT_COST = 1024
 
 
 def knob(default: Any, help: str, flag: str | None = None) -> Any:
@@ -65,9 +70,10 @@ class EngineConfig:
         "prefilled in chunks",
     )
     max_prefill_tokens_while_decoding: int = knob(
-        128,
-        "prefill tokens a step may hold while sequences decode: bounds the gap between a "
-        "stream's tokens when prompts arrive (batch-invariant mode: at least its chunk)",
+        256,
+        "prefill tokens a step may hold while sequences decode, a token after c cached ones "
+        "counting 1 + c/1024: bounds the gap between a stream's tokens when prompts arrive "
+        "(batch-invariant mode: at least its chunk, tokens counted alone)",
     )
     max_prefill_row_len: int = knob(0, "capacity of one packed row (0: the step budget)")
     kv_cache_memory_mb: int = knob(1024, "KV pool size in MiB")

@@ -20,7 +20,7 @@ from packserve.scheduler import (
     TokenEvent,
 )
 
-from .config import EngineConfig
+from .config import PREFILL_CONTEXT_COST, EngineConfig
 from .outputs import Completion, Delta
 from .stats import EngineInfo, EngineLoad, RunningRequest, StepStats
 from .text import TextStream
@@ -217,6 +217,8 @@ def _scheduler_config(
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         max_prefill_tokens_while_decoding=max(config.max_prefill_tokens_while_decoding, align),
+        # Aligned chunks must fit whole: batch-invariant mode charges tokens alone.
+        prefill_context_cost=0 if align else PREFILL_CONTEXT_COST,
         max_prefill_row_len=config.max_prefill_row_len,
         prefill_mode=config.prefill_mode,
         mix_decodes=config.prefill_mode == "packed" and not config.batch_invariant,

@@ -24,6 +24,9 @@ class SchedulerConfig:
     # Prefill tokens a step may hold while sequences decode: bounds how much longer than a
     # decode step such a step takes (the gap between a running stream's tokens).
     max_prefill_tokens_while_decoding: int
+    # While sequences decode, a prefill token after c cached tokens counts as
+    # 1 + c / prefill_context_cost tokens (its attention grows with c); 0: every token as one.
+    prefill_context_cost: int
     max_prefill_row_len: int  # widest packed row; 0 means the step budget
     prefill_mode: PrefillMode  # "packed": FFD rows; "padded": one segment per row
     # Decode tokens join the packed rows (one forward per step) rather than a forward of
@@ -55,6 +58,8 @@ class SchedulerConfig:
             raise ValueError("max_num_batched_tokens must be >= max_num_seqs (one decode each)")
         if self.max_prefill_tokens_while_decoding < max(self.chunk_align, 1):
             raise ValueError("max_prefill_tokens_while_decoding must be >= max(chunk_align, 1)")
+        if self.prefill_context_cost < 0 or (self.chunk_align and self.prefill_context_cost):
+            raise ValueError("prefill_context_cost must be >= 0, and 0 with chunk_align")
         if self.max_prefill_row_len < 0:
             raise ValueError("max_prefill_row_len must be 0 (the step budget) or positive")
         if self.prefill_mode not in ("packed", "padded"):

@@ -89,7 +89,8 @@ class Request:
     num_computed_tokens: int = 0  # tokens whose K/V is in the cache
     # Tokens computed by prefill since the last admission; the rest are decoded one per step.
     prefill_end: int = 0
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    # Prompt tokens found in the prefix cache at the first admission (None before it).
+    num_cached_tokens: int | None = None
     num_skipped_steps: int = 0  # steps in which later arrivals were served ahead of it
     block_hashes: list[bytes] = field(default_factory=list)  # chained digests of full blocks
     arrival_index: int = 0  # order of arrival, set by the scheduler

@@ -80,17 +80,18 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         """Choose this step's work: a decode for each running sequence past its prefill, then
         prefill pieces in policy order while the budget, the seats and the KV pool allow."""
-        step = _Step(budget=self.config.max_num_batched_tokens)
+        step = _Step(self.config.max_num_batched_tokens, self.config.prefill_context_cost)
         for request in list(self.running):
             if request.status == RequestStatus.RUNNING and self._is_decoding(request):
                 self._schedule_decode(request, step)
         if step.segments:  # streams are decoding: bound the step's prefill
+            step.decoding = True
             step.prefill_left = self.config.max_prefill_tokens_while_decoding
         candidates = [r for r in self.running if r.request_id not in step.segments]
         if not step.preempted:  # admitting while preempting would only evict again (as vLLM)
             candidates += self.waiting
         for request in self._ordered(candidates):
-            if step.room == 0:
+            if step.room(0) == 0:
                 break
             if request.status == RequestStatus.RUNNING:
                 self._schedule_prefill(request, step)
@@ -123,7 +124,7 @@ class Scheduler:
                     new_token_ids=(token,),
                     finish_reason=status.finish_reason if status else None,
                     logprobs=(logprobs,) if logprobs else (),
-                    num_cached_tokens=request.num_cached_tokens,
+                    num_cached_tokens=request.num_cached_tokens or 0,
                 )
             )
         return events
@@ -166,7 +167,7 @@ class Scheduler:
     def _schedule_prefill(self, request: Request, step: _Step) -> None:
         """The next chunk of a running request's prefill, if one fits the step."""
         start = request.num_computed_tokens
-        end = self._chunk_end(request, start, step.room)
+        end = self._chunk_end(request, start, step.room(start))
         if end == start:
             return
         new_block_ids = self._grow(request, end, step)
@@ -181,7 +182,7 @@ class Scheduler:
         target = self._prefill_target(request)
         hit = self._cached_prefix(request, target)
         start = len(hit) * self.config.block_size
-        end = self._chunk_end(request, start, step.room, target)
+        end = self._chunk_end(request, start, step.room(start), target)
         if end == start:
             return
         hit_free = sum(self.allocator.is_free(b) for b in hit)
@@ -195,7 +196,7 @@ class Scheduler:
         request.status = RequestStatus.RUNNING
         request.num_computed_tokens = start
         request.prefill_end = target
-        if not request.output_token_ids:  # usage reports the first admission's hit
+        if request.num_cached_tokens is None:  # usage reports the first admission's hit
             request.num_cached_tokens = start
         self.waiting.remove(request)
         self.running.append(request)
@@ -397,22 +398,33 @@ class Scheduler:
 class _Step:
     """What one `schedule` call has chosen so far."""
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, context_cost: int) -> None:
         self.budget = budget  # tokens left
-        self.prefill_left = budget  # prefill tokens left
+        # While sequences decode, prefill pieces are charged for their attention too: a
+        # piece of n tokens after `start` cached ones costs n * (1 + start / context_cost).
+        self.context_cost = context_cost
+        self.decoding = False
+        self.prefill_left = budget  # prefill charge left
         self.segments: dict[str, ScheduledSequence] = {}  # by request id, in schedule order
         self.new_requests: list[NewRequest] = []
         self.preempted: list[Request] = []
         self.cache_queries = 0
         self.cache_hits = 0
 
-    @property
-    def room(self) -> int:
-        """Tokens a prefill piece may still take."""
-        return min(self.budget, self.prefill_left)
+    def _weight(self, start: int) -> tuple[int, int]:
+        """A prefill token's charge after `start` cached tokens, as a fraction."""
+        if self.decoding and self.context_cost:
+            return self.context_cost + start, self.context_cost
+        return 1, 1
+
+    def room(self, start: int) -> int:
+        """Tokens a prefill piece starting after `start` cached tokens may still take."""
+        num, den = self._weight(start)
+        return min(self.budget, self.prefill_left * den // num)
 
     def add(self, seq: ScheduledSequence) -> None:
         self.segments[seq.request_id] = seq
         self.budget -= seq.num_tokens
         if not seq.is_decode:
-            self.prefill_left -= seq.num_tokens
+            num, den = self._weight(seq.start_pos)
+            self.prefill_left -= -(-seq.num_tokens * num // den)

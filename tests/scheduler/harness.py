@@ -25,6 +25,7 @@ from packserve.scheduler import (
     RequestStatus,
     RunnerOutput,
     SamplingParams,
+    ScheduledSequence,
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
@@ -346,11 +347,27 @@ class Harness:
         # Each segment: the next positions of its admission, its tokens, its block table.
         # While sequences decode, the step's prefill is bounded (the gap between a stream's
         # tokens); a piece takes what is left of that, of the budget and of a row.
+        # While anything decodes, a prefill token after c cached ones is charged
+        # 1 + c / prefill_context_cost (when set).
         budget_left = cfg.max_num_batched_tokens - out.num_tokens
+        weighted = bool(out.decodes and cfg.prefill_context_cost)
+
+        def weight(start: int) -> tuple[int, int]:
+            k = cfg.prefill_context_cost
+            return (k + start, k) if weighted else (1, 1)
+
+        def charge(seq: ScheduledSequence) -> int:
+            num, den = weight(seq.start_pos)
+            return -(-seq.num_tokens * num // den)
+
         prefill_cap = cfg.max_prefill_tokens_while_decoding if out.decodes else budget_left
-        prefill_left = prefill_cap - (num_prefill_tokens(out) if out.decodes else 0)
+        prefill_left = prefill_cap - (sum(map(charge, out.prefills)) if out.decodes else 0)
         assert prefill_left >= 0, "over the prefill bound of a step with decodes"
-        room = min(budget_left, prefill_left, cfg.row_capacity)
+
+        def room(start: int) -> int:
+            num, den = weight(start)
+            return min(budget_left, prefill_left * den // num, cfg.row_capacity)
+
         for rid, seq in segs.items():
             r = self.requests[rid]
             tokens = all_token_ids(r)
@@ -368,9 +385,9 @@ class Harness:
                     assert seq.start_pos % align == 0
                     assert seq.end_pos % align == 0 or seq.end_pos == target
                 elif seq.end_pos < target:  # cut where the step's room or a row ends
-                    assert min(budget_left, prefill_left) == 0 or (
-                        seq.num_tokens == cfg.row_capacity
-                    ), f"{rid}'s piece was cut with room left"
+                    assert room(seq.start_pos) == 0 or (seq.num_tokens == cfg.row_capacity), (
+                        f"{rid}'s piece was cut with room left"
+                    )
             if rid in by_id:
                 run = by_id[rid]
                 assert seq.is_decode == run.decoding
@@ -393,7 +410,7 @@ class Harness:
             return min(target, (start // align + 1) * align) - start if align else 1
 
         def no_room(run: Running) -> bool:
-            return chunk(run.computed, run.prefill_end) > room
+            return chunk(run.computed, run.prefill_end) > room(run.computed)
 
         def kv_blocked(r: Request) -> bool:
             target = prefill_len(cfg, r)
@@ -405,7 +422,7 @@ class Harness:
         def refused(r: Request) -> bool:
             target = prefill_len(cfg, r)
             start = len(cached_prefix(sched, r, target)) * bs
-            return seats_full or chunk(start, target) > room or kv_blocked(r)
+            return seats_full or chunk(start, target) > room(start) or kv_blocked(r)
 
         for rid in idle:
             if not by_id[rid].decoding:
@@ -455,7 +472,7 @@ class Harness:
                     elif not out.preempted_ids:  # else no admission after the preemption
                         assert (
                             (seats_full and later.request_id not in admitted)
-                            or chunk(before.hits[rid], prefill_len(cfg, r)) > room
+                            or chunk(before.hits[rid], prefill_len(cfg, r)) > room(before.hits[rid])
                             or kv_blocked(r)
                         ), f"{later.request_id} overtook {rid}"
 
@@ -637,6 +654,7 @@ TEST_CONFIG = SchedulerConfig(
     max_num_seqs=8,
     max_num_batched_tokens=4096,
     max_prefill_tokens_while_decoding=4096,
+    prefill_context_cost=0,
     max_prefill_row_len=0,
     prefill_mode="packed",
     mix_decodes=True,

@@ -156,11 +156,6 @@ def test_a_preempted_request_resumes_after_its_own_cached_blocks():
     assert h.tokens("L") == reference(prompt(1, 10), h.requests["L"].params, (), 14)[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="scheduler bug: a request preempted before its first token reports the hit of its "
-    "re-admission (its own computed blocks) as num_cached_tokens, not its first admission's",
-)
 def test_num_cached_tokens_is_the_first_admissions_hit():
     # Request.num_cached_tokens / TokenEvent.num_cached_tokens: "prompt tokens found in the
     # prefix cache at first admission" (usage's cached_tokens). L found none then; the 8 it

@@ -40,6 +40,7 @@ def configs(draw) -> SchedulerConfig:
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=budget,
         max_prefill_tokens_while_decoding=draw(st.integers(max(chunk_align, 1), budget)),
+        prefill_context_cost=0 if chunk_align else draw(st.sampled_from([0, 2, 8, 64])),
         max_prefill_row_len=draw(st.sampled_from([0, max(chunk_align, 3), max(chunk_align, 9)])),
         prefill_mode="padded" if padded else "packed",
         mix_decodes=not padded and draw(st.booleans()),
