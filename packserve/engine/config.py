@@ -71,9 +71,10 @@ class EngineConfig:
     )
     max_prefill_tokens_while_decoding: int = knob(
         256,
-        "prefill tokens a step may hold while sequences decode, a token after c cached ones "
-        "counting 1 + c/1024: bounds the gap between a stream's tokens when prompts arrive "
-        "(batch-invariant mode: at least its chunk, tokens counted alone)",
+        "prefill tokens a step may hold while sequences decode (or the prompts' share of the "
+        "step, if larger), a token after c cached ones counting 1 + c/1024: bounds the gap "
+        "between a stream's tokens when prompts arrive (batch-invariant mode: at least its "
+        "chunk, tokens counted alone)",
     )
     max_prefill_row_len: int = knob(0, "capacity of one packed row (0: the step budget)")
     kv_cache_memory_mb: int = knob(1024, "KV pool size in MiB")
@@ -83,7 +84,7 @@ class EngineConfig:
         True, "reuse the KV of prompt prefixes already computed (full blocks, LRU-evicted)"
     )
     fairness_steps: int = knob(
-        32, "a prompt overtaken by shorter ones in this many steps is served before them"
+        4, "a prompt overtaken by shorter ones in this many steps is served before them"
     )
     scheduling_policy: SchedulingPolicy = knob(
         "shortest-first",

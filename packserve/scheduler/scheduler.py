@@ -16,9 +16,12 @@ class Scheduler:
     """Owns request state and KV-block accounting; decides each step's segments.
 
     A step spends at most `max_num_batched_tokens` tokens: first one decode token for every
-    running sequence past its prefill, then prefill pieces, at most
-    `max_prefill_tokens_while_decoding` of them if anything decodes (so a long prompt never
-    stalls the running streams for more than one bounded step). Prefills are served in
+    running sequence past its prefill, then prefill pieces. While anything decodes, the
+    prefill pieces take at most the larger of `max_prefill_tokens_while_decoding` and the
+    prefills' share of what is left (one part per request waiting for prefill work, one per
+    decode), a piece's tokens charged more the deeper its context: a long prompt never
+    stalls a few running streams for more than one bounded step, and a burst of prompts is
+    not starved by the streams it started. Prefills are served in
     policy order: priority first, then the shortest uncached prefill (or arrival order under
     fcfs), a prompt overtaken for `fairness_steps` steps going first. A prompt that does not
     fit what the step has left is cut (chunked prefill); a prompt whose leading blocks are in
@@ -81,12 +84,16 @@ class Scheduler:
         """Choose this step's work: a decode for each running sequence past its prefill, then
         prefill pieces in policy order while the budget, the seats and the KV pool allow."""
         step = _Step(self.config.max_num_batched_tokens, self.config.prefill_context_cost)
+        # Requests waiting for prefill work: the waiting ones and the running prefills.
+        num_prefills = len(self.waiting) + sum(not self._is_decoding(r) for r in self.running)
         for request in list(self.running):
             if request.status == RequestStatus.RUNNING and self._is_decoding(request):
                 self._schedule_decode(request, step)
-        if step.segments:  # streams are decoding: bound the step's prefill
+        if step.segments:  # streams are decoding: bound the step's prefill by its share
             step.decoding = True
-            step.prefill_left = self.config.max_prefill_tokens_while_decoding
+            num_decodes = len(step.segments)
+            share = step.budget * num_prefills // (num_prefills + num_decodes)
+            step.prefill_left = max(self.config.max_prefill_tokens_while_decoding, share)
         candidates = [r for r in self.running if r.request_id not in step.segments]
         if not step.preempted:  # admitting while preempting would only evict again (as vLLM)
             candidates += self.waiting

@@ -94,11 +94,13 @@ def test_streams_keep_decoding_while_a_long_prompt_is_chunked():
 def test_prefill_is_bounded_while_streams_decode():
     cfg = config(max_model_len=64, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8)
     h = Harness(cfg, eos=NO_EOS)
-    h.add("a", [1], max_tokens=6)
+    for i in range(7):
+        h.add(f"a{i}", [1 + i], max_tokens=6)
     h.step()
     h.add("long", prompt(5, 30), max_tokens=1)
     h.run()
-    # a decodes in every step long is prefilled: 8 prefill tokens a step, not 63.
+    # Seven streams decode in every step long is prefilled: 8 prefill tokens a step (its
+    # share of the 57 left, one part in eight, is smaller), not 57.
     assert pieces(h, "long") == [(0, 8), (8, 8), (16, 8), (24, 6)]
     h.add("idle", prompt(6, 40), max_tokens=1)
     out, _ = h.step()  # nothing decodes: the whole budget is the prefill's
@@ -143,3 +145,17 @@ def test_chunk_align_cuts_at_multiples_and_schedules_only_whole_chunks(align):
     else:
         assert pieces(h, "b") == [(0, 6), (6, 12), (18, 3)]
     assert h.tokens("b") == reference(prompt(2, 21), h.requests["b"].params, (), 40)[0]
+
+
+def test_a_burst_of_prompts_gets_its_share_of_a_step_while_streams_decode():
+    cfg = config(max_model_len=64, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8)
+    h = Harness(cfg, eos=NO_EOS)
+    h.add("a", [1], max_tokens=6)
+    h.step()
+    for name in ("x", "y", "z"):
+        h.add(name, prompt(5, 30), max_tokens=1)
+    out, _ = h.step()
+    # One stream, three prompts: the prompts' share is 3/4 of the 63 tokens left, not 8.
+    assert [s.request_id for s in out.decodes] == ["a"]
+    assert sum(s.num_tokens for s in out.prefills) == 63 * 3 // 4
+    h.run()
