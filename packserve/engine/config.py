@@ -70,7 +70,7 @@ class EngineConfig:
         "prefilled in chunks",
     )
     max_prefill_tokens_while_decoding: int = knob(
-        256,
+        160,
         "prefill tokens a step may hold while sequences decode (or the prompts' share of the "
         "step, if larger), a token after c cached ones counting 1 + c/1024: bounds the gap "
         "between a stream's tokens when prompts arrive (batch-invariant mode: at least its "
