@@ -142,9 +142,11 @@ class Runner:
         logits: list[torch.Tensor] = []
         tables = {rid: state.block_ids for rid, state in self.requests.items()}
         pad = self.config.decode_context_pad if self.config.batch_invariant else 0
-        forwards = [(output.rows, False), (((*output.decode_batch,),), True)]
+        forwards = [(output.rows, False)]  # the decode batch, if apart: one row of its own
+        if output.decode_batch:
+            forwards.append(((output.decode_batch,), True))
         for rows, decode_only in forwards:
-            if not rows or not rows[0]:
+            if not rows:
                 continue
             backend = self.config.attention_backend
             inputs = step_inputs(rows, tables, self.kv_cache, backend, self.model.dtype, pad)

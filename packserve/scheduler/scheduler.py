@@ -249,9 +249,10 @@ class Scheduler:
         if the request itself was the one preempted."""
         need = blocks_for(end, self.config.block_size) - len(request.block_ids)
         while need > self.allocator.num_free:
-            victim = max(
-                (r for r in self.running if r.request_id not in step.segments),
-                key=lambda r: (r.priority, self.running.index(r)),
+            _, _, victim = max(  # by priority, then admission order
+                (r.priority, i, r)
+                for i, r in enumerate(self.running)
+                if r.request_id not in step.segments
             )
             self._preempt(victim)
             step.preempted.append(victim)
