@@ -71,10 +71,10 @@ class EngineConfig:
     )
     max_prefill_tokens_while_decoding: int = knob(
         160,
-        "prefill tokens a step may hold while sequences decode (or the prompts' share of the "
-        "step, if larger), a token after c cached ones counting 1 + c/1024: bounds the gap "
-        "between a stream's tokens when prompts arrive (batch-invariant mode: at least its "
-        "chunk, tokens counted alone)",
+        "prefill tokens a step may hold per prompt it could serve while sequences decode, a "
+        "token after c cached ones counting 1 + c/1024: bounds the gap between a stream's "
+        "tokens when a prompt arrives (batch-invariant mode: at least its chunk, tokens "
+        "counted alone)",
     )
     max_prefill_row_len: int = knob(0, "capacity of one packed row (0: the step budget)")
     kv_cache_memory_mb: int = knob(1024, "KV pool size in MiB")

@@ -17,11 +17,11 @@ class Scheduler:
 
     A step spends at most `max_num_batched_tokens` tokens: first one decode token for every
     running sequence past its prefill, then prefill pieces. While anything decodes, the
-    prefill pieces take at most the larger of `max_prefill_tokens_while_decoding` and the
-    prefills' share of what is left (one part per request waiting for prefill work, one per
-    decode), a piece's tokens charged more the deeper its context: a long prompt never
-    stalls a few running streams for more than one bounded step, and a burst of prompts is
-    not starved by the streams it started. Prefills are served in
+    prefill pieces take at most `max_prefill_tokens_while_decoding` per prompt that could be
+    served (running prefills, and waiting prompts up to the free seats), a piece's tokens
+    charged more the deeper its context: one long prompt lengthens the running streams' steps
+    by a bounded amount, and a burst of prompts fills the budget instead of queueing behind
+    the streams it started. Prefills are served in
     policy order: priority first, then the shortest uncached prefill (or arrival order under
     fcfs), a prompt overtaken for `fairness_steps` steps going first. A prompt that does not
     fit what the step has left is cut (chunked prefill); a prompt whose leading blocks are in
@@ -84,16 +84,17 @@ class Scheduler:
         """Choose this step's work: a decode for each running sequence past its prefill, then
         prefill pieces in policy order while the budget, the seats and the KV pool allow."""
         step = _Step(self.config.max_num_batched_tokens, self.config.prefill_context_cost)
-        # Requests waiting for prefill work: the waiting ones and the running prefills.
-        num_prefills = len(self.waiting) + sum(not self._is_decoding(r) for r in self.running)
+        # Prompts that could get prefill work: running prefills, waiting ones up to the seats.
+        seats = self.config.max_num_seqs - len(self.running)
+        num_prefills = min(len(self.waiting), seats) + sum(
+            not self._is_decoding(r) for r in self.running
+        )
         for request in list(self.running):
             if request.status == RequestStatus.RUNNING and self._is_decoding(request):
                 self._schedule_decode(request, step)
-        if step.segments:  # streams are decoding: bound the step's prefill by its share
+        if step.segments:  # streams are decoding: a bounded prefill per prompt served
             step.decoding = True
-            num_decodes = len(step.segments)
-            share = step.budget * num_prefills // (num_prefills + num_decodes)
-            step.prefill_left = max(self.config.max_prefill_tokens_while_decoding, share)
+            step.prefill_left = self.config.max_prefill_tokens_while_decoding * num_prefills
         candidates = [r for r in self.running if r.request_id not in step.segments]
         if not step.preempted:  # admitting while preempting would only evict again (as vLLM)
             candidates += self.waiting

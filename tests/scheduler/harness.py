@@ -360,17 +360,14 @@ class Harness:
             num, den = weight(seq.start_pos)
             return -(-seq.num_tokens * num // den)
 
-        # The prefills' share: one part per request waiting for prefill work, one per decode.
-        num_prefills = len(before.waiting) + sum(not run.decoding for run in before.running)
-        share = (
-            (cfg.max_num_batched_tokens - len(out.decodes))
-            * num_prefills
-            // (num_prefills + len(out.decodes))
-            if out.decodes
-            else 0
+        # While anything decodes: a bounded prefill per prompt that could be served (running
+        # prefills, and waiting prompts up to the free seats).
+        seats = cfg.max_num_seqs - len(before.running)
+        num_prefills = min(len(before.waiting), seats) + sum(
+            not run.decoding for run in before.running
         )
         prefill_cap = (
-            max(cfg.max_prefill_tokens_while_decoding, share) if out.decodes else budget_left
+            cfg.max_prefill_tokens_while_decoding * num_prefills if out.decodes else budget_left
         )
         prefill_left = prefill_cap - (sum(map(charge, out.prefills)) if out.decodes else 0)
         assert prefill_left >= 0, "over the prefill bound of a step with decodes"

@@ -99,8 +99,8 @@ def test_prefill_is_bounded_while_streams_decode():
     h.step()
     h.add("long", prompt(5, 30), max_tokens=1)
     h.run()
-    # Seven streams decode in every step long is prefilled: 8 prefill tokens a step (its
-    # share of the 57 left, one part in eight, is smaller), not 57.
+    # Seven streams decode in every step long is prefilled: 8 prefill tokens a step (one
+    # prompt waits for prefill), not the 57 left.
     assert pieces(h, "long") == [(0, 8), (8, 8), (16, 8), (24, 6)]
     h.add("idle", prompt(6, 40), max_tokens=1)
     out, _ = h.step()  # nothing decodes: the whole budget is the prefill's
@@ -147,15 +147,46 @@ def test_chunk_align_cuts_at_multiples_and_schedules_only_whole_chunks(align):
     assert h.tokens("b") == reference(prompt(2, 21), h.requests["b"].params, (), 40)[0]
 
 
-def test_a_burst_of_prompts_gets_its_share_of_a_step_while_streams_decode():
-    cfg = config(max_model_len=64, max_num_batched_tokens=64, max_prefill_tokens_while_decoding=8)
+def test_a_burst_of_prompts_gets_a_bounded_prefill_each_while_streams_decode():
+    cfg = config(
+        max_model_len=64,
+        max_num_batched_tokens=64,
+        max_prefill_tokens_while_decoding=8,
+        max_num_seqs=16,
+    )
     h = Harness(cfg, eos=NO_EOS)
     h.add("a", [1], max_tokens=6)
     h.step()
-    for name in ("x", "y", "z"):
-        h.add(name, prompt(5, 30), max_tokens=1)
+    for i, name in enumerate(("x", "y", "z")):
+        h.add(name, prompt(5 + i, 30), max_tokens=1)
     out, _ = h.step()
-    # One stream, three prompts: the prompts' share is 3/4 of the 63 tokens left, not 8.
+    # One stream, three prompts waiting: 8 prefill tokens each, 24 in all, not 8.
     assert [s.request_id for s in out.decodes] == ["a"]
-    assert sum(s.num_tokens for s in out.prefills) == 63 * 3 // 4
+    assert sum(s.num_tokens for s in out.prefills) == 3 * 8
+    h.run()
+    h.add("b", [2], max_tokens=8)
+    h.step()
+    for i in range(12):
+        h.add(f"p{i}", prompt(10 + i, 30), max_tokens=1)
+    out, _ = h.step()
+    # Twelve prompts and one stream: 8 x 12 = 96 allowed, so the budget's 63 left bound it.
+    assert [s.request_id for s in out.decodes] == ["b"]
+    assert sum(s.num_tokens for s in out.prefills) == 63
+    h.run()
+
+
+def test_waiting_prompts_without_a_seat_do_not_widen_the_prefill_bound():
+    cfg = config(
+        max_model_len=64,
+        max_num_batched_tokens=64,
+        max_prefill_tokens_while_decoding=8,
+        max_num_seqs=2,
+    )
+    h = Harness(cfg, eos=NO_EOS)
+    h.add("a", [1], max_tokens=8)
+    h.step()
+    for i, name in enumerate(("long", "x", "y", "z")):  # one seat left: one is served
+        h.add(name, prompt(5 + i, 30 - i), max_tokens=1)
+    out, _ = h.step()
+    assert [s.num_tokens for s in out.prefills] == [8]
     h.run()
