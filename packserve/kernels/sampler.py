@@ -66,10 +66,10 @@ def sample(
     if any(row.params.logprobs is not None for row in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V] before any processing
     logits = logits.clone()
+    apply_logit_bias(logits, rows)  # first, as vLLM: the penalties act on biased logits
+    apply_min_tokens(logits, rows, eos_token_ids)
     apply_repetition_penalty(logits, rows)
     apply_penalties(logits, rows)
-    apply_logit_bias(logits, rows)
-    apply_min_tokens(logits, rows, eos_token_ids)
     tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep these
     for i, row in enumerate(rows):
         params = row.params
