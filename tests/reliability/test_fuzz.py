@@ -29,6 +29,8 @@ OPERATIONS = [
     ("POST", "/tokenize"),
     ("POST", "/detokenize"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
+    ("GET", "/version"),
     ("GET", "/health"),
     ("GET", "/ready"),
     ("GET", "/metrics"),
@@ -74,7 +76,7 @@ def _error_object(body: Any) -> str | None:
 
 
 # Routes that take no input at all cannot be sent schema-violating requests.
-NO_INPUT = {"/v1/models", "/health", "/ready", "/metrics"}
+NO_INPUT = {"/v1/models", "/version", "/health", "/ready", "/metrics"}
 CASES = [
     (method, path, mode)
     for method, path in OPERATIONS
