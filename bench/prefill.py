@@ -343,7 +343,7 @@ def make_sequences(
         k = blocks_for(len(prompt), BLOCK_SIZE)
         blocks = tuple(range(offset, offset + k))
         seqs.append(ScheduledSequence(f"p{i}", prompt, 0, (), is_decode=False, sample=True))
-        requests[f"p{i}"] = NewRequest(f"p{i}", params, len(prompt), (), blocks)
+        requests[f"p{i}"] = NewRequest(f"p{i}", params, tuple(prompt), (), blocks)
         offset += k
     return seqs, requests, offset
 
@@ -360,6 +360,7 @@ def runner_config(backend: str, num_blocks: int, seed: int | None) -> RunnerConf
         seed=seed,
         batch_invariant=False,
         max_model_len=engine.resolved_max_model_len(None),
+        eos_token_ids=frozenset(),
     )
 
 

@@ -44,9 +44,9 @@ class Engine:
         max_model_len = config.resolved_max_model_len(
             getattr(self.model.config, "max_position_embeddings", None)
         )
-        self.runner = Runner(self.model, _runner_config(config, max_model_len))
-        scheduler_config = _scheduler_config(config, max_model_len, self.runner.kv_cache.num_blocks)
         eos_token_ids = frozenset(self._eos_token_ids())
+        self.runner = Runner(self.model, _runner_config(config, max_model_len, eos_token_ids))
+        scheduler_config = _scheduler_config(config, max_model_len, self.runner.kv_cache.num_blocks)
         self.scheduler = Scheduler(scheduler_config, eos_token_ids)
         self.info = EngineInfo(
             max_model_len=max_model_len,
@@ -86,8 +86,10 @@ class Engine:
         vocab = self.info.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"token ids must be in 0..{vocab - 1}")
+        if any(t >= vocab for t, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in 0..{vocab - 1}")
         self.scheduler.add(Request(request_id, token_ids, params, priority=priority))
-        self._texts[request_id] = TextStream(self.tokenizer, params.stop)
+        self._texts[request_id] = TextStream(self.tokenizer, params.stop, params.min_tokens)
         return request_id
 
     def abort(self, request_id: str) -> bool:
@@ -193,7 +195,9 @@ class Engine:
         return set(eos) if isinstance(eos, list) else ({eos} if eos is not None else set())
 
 
-def _runner_config(config: EngineConfig, max_model_len: int) -> RunnerConfig:
+def _runner_config(
+    config: EngineConfig, max_model_len: int, eos_token_ids: frozenset[int]
+) -> RunnerConfig:
     return RunnerConfig(
         attention_backend=config.attention_backend,
         linear_backend=config.linear_backend,
@@ -203,6 +207,7 @@ def _runner_config(config: EngineConfig, max_model_len: int) -> RunnerConfig:
         seed=config.seed,
         batch_invariant=config.batch_invariant,
         max_model_len=max_model_len,
+        eos_token_ids=eos_token_ids,
     )
 
 

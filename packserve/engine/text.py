@@ -24,9 +24,12 @@ class TextStream:
     until it is known not to be one, so a stop string never leaks into the stream.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = (), min_tokens: int = 0
+    ) -> None:
         self.tokenizer = tokenizer
         self.stop = tuple(s for s in stop if s)
+        self.min_tokens = min_tokens  # stop strings are looked for from this many tokens on
         self._max_stop = max((len(s) for s in self.stop), default=0)
         self._ids: list[int] = []
         self._prefix_offset = 0  # ids before this are decoded and emitted for good
@@ -60,7 +63,7 @@ class TextStream:
 
     def _release(self, new_text: str) -> str:
         pending = self._pending + new_text
-        if self.stop:
+        if self.stop and len(self._ids) >= self.min_tokens:
             hits = [i for i in (pending.find(s) for s in self.stop) if i >= 0]
             if hits:
                 self.stopped = True

@@ -45,6 +45,7 @@ class RunnerConfig:
     # a tabulated rotary embedding, attention shaped by each sequence alone, one thread count.
     batch_invariant: bool
     max_model_len: int  # positions the rotary table covers in batch-invariant mode
+    eos_token_ids: frozenset[int]  # masked while a request is under its min_tokens
     prefill_tile_rows: int = DEFAULT_PREFILL_TILE_ROWS  # batch-invariant tile heights
     decode_tile_rows: int = DEFAULT_DECODE_TILE_ROWS
     # Batch-invariant decode attention runs over each context rounded up to this multiple.
@@ -86,15 +87,19 @@ class RequestState:
     it preempted or finished. Sampling reads it (`sampler.SamplingRow`)."""
 
     params: SamplingParams
-    num_prompt_tokens: int
+    prompt_token_ids: tuple[int, ...]  # the repetition penalty counts them
     output_token_ids: list[int]  # generated so far: penalties, the seeded draw index
     block_ids: list[int]  # block table: position // block_size -> block id
 
     @classmethod
     def of(cls, new: NewRequest) -> RequestState:
         return cls(
-            new.params, new.num_prompt_tokens, list(new.output_token_ids), list(new.block_ids)
+            new.params, new.prompt_token_ids, list(new.output_token_ids), list(new.block_ids)
         )
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
 
     @property
     def num_tokens(self) -> int:
@@ -155,7 +160,8 @@ class Runner:
         if not seqs:
             return RunnerOutput(sampled_token_ids={}, logprobs={})
         states = [self.requests[seq.request_id] for seq in seqs]
-        tokens, logprobs = sample(torch.cat(logits).float(), states, self.generator)
+        eos = self.config.eos_token_ids
+        tokens, logprobs = sample(torch.cat(logits).float(), states, self.generator, eos)
         for state, token in zip(states, tokens, strict=True):
             state.output_token_ids.append(token)
         return RunnerOutput(

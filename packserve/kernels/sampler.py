@@ -1,27 +1,23 @@
-"""Per-request sampling: penalties, temperature, top-k, top-p, seeded draws, logprobs."""
+"""Per-request sampling: penalties, logit bias, temperature, min-p, top-k, top-p, seeded draws,
+logprobs."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Protocol
+from collections.abc import Iterable, Sequence
 
 import torch
 
-from packserve.scheduler import SamplingParams, TokenLogprobs
+from packserve.scheduler import TokenLogprobs
+
+from .logits import (
+    SamplingRow,
+    apply_logit_bias,
+    apply_min_tokens,
+    apply_repetition_penalty,
+    min_p_filter,
+)
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, index) pairs over the generator's seed space
-
-
-class SamplingRow(Protocol):
-    """What sampling reads of the request behind one row of logits."""
-
-    @property
-    def params(self) -> SamplingParams: ...
-
-    @property
-    def output_token_ids(self) -> Sequence[int]:
-        """Generated so far: penalties count them, and their number is the seeded draw index."""
-        ...
 
 
 def draw_generator(seed: int, index: int, device: torch.device) -> torch.Generator:
@@ -58,21 +54,29 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator
+    logits: torch.Tensor,
+    rows: Sequence[SamplingRow],
+    generator: torch.Generator,
+    eos_token_ids: Iterable[int] = (),
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """One token per row of logits [N, V] (float32), drawn by `rows[i]`'s parameters;
-    `generator` serves unseeded requests."""
+    `generator` serves unseeded requests; `eos_token_ids` end a request (min_tokens masks
+    them). Logprobs are the model's, before any processing."""
     raw_logprobs = None
     if any(row.params.logprobs is not None for row in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V] before any processing
     logits = logits.clone()
+    apply_logit_bias(logits, rows)  # first, as vLLM: the penalties act on biased logits
+    apply_min_tokens(logits, rows, eos_token_ids)
+    apply_repetition_penalty(logits, rows)
     apply_penalties(logits, rows)
     tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep these
     for i, row in enumerate(rows):
         params = row.params
         if params.greedy:
             continue
-        filtered = _filter(logits[i] / params.temperature, params.top_k, params.top_p)
+        scaled = min_p_filter(logits[i] / params.temperature, params.min_p)
+        filtered = _filter(scaled, params.top_k, params.top_p)
         probs = filtered.softmax(-1)
         gen = generator
         if params.seed is not None:

@@ -16,9 +16,14 @@ class NewRequest:
 
     request_id: str
     params: SamplingParams
-    num_prompt_tokens: int  # positions below this hold the prompt, the rest generated tokens
+    prompt_token_ids: tuple[int, ...]  # the repetition penalty counts them
     output_token_ids: tuple[int, ...]  # generated before a preemption; () when first admitted
     block_ids: tuple[int, ...]  # block table at admission: position // block_size -> block id
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Positions below this hold the prompt, the rest generated tokens."""
+        return len(self.prompt_token_ids)
 
 
 @dataclass(frozen=True, slots=True)

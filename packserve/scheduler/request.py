@@ -23,9 +23,22 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from each token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top k
+    min_p: float = 0.0  # drop tokens less likely than min_p x the most likely one (vLLM)
+    # > 1 discourages, < 1 favours every token of the prompt and the output (HF, vLLM)
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0  # until this many are generated: no EOS, stop token or stop string
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token_id, added to its logit), OpenAI's
 
     def __post_init__(self) -> None:
-        finite = (self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty)
+        finite = (
+            self.temperature,
+            self.top_p,
+            self.presence_penalty,
+            self.frequency_penalty,
+            self.min_p,
+            self.repetition_penalty,
+            *(bias for _, bias in self.logit_bias),
+        )
         if not all(math.isfinite(x) for x in finite):
             raise ValueError("sampling parameters must be finite numbers")
         if self.max_tokens < 1:
@@ -40,6 +53,17 @@ class SamplingParams:
             raise ValueError("presence_penalty and frequency_penalty must be in [-2, 2]")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             raise ValueError("logprobs must be in 0..20")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be in 0..max_tokens")
+        bias_ids = [t for t, _ in self.logit_bias]
+        if len(set(bias_ids)) < len(bias_ids) or min(bias_ids, default=0) < 0:
+            raise ValueError("logit_bias maps distinct token ids >= 0 to biases")
+        if not all(-100 <= b <= 100 for _, b in self.logit_bias):
+            raise ValueError("logit_bias values must be in [-100, 100]")
 
     @property
     def greedy(self) -> bool:

@@ -382,7 +382,7 @@ class Scheduler:
         return NewRequest(
             request_id=request.request_id,
             params=request.params,
-            num_prompt_tokens=len(request.prompt_token_ids),
+            prompt_token_ids=tuple(request.prompt_token_ids),
             output_token_ids=tuple(request.output_token_ids),
             block_ids=tuple(request.block_ids),
         )

@@ -7,7 +7,15 @@ from typing import Any
 from packserve.engine import AsyncEngine, Completion
 from packserve.scheduler import SamplingParams
 
-from .protocol import MAX_CHOICES, MAX_STOP, APIError, ChatMessage, SamplingFields
+from .fields import check_context, logit_bias
+from .protocol import (
+    MAX_CHOICES,
+    MAX_STOP,
+    APIError,
+    ChatCompletionRequest,
+    ChatMessage,
+    SamplingFields,
+)
 from .state import ServerState
 from .streams import Choice
 
@@ -72,12 +80,16 @@ def make_choices(
     body: SamplingFields,
     max_tokens: int | None,
     logprobs: int | None,
+    capped: bool = False,
 ) -> list[Choice]:
     """One Choice per prompt x n, after the request-level checks: size, queue, context.
 
-    `max_tokens` None means the context left; any value is capped by it. Choice j of a seeded
-    request uses seed + j, so n > 1 draws n different samples."""
+    `max_tokens` None means the context left; a value must fit in it with the prompt, unless
+    `capped` (a default, not the client's request): then it is capped by it. Choice j of a
+    seeded request uses seed + j, so n > 1 draws n different samples."""
     max_model_len = engine.info.max_model_len
+    prompt_param = "messages" if isinstance(body, ChatCompletionRequest) else "prompt"
+    bias = logit_bias(body, engine.info.vocab_size)
     if len(prompts) * body.n > MAX_CHOICES:
         raise APIError(400, f"n x prompts must be at most {MAX_CHOICES}", param="n")
     stop = body.stop_strings()
@@ -92,13 +104,7 @@ def make_choices(
     for p, ids in enumerate(prompts):
         room = max_model_len - len(ids)
         prompt_ids = tuple(ids)  # shared by the prompt's n choices
-        if room < 1:
-            raise APIError(
-                400,
-                f"the prompt has {len(ids)} tokens; this model's context is {max_model_len} tokens",
-                param="prompt",
-                code="context_length_exceeded",
-            )
+        check_context(len(ids), None if capped else max_tokens, max_model_len, prompt_param)
         for j in range(body.n):
             seed = None if body.seed is None else (body.seed + j) % 2**63
             try:
@@ -113,6 +119,10 @@ def make_choices(
                     presence_penalty=body.presence_penalty,
                     frequency_penalty=body.frequency_penalty,
                     logprobs=logprobs,
+                    min_p=body.min_p,
+                    repetition_penalty=body.repetition_penalty,
+                    min_tokens=body.min_tokens,
+                    logit_bias=bias,
                 )
             except ValueError as exc:
                 raise APIError(400, str(exc)) from exc

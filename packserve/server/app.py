@@ -27,7 +27,7 @@ from .connections import EdgeLimits, default_max_connections, guarded_protocol
 from .dashboard import dashboard_router
 from .logs import configure_logging, quiet_libraries
 from .metrics import Metrics
-from .openai_api import openai_router
+from .openai_api import VERSION, openai_router
 from .protocol import APIError, ErrorResponse
 from .settings import Settings
 from .state import ServerState
@@ -165,7 +165,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         if state.engine is not None:
             state.engine.shutdown()
 
-    app = FastAPI(title="packserve", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="packserve", version=VERSION, lifespan=lifespan)
     app.state.server = state
 
     @app.exception_handler(APIError)

@@ -1,8 +1,9 @@
-"""The OpenAI routes: completions, chat completions, models, tokenize, detokenize."""
+"""The API routes: completions, chat completions, models, tokenize, detokenize, version."""
 
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,7 @@ from fastapi.responses import StreamingResponse
 from packserve.engine import Delta
 
 from .admission import chat_prompt, check_token_ids, completion_prompts, encode, make_choices
+from .fields import FieldCheck, chat_max_tokens
 from .protocol import (
     APIError,
     ChatCompletionRequest,
@@ -49,24 +51,37 @@ GENERATED: dict[int | str, dict[str, Any]] = {
     }
 }
 ChunkOf = Callable[[Choice, Delta], dict[str, Any]]
+VERSION = importlib.metadata.version("packserve")
 
 
 def openai_router(state: ServerState, auth: Depends) -> APIRouter:
     """The API routes, all behind `auth`."""
     router = APIRouter(dependencies=[auth], responses=ERRORS)
     model_name = state.settings.model_name
+    fields = FieldCheck(state.settings.allow_unknown_fields)
 
-    @router.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        engine = state.live_engine()
-        card = {
+    def card() -> dict[str, Any]:
+        return {
             "id": model_name,
             "object": "model",
             "created": 0,
             "owned_by": "packserve",
-            "max_model_len": engine.info.max_model_len,
+            "max_model_len": state.live_engine().info.max_model_len,
         }
-        return {"object": "list", "data": [card]}
+
+    @router.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [card()]}
+
+    @router.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        """The served model's card; any other id is 404 model_not_found."""
+        state.check_model(model_id)
+        return card()
+
+    @router.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": VERSION}
 
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -93,8 +108,12 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
     async def completions(body: CompletionRequest, request: Request) -> Any:
         engine = state.live_engine()
         state.check_model(body.model)
+        fields.check(body)
         prompts = completion_prompts(engine, body.prompt)
-        choices = make_choices(state, engine, prompts, body, body.max_tokens, body.logprobs)
+        unsent = "max_tokens" not in body.model_fields_set  # the default is capped, not refused
+        choices = make_choices(
+            state, engine, prompts, body, body.max_tokens, body.logprobs, capped=unsent
+        )
         # Submitted in the same event-loop turn as the queue check above.
         generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
         decode = engine.decode
@@ -154,9 +173,10 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         engine = state.live_engine()
         state.check_model(body.model)
+        fields.check(body)
+        max_tokens = chat_max_tokens(body)
         prompt = chat_prompt(engine, body.messages)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        max_tokens = body.max_completion_tokens or body.max_tokens
         choices = make_choices(state, engine, [prompt], body, max_tokens, top)
         generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
         decode = engine.decode

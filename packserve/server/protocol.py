@@ -8,10 +8,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_CHOICES = 256  # n x prompts in one request
+MAX_N = 128  # choices per prompt
 MAX_STOP = 16  # OpenAI allows 4 stop strings; we allow more, but not thousands
 PRIORITY_BOUND = 2**31  # priority is a 32-bit signed integer, as in vLLM's protobuf API
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+LogitBias = Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]
 
 
 class StreamOptions(BaseModel):
@@ -21,7 +23,9 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Parameters shared by completions and chat completions."""
 
-    model_config = ConfigDict(extra="ignore")
+    # Unknown fields are kept for fields.py to refuse (or ignore, --allow-unknown-fields);
+    # the document states the default.
+    model_config = ConfigDict(extra="allow", json_schema_extra={"additionalProperties": False})
 
     model: str | None = None
     temperature: FiniteFloat = Field(1.0, ge=0, le=2)
@@ -29,12 +33,21 @@ class SamplingFields(BaseModel):
     top_k: int = Field(0, ge=-1, description="0 or -1: no top-k cut")
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
-    n: int = Field(1, ge=1, le=16)
+    n: int = Field(1, ge=1, le=MAX_N)
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: FiniteFloat = Field(0.0, ge=-2, le=2)
     frequency_penalty: FiniteFloat = Field(0.0, ge=-2, le=2)
     ignore_eos: bool = False
+    logit_bias: dict[str, LogitBias] | None = Field(
+        None, description="token id (a string) -> bias added to its logit before sampling"
+    )
+    # vLLM's extensions
+    min_p: FiniteFloat = Field(0.0, ge=0, le=1)
+    repetition_penalty: FiniteFloat = Field(1.0, gt=0)
+    min_tokens: int = Field(
+        0, ge=0, description="no EOS, stop token or stop string before this many tokens"
+    )
     # vLLM's extension. Strict: a JSON integer only (no 1.0, "1" or true), so a typo is
     # refused rather than silently reordered.
     priority: int = Field(
@@ -60,7 +73,9 @@ class CompletionRequest(SamplingFields):
         | Annotated[list[int], Field(min_length=1)]
         | Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)]
     )
-    max_tokens: int | None = Field(16, ge=1, description="capped by the context left")
+    max_tokens: int | None = Field(
+        16, ge=1, description="must fit the context with the prompt; unsent: 16, capped by it"
+    )
     echo: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -87,7 +102,9 @@ class ChatCompletionRequest(SamplingFields):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="default: the context left")
-    max_completion_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(
+        None, ge=1, description="max_tokens by its newer name; both given must agree"
+    )
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
@@ -140,7 +157,7 @@ class APIError(Exception):
     TYPES = {
         400: "invalid_request_error",
         401: "authentication_error",
-        404: "not_found_error",
+        404: "invalid_request_error",  # OpenAI's, also for model_not_found
         408: "timeout_error",
         413: "invalid_request_error",
         429: "rate_limit_error",

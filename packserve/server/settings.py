@@ -63,6 +63,11 @@ class Settings:
     )
     log_format: Literal["text", "json"] = knob("text", "log line format")
     log_prompts: bool = knob(False, "include prompt token ids in request logs")
+    allow_unknown_fields: bool = knob(
+        False,
+        "ignore request fields this server does not know (logged once per name) instead of "
+        "answering 400; fields it knows and does not implement are refused either way",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)

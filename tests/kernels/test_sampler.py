@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -16,10 +16,11 @@ class Row:
 
     params: SamplingParams
     output_token_ids: tuple[int, ...]
+    prompt_token_ids: tuple[int, ...] = ()
 
 
-def seq(params: SamplingParams, outputs: tuple[int, ...] = ()) -> Row:
-    return Row(params, outputs)
+def seq(params: SamplingParams, outputs: tuple[int, ...] = (), prompt: tuple[int, ...] = ()) -> Row:
+    return Row(params, outputs, prompt)
 
 
 def logits_rows(n: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:
@@ -102,3 +103,80 @@ def test_a_row_is_unaffected_by_its_neighbours():
     others = [seq(SamplingParams(temperature=0.7)) for _ in range(3)]
     crowded, _ = sample(logits, [target, *others], torch.Generator().manual_seed(99))
     assert alone[0] == crowded[0]
+
+
+def test_logit_bias_forces_and_bans_tokens_greedy_and_sampled():
+    logits = logits_rows(1)
+    last = int(logits[0].argmin())
+    best = int(logits[0].argmax())
+    gen = torch.Generator().manual_seed(0)
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=1.0, seed=3)):
+        forced = replace(params, logit_bias=((last, 100.0),))
+        assert sample(logits, [seq(forced)], gen)[0] == [last]
+    banned = SamplingParams(temperature=0, logit_bias=((best, -100.0),))
+    assert sample(logits, [seq(banned)], gen)[0] != [best]
+
+
+def test_min_p_drops_tokens_below_the_fraction_of_the_top_one():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    seen = set()
+    for i in range(300):
+        params = SamplingParams(min_p=0.5, seed=i)  # keeps p >= 0.25
+        seen.add(sample(probs.log(), [seq(params)], torch.Generator())[0][0])
+    assert seen == {0, 1}
+    hot = {
+        sample(probs.log(), [seq(SamplingParams(seed=i))], torch.Generator())[0][0]
+        for i in range(300)
+    }
+    assert hot == {0, 1, 2, 3}  # without min_p every token is drawn
+
+
+def test_repetition_penalty_counts_prompt_and_output_tokens():
+    logits = torch.tensor([[3.0, 2.0, -1.0, -1.5]])
+    greedy = SamplingParams(temperature=0, repetition_penalty=2.0)
+    gen = torch.Generator()
+    assert sample(logits, [seq(greedy)], gen)[0] == [0]  # nothing seen: no change
+    assert sample(logits, [seq(greedy, prompt=(0,))], gen)[0] == [1]  # 3 / 2 < 2
+    assert sample(logits, [seq(greedy, outputs=(0,))], gen)[0] == [1]
+    # A negative logit is multiplied: -1 * 2 = -2 falls below -1.5.
+    negative = torch.tensor([[-1.0, -1.5]])
+    assert sample(negative, [seq(greedy, prompt=(0,))], gen)[0] == [1]
+    # Below 1 the seen tokens are favoured.
+    favour = SamplingParams(temperature=0, repetition_penalty=0.5)
+    assert sample(logits, [seq(favour, prompt=(1,))], gen)[0] == [1]  # 2 / 0.5 > 3
+
+
+def test_min_tokens_masks_eos_and_stop_ids_until_reached():
+    logits = torch.tensor([[1.0, 0.0, 5.0, 4.0]])  # 2 is EOS, 3 a stop token id
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(3,))
+    gen = torch.Generator()
+    eos = {2}
+    assert sample(logits, [seq(params, outputs=(0,))], gen, eos)[0] == [0]
+    assert sample(logits, [seq(params, outputs=(0, 0))], gen, eos)[0] == [2]
+    # ignore_eos leaves EOS alone: it does not end the request anyway.
+    ignoring = replace(params, ignore_eos=True)
+    assert sample(logits, [seq(ignoring, outputs=(0,))], gen, eos)[0] == [2]
+
+
+def test_mixed_settings_in_one_batch_match_each_row_alone():
+    """A row's settings never touch a neighbour's logits: each row of a batch with every
+    setting mixed samples what it samples alone (seeded, so the draw is the row's own), and the
+    logprobs are the same."""
+    logits = logits_rows(6, vocab=64, seed=5)
+    rows = [
+        seq(SamplingParams(temperature=0, logprobs=3)),
+        seq(SamplingParams(temperature=0, logit_bias=((7, 100.0),), logprobs=3)),
+        seq(SamplingParams(temperature=1.0, seed=1, min_p=0.2)),
+        seq(SamplingParams(temperature=0, repetition_penalty=1.8), (5, 9), (1, 2, 3)),
+        seq(SamplingParams(temperature=0.8, seed=2, min_tokens=4), (1,)),
+        seq(SamplingParams(temperature=1.2, seed=3, top_k=5, logit_bias=((0, -100.0),))),
+    ]
+    eos = {int(logits[4].argmax())}
+    batch_tokens, batch_logprobs = sample(logits, rows, torch.Generator().manual_seed(0), eos)
+    for i, row in enumerate(rows):
+        tokens, logprobs = sample(logits[i : i + 1], [row], torch.Generator().manual_seed(9), eos)
+        assert tokens[0] == batch_tokens[i], i
+        assert logprobs[0] == batch_logprobs[i], i
+    # The plain greedy row is exactly the argmax, as without any of these settings.
+    assert batch_tokens[0] == int(logits[0].argmax())
+    assert batch_tokens[1] == 7 and batch_tokens[4] not in eos

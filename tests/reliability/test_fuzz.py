@@ -29,6 +29,8 @@ OPERATIONS = [
     ("POST", "/tokenize"),
     ("POST", "/detokenize"),
     ("GET", "/v1/models"),
+    ("GET", "/v1/models/{model_id}"),
+    ("GET", "/version"),
     ("GET", "/health"),
     ("GET", "/ready"),
     ("GET", "/metrics"),
@@ -73,8 +75,9 @@ def _error_object(body: Any) -> str | None:
     return None
 
 
-# Routes that take no input at all cannot be sent schema-violating requests.
-NO_INPUT = {"/v1/models", "/health", "/ready", "/metrics"}
+# Routes that take no input, or only a free string in the path, cannot be sent
+# schema-violating requests.
+NO_INPUT = {"/v1/models", "/v1/models/{model_id}", "/version", "/health", "/ready", "/metrics"}
 CASES = [
     (method, path, mode)
     for method, path in OPERATIONS
