@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from packserve.engine import AsyncEngine, Completion
-from packserve.scheduler import SamplingParams
+from packserve.scheduler import SamplingParams, StructuredOutput
 
 from .protocol import MAX_CHOICES, MAX_STOP, APIError, ChatMessage, SamplingFields
 from .state import ServerState
@@ -72,6 +72,7 @@ def make_choices(
     body: SamplingFields,
     max_tokens: int | None,
     logprobs: int | None,
+    structured: StructuredOutput | None = None,
 ) -> list[Choice]:
     """One Choice per prompt x n, after the request-level checks: size, queue, context.
 
@@ -113,6 +114,7 @@ def make_choices(
                     presence_penalty=body.presence_penalty,
                     frequency_penalty=body.frequency_penalty,
                     logprobs=logprobs,
+                    structured=structured,
                 )
             except ValueError as exc:
                 raise APIError(400, str(exc)) from exc

@@ -27,6 +27,7 @@ from .protocol import (
 )
 from .state import ServerState
 from .streams import Choice, Generation, chat_logprobs, completion_logprobs, sse, usage
+from .structured import admit_constraint
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 429, 500, 503)
@@ -94,7 +95,10 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         engine = state.live_engine()
         state.check_model(body.model)
         prompts = completion_prompts(engine, body.prompt)
-        choices = make_choices(state, engine, prompts, body, body.max_tokens, body.logprobs)
+        structured = await admit_constraint(engine, body)
+        choices = make_choices(
+            state, engine, prompts, body, body.max_tokens, body.logprobs, structured
+        )
         # Submitted in the same event-loop turn as the queue check above.
         generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
         decode = engine.decode
@@ -157,7 +161,8 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         prompt = chat_prompt(engine, body.messages)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        choices = make_choices(state, engine, [prompt], body, max_tokens, top)
+        structured = await admit_constraint(engine, body)
+        choices = make_choices(state, engine, [prompt], body, max_tokens, top, structured)
         generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
         decode = engine.decode
         head = {
