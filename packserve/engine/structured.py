@@ -7,6 +7,7 @@ about a millisecond (it builds its lexer lazily), and filling a mask costs tens 
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 from collections import OrderedDict
@@ -17,28 +18,32 @@ import llguidance
 import llguidance.hf
 import llguidance.torch
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from packserve.scheduler import ScheduledSequence, StructuredOutput
 
 CACHE_SIZE = 512  # compiled constraints kept (LRU); a matcher is a cheap copy of one
-# JSON without free whitespace: a random or weak model could otherwise pad forever.
-_JSON_OPTIONS = {"whitespace_flexible": False}
 
 
 class GrammarError(ValueError):
     """A constraint that does not compile: an invalid schema, regex, grammar or choice list."""
 
 
+def _json_grammar(schema: str | dict) -> str:
+    # No free whitespace: a random or weak model could otherwise pad forever.
+    return llguidance.LLMatcher.grammar_from_json_schema(schema, {"whitespace_flexible": False})
+
+
 def _grammar_text(constraint: StructuredOutput) -> str:
     """The llguidance grammar for a constraint; raises ValueError on malformed specs."""
     kind, spec = constraint.kind, constraint.spec
     if kind == "json_object":
-        return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}', _JSON_OPTIONS)
+        return _json_grammar('{"type": "object"}')
     if kind == "json_schema":
         schema = json.loads(spec)
         if not isinstance(schema, dict):
             raise ValueError("a JSON schema must be a JSON object")
-        return llguidance.LLMatcher.grammar_from_json_schema(schema, _JSON_OPTIONS)
+        return _json_grammar(schema)
     if kind == "regex":
         return llguidance.LLMatcher.grammar_from_regex(spec)
     if kind == "grammar":  # Lark, or GBNF (converted)
@@ -61,9 +66,12 @@ class GrammarCompiler:
     the engine thread picks the finished grammar up when the request is added.
     """
 
-    def __init__(self, tokenizer: object, vocab_size: int, eos_token_ids: Collection[int]) -> None:
+    def __init__(
+        self, tokenizer: PreTrainedTokenizerBase, vocab_size: int, eos_token_ids: Collection[int]
+    ) -> None:
         self.vocab_size = vocab_size  # the model's logits width: masks cover it
-        self._tokenizer = tokenizer
+        # The worker's own copy: a Hugging Face tokenizer is not safe to share between threads.
+        self._tokenizer = copy.deepcopy(tokenizer)
         self._eos_token_ids = sorted(eos_token_ids)
         self._ll_tokenizer: llguidance.LLTokenizer | None = None  # built on first use (~1 s)
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="packserve-grammar")
@@ -90,7 +98,9 @@ class GrammarCompiler:
     def _compile(self, constraint: StructuredOutput) -> llguidance.LLMatcher:
         if self._ll_tokenizer is None:
             self._ll_tokenizer = llguidance.hf.from_tokenizer(
-                self._tokenizer, n_vocab=self.vocab_size, eos_token=self._eos_token_ids
+                self._tokenizer,  # type: ignore[arg-type]  # a fast tokenizer
+                n_vocab=self.vocab_size,
+                eos_token=self._eos_token_ids,
             )
         try:
             grammar = _grammar_text(constraint)

@@ -13,7 +13,8 @@ import jsonschema
 import pytest
 
 from packserve.engine.engine import Engine
-from packserve.scheduler import SamplingParams, StructuredOutput
+from packserve.engine.structured import GrammarCompiler, GrammarState
+from packserve.scheduler import SamplingParams, ScheduledSequence, StructuredOutput
 
 
 def run(engine: Engine, work: list[tuple[str, SamplingParams]]) -> list[tuple[list[int], str]]:
@@ -167,3 +168,21 @@ def test_bad_constraint_is_refused_on_add(make_engine):
     with pytest.raises(ValueError):
         engine.add_request("x", bad)
     assert not engine.has_unfinished
+
+
+def test_model_padding_ids_are_never_allowed(offline_engine):
+    # A model's logits can be wider than its tokenizer (padded embeddings): the extra ids are
+    # masked whatever the grammar allows.
+    tokenizer = offline_engine.tokenizer
+    num_real = len(tokenizer)
+    padded = num_real + 40
+    compiler = GrammarCompiler(tokenizer, padded, [tokenizer.eos_token_id])
+    start = compiler.compile(StructuredOutput("regex", ".{0,20}")).result(timeout=60)
+    state = GrammarState(padded, num_real)
+    state.add("r", start)
+    seq = ScheduledSequence("r", (1,), 0, (), is_decode=False, sample=True)
+    (allowed,) = state.masks([seq]).values()
+    assert allowed.shape == (padded,)
+    assert allowed[:num_real].any()
+    assert not allowed[num_real:].any()
+    compiler.shutdown()
