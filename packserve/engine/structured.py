@@ -104,9 +104,9 @@ class GrammarCompiler:
             )
         try:
             grammar = _grammar_text(constraint)
-        except ValueError as exc:
-            raise GrammarError(str(exc)) from None
-        matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+            matcher = llguidance.LLMatcher(self._ll_tokenizer, grammar, log_level=0)
+        except Exception as exc:  # whatever the spec's parsers raise, it is the spec's fault
+            raise GrammarError(f"{type(exc).__name__}: {exc}") from None
         if matcher.is_error():
             raise GrammarError(matcher.get_error())
         return matcher
