@@ -6,6 +6,16 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on the generated text."""
+
+    kind: Literal["json_schema", "json_object", "regex", "grammar", "choice"]
+    # schema JSON text / regex / grammar text / JSON list of strings; "" for json_object
+    spec: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,6 +38,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     min_tokens: int = 0  # until this many are generated: no EOS, stop token or stop string
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token_id, added to its logit), OpenAI's
+    structured: StructuredOutput | None = None  # grammar the output must follow (engine-side)
 
     def __post_init__(self) -> None:
         finite = (

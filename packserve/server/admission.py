@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from packserve.engine import AsyncEngine, Completion
-from packserve.scheduler import SamplingParams
+from packserve.scheduler import SamplingParams, StructuredOutput
 
 from .fields import check_context, logit_bias
 from .protocol import (
@@ -81,6 +81,7 @@ def make_choices(
     max_tokens: int | None,
     logprobs: int | None,
     capped: bool = False,
+    structured: StructuredOutput | None = None,
 ) -> list[Choice]:
     """One Choice per prompt x n, after the request-level checks: size, queue, context.
 
@@ -123,6 +124,7 @@ def make_choices(
                     repetition_penalty=body.repetition_penalty,
                     min_tokens=body.min_tokens,
                     logit_bias=bias,
+                    structured=structured,
                 )
             except ValueError as exc:
                 raise APIError(400, str(exc)) from exc

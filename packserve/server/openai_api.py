@@ -29,6 +29,7 @@ from .protocol import (
 )
 from .state import ServerState
 from .streams import Choice, Generation, chat_logprobs, completion_logprobs, sse, usage
+from .structured import admit_constraint
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 429, 500, 503)
@@ -111,8 +112,16 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         fields.check(body)
         prompts = completion_prompts(engine, body.prompt)
         unsent = "max_tokens" not in body.model_fields_set  # the default is capped, not refused
+        structured = await admit_constraint(engine, body)
         choices = make_choices(
-            state, engine, prompts, body, body.max_tokens, body.logprobs, capped=unsent
+            state,
+            engine,
+            prompts,
+            body,
+            body.max_tokens,
+            body.logprobs,
+            capped=unsent,
+            structured=structured,
         )
         # Submitted in the same event-loop turn as the queue check above.
         generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
@@ -177,7 +186,10 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         max_tokens = chat_max_tokens(body)
         prompt = chat_prompt(engine, body.messages)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        choices = make_choices(state, engine, [prompt], body, max_tokens, top)
+        structured = await admit_constraint(engine, body)
+        choices = make_choices(
+            state, engine, [prompt], body, max_tokens, top, structured=structured
+        )
         generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
         decode = engine.decode
         head = {

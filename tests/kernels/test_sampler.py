@@ -151,11 +151,11 @@ def test_min_tokens_masks_eos_and_stop_ids_until_reached():
     params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=(3,))
     gen = torch.Generator()
     eos = {2}
-    assert sample(logits, [seq(params, outputs=(0,))], gen, eos)[0] == [0]
-    assert sample(logits, [seq(params, outputs=(0, 0))], gen, eos)[0] == [2]
+    assert sample(logits, [seq(params, outputs=(0,))], gen, eos_token_ids=eos)[0] == [0]
+    assert sample(logits, [seq(params, outputs=(0, 0))], gen, eos_token_ids=eos)[0] == [2]
     # ignore_eos leaves EOS alone: it does not end the request anyway.
     ignoring = replace(params, ignore_eos=True)
-    assert sample(logits, [seq(ignoring, outputs=(0,))], gen, eos)[0] == [2]
+    assert sample(logits, [seq(ignoring, outputs=(0,))], gen, eos_token_ids=eos)[0] == [2]
 
 
 def test_mixed_settings_in_one_batch_match_each_row_alone():
@@ -172,9 +172,13 @@ def test_mixed_settings_in_one_batch_match_each_row_alone():
         seq(SamplingParams(temperature=1.2, seed=3, top_k=5, logit_bias=((0, -100.0),))),
     ]
     eos = {int(logits[4].argmax())}
-    batch_tokens, batch_logprobs = sample(logits, rows, torch.Generator().manual_seed(0), eos)
+    batch_tokens, batch_logprobs = sample(
+        logits, rows, torch.Generator().manual_seed(0), eos_token_ids=eos
+    )
     for i, row in enumerate(rows):
-        tokens, logprobs = sample(logits[i : i + 1], [row], torch.Generator().manual_seed(9), eos)
+        tokens, logprobs = sample(
+            logits[i : i + 1], [row], torch.Generator().manual_seed(9), eos_token_ids=eos
+        )
         assert tokens[0] == batch_tokens[i], i
         assert logprobs[0] == batch_logprobs[i], i
     # The plain greedy row is exactly the argmax, as without any of these settings.
