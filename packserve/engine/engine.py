@@ -5,11 +5,14 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 from packserve.kernels.invariant import INVARIANT_PREFILL_CHUNK
 from packserve.kernels.loader import load_model
+from packserve.kernels.machine import resolve_dtype
 from packserve.kernels.runner import Runner, RunnerConfig
 from packserve.models import resolve_model
+from packserve.models.model_maker import cache_root
 from packserve.scheduler import (
     Request,
     RequestStatus,
@@ -38,8 +41,9 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         _check_kv_memory(config)  # before loading anything
+        dtype = resolve_dtype(config.dtype, config.device)
         self.model, self.tokenizer = load_model(
-            resolve_model(config.model), config.dtype, config.device, config.trust_remote_code
+            resolve_model(config.model), dtype, config.device, config.trust_remote_code
         )
         max_model_len = config.resolved_max_model_len(
             getattr(self.model.config, "max_position_embeddings", None)
@@ -60,6 +64,9 @@ class Engine:
             prefill_mode=scheduler_config.prefill_mode,
             batch_invariant=config.batch_invariant,
             prefix_caching=config.enable_prefix_caching,
+            dtype=dtype,
+            linear_backend=self.runner.linear.backend,
+            quantization=config.quantization,
         )
         self.last_stats: StepStats | None = None
         self._texts: dict[str, TextStream] = {}
@@ -197,6 +204,9 @@ def _runner_config(config: EngineConfig, max_model_len: int) -> RunnerConfig:
     return RunnerConfig(
         attention_backend=config.attention_backend,
         linear_backend=config.linear_backend,
+        quantization=config.quantization,
+        int4_group_size=config.int4_group_size,
+        kernel_cache_dir=kernel_cache_dir(),
         block_size=config.block_size,
         kv_cache_memory_bytes=config.kv_cache_memory_mb << 20,
         num_kv_blocks=config.num_kv_blocks,
@@ -204,6 +214,11 @@ def _runner_config(config: EngineConfig, max_model_len: int) -> RunnerConfig:
         batch_invariant=config.batch_invariant,
         max_model_len=max_model_len,
     )
+
+
+def kernel_cache_dir() -> Path:
+    """Where measured kernel choices are cached: next to the models (PACKSERVE_CACHE_DIR)."""
+    return cache_root() / "kernels"
 
 
 def _scheduler_config(

@@ -148,6 +148,9 @@ def test_running_table_and_config_follow_the_engine() -> None:
             prefill_mode="packed",
             batch_invariant=False,
             prefix_caching=True,
+            dtype="bfloat16",
+            linear_backend="onednn",
+            quantization="none",
         )
     )
     a = RunningRequest("req-1", 30, 3, clock.t - 2.0)
