@@ -166,9 +166,10 @@ def launch_server(
 ) -> Iterator[Callable[..., ServerProcess]]:
     """launch_server(*flags, env=None, command=None, wait=True) -> a ServerProcess of
     `<command> --host 127.0.0.1 --port <free> --model <tiny> --dtype float32 *flags`
-    (command: `packserve serve` by default; float32 as the offline engine computes), with SERVER_THREADS threads; with `wait`, ready (GET /ready is 200,
-    bounded by the launcher's one timeout), else call its `wait_ready()`. Every server still
-    running is stopped at the end of the session; fixtures and tests may stop theirs earlier."""
+    (command: `packserve serve` by default; float32 as the offline engine computes), with
+    SERVER_THREADS threads; with `wait`, ready (GET /ready is 200, bounded by the launcher's
+    one timeout), else call its `wait_ready()`. Every server still running is stopped at the
+    end of the session; fixtures and tests may stop theirs earlier."""
     logs = tmp_path_factory.mktemp("servers")
 
     def launch(
