@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,6 +31,8 @@ from .text import TextStream
 
 Prompt = str | Sequence[int]
 
+log = logging.getLogger("packserve.engine")
+
 
 class Engine:
     """Continuous batching with prepacked prefill over one model.
@@ -49,6 +52,12 @@ class Engine:
             getattr(self.model.config, "max_position_embeddings", None)
         )
         self.runner = Runner(self.model, _runner_config(config, max_model_len))
+        if kept := self.runner.quantization.kept:
+            name, reason = kept[0]
+            log.warning(
+                f"--quantization {config.quantization}: {len(kept)} linear layers stay "
+                f"{dtype}, e.g. {name}: {reason}"
+            )
         scheduler_config = _scheduler_config(config, max_model_len, self.runner.kv_cache.num_blocks)
         eos_token_ids = frozenset(self._eos_token_ids())
         self.scheduler = Scheduler(scheduler_config, eos_token_ids)
