@@ -23,12 +23,14 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 
 from .choices import LinearBackend
 from .linear import MIN_WEIGHT_ELEMENTS, can_pack, pack_weight, packed_linear
@@ -65,9 +67,9 @@ class Workload:
     rows: tuple[int, ...]
 
 
-def linear_workload(model: nn.Module) -> list[Workload]:
+def linear_workload(model: PreTrainedModel) -> list[Workload]:
     """The shapes `pack_linears` would swap, counted, with the row counts each runs at."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = model.get_output_embeddings()
     counts: dict[tuple[int, int, bool], int] = {}
     for module in model.modules():
         if type(module) is nn.Linear and module.weight.numel() >= MIN_WEIGHT_ELEMENTS:
@@ -79,7 +81,7 @@ def linear_workload(model: nn.Module) -> list[Workload]:
     ]
 
 
-def choose_linear_backend(model: nn.Module, cache_dir: Path | None) -> LinearChoice:
+def choose_linear_backend(model: PreTrainedModel, cache_dir: Path | None) -> LinearChoice:
     """The cached choice for this model's shapes on this machine, else a timed one (cached
     into `cache_dir` when given)."""
     workload = linear_workload(model)
@@ -121,9 +123,9 @@ def time_onednn_over_torch(model: nn.Module, workload: list[Workload]) -> float:
         packed = pack_weight(weight)
         for rows in w.rows:
             x = torch.randn(rows, w.in_features, dtype=weight.dtype, device=weight.device)
-            calls = [
-                lambda x=x, weight=weight: F.linear(x, weight),
-                lambda x=x, packed=packed: packed_linear(x, packed),
+            calls: list[Callable[[], object]] = [
+                partial(F.linear, x, weight),
+                partial(packed_linear, x, packed),
             ]
             cases.append((rows, w.count, calls))
     best = [[math.inf, math.inf] for _ in cases]
