@@ -41,6 +41,7 @@ import transformers
 from transformers import AutoTokenizer, PreTrainedModel
 
 from packserve.engine.config import EngineConfig
+from packserve.engine.engine import kernel_cache_dir
 from packserve.kernels.linear import pack_weight, packed_linear
 from packserve.kernels.loader import load_model
 from packserve.kernels.runner import Runner, RunnerConfig
@@ -354,6 +355,9 @@ def runner_config(backend: str, num_blocks: int, seed: int | None) -> RunnerConf
     return RunnerConfig(
         attention_backend=backend,  # type: ignore[arg-type]
         linear_backend=engine.linear_backend,
+        quantization=engine.quantization,
+        int4_group_size=engine.int4_group_size,
+        kernel_cache_dir=kernel_cache_dir(),
         block_size=BLOCK_SIZE,
         kv_cache_memory_bytes=engine.kv_cache_memory_mb << 20,
         num_kv_blocks=num_blocks,

@@ -73,10 +73,11 @@ def reference_model(tiny_model_dir: Path, device: str) -> PreTrainedModel:
 
 @pytest.fixture(scope="session")
 def make_engine(tiny_model_dir: Path, device: str):
-    """Factory: an Engine over the tiny model, on the `--device`, with config overrides."""
+    """Factory: an Engine over the tiny model, on the `--device`, in float32 (what the
+    reference model computes), with config overrides."""
 
     def make(**overrides: object) -> Engine:
-        config = {"device": device, **overrides}
+        config = {"device": device, "dtype": "float32", **overrides}
         return Engine(EngineConfig(model=str(tiny_model_dir), **config))  # type: ignore[arg-type]
 
     return make
@@ -164,10 +165,11 @@ def launch_server(
     tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[..., ServerProcess]]:
     """launch_server(*flags, env=None, command=None, wait=True) -> a ServerProcess of
-    `<command> --host 127.0.0.1 --port <free> --model <tiny> *flags` (command: `packserve
-    serve` by default), with SERVER_THREADS threads; with `wait`, ready (GET /ready is 200,
-    bounded by the launcher's one timeout), else call its `wait_ready()`. Every server still
-    running is stopped at the end of the session; fixtures and tests may stop theirs earlier."""
+    `<command> --host 127.0.0.1 --port <free> --model <tiny> --dtype float32 *flags`
+    (command: `packserve serve` by default; float32 as the offline engine computes), with
+    SERVER_THREADS threads; with `wait`, ready (GET /ready is 200, bounded by the launcher's
+    one timeout), else call its `wait_ready()`. Every server still running is stopped at the
+    end of the session; fixtures and tests may stop theirs earlier."""
     logs = tmp_path_factory.mktemp("servers")
 
     def launch(
@@ -177,7 +179,7 @@ def launch_server(
         wait: bool = True,
     ) -> ServerProcess:
         server = ServerProcess(
-            ("--model", str(tiny_model_dir), *flags),
+            ("--model", str(tiny_model_dir), "--dtype", "float32", *flags),
             command=SERVE_COMMAND if command is None else command,
             env=env,
             threads=SERVER_THREADS,

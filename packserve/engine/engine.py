@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, wait
+from pathlib import Path
 
 from packserve.kernels.invariant import INVARIANT_PREFILL_CHUNK
 from packserve.kernels.loader import load_model
+from packserve.kernels.machine import resolve_dtype
 from packserve.kernels.runner import Runner, RunnerConfig
 from packserve.models import resolve_model
+from packserve.models.model_maker import cache_root
 from packserve.scheduler import (
     Request,
     RequestStatus,
@@ -30,6 +34,8 @@ from .text import TextStream
 
 Prompt = str | Sequence[int]
 
+log = logging.getLogger("packserve.engine")
+
 
 class Engine:
     """Continuous batching with prepacked prefill over one model.
@@ -41,14 +47,21 @@ class Engine:
     def __init__(self, config: EngineConfig | None = None) -> None:
         self.config = config = config or EngineConfig()
         _check_kv_memory(config)  # before loading anything
+        dtype = resolve_dtype(config.dtype, config.device)
         self.model, self.tokenizer = load_model(
-            resolve_model(config.model), config.dtype, config.device, config.trust_remote_code
+            resolve_model(config.model), dtype, config.device, config.trust_remote_code
         )
         max_model_len = config.resolved_max_model_len(
             getattr(self.model.config, "max_position_embeddings", None)
         )
         eos_token_ids = frozenset(self._eos_token_ids())
         self.runner = Runner(self.model, _runner_config(config, max_model_len, eos_token_ids))
+        if kept := self.runner.quantization.kept:
+            name, reason = kept[0]
+            log.warning(
+                f"--quantization {config.quantization}: {len(kept)} linear layers stay "
+                f"{dtype}, e.g. {name}: {reason}"
+            )
         scheduler_config = _scheduler_config(config, max_model_len, self.runner.kv_cache.num_blocks)
         self.scheduler = Scheduler(scheduler_config, eos_token_ids)
         self.info = EngineInfo(
@@ -63,6 +76,9 @@ class Engine:
             prefill_mode=scheduler_config.prefill_mode,
             batch_invariant=config.batch_invariant,
             prefix_caching=config.enable_prefix_caching,
+            dtype=dtype,
+            linear_backend=self.runner.linear.backend,
+            quantization=config.quantization,
         )
         self.last_stats: StepStats | None = None
         self.grammars = GrammarCompiler(self.tokenizer, self.info.vocab_size, eos_token_ids)
@@ -263,6 +279,9 @@ def _runner_config(
     return RunnerConfig(
         attention_backend=config.attention_backend,
         linear_backend=config.linear_backend,
+        quantization=config.quantization,
+        int4_group_size=config.int4_group_size,
+        kernel_cache_dir=kernel_cache_dir(),
         block_size=config.block_size,
         kv_cache_memory_bytes=config.kv_cache_memory_mb << 20,
         num_kv_blocks=config.num_kv_blocks,
@@ -271,6 +290,11 @@ def _runner_config(
         max_model_len=max_model_len,
         eos_token_ids=eos_token_ids,
     )
+
+
+def kernel_cache_dir() -> Path:
+    """Where measured kernel choices are cached: next to the models (PACKSERVE_CACHE_DIR)."""
+    return cache_root() / "kernels"
 
 
 def _scheduler_config(

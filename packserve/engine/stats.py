@@ -27,6 +27,9 @@ class EngineInfo:
     prefill_mode: str  # packed or padded
     batch_invariant: bool
     prefix_caching: bool
+    dtype: str  # what --dtype resolved to (auto: from the machine)
+    linear_backend: str  # what --linear-backend resolved to (auto: measured)
+    quantization: str  # none, int8 or int4 (weight-only)
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import get_args
 
 import torch
@@ -17,7 +18,8 @@ from packserve.scheduler import (
     SchedulerOutput,
 )
 
-from .choices import AttentionBackend, LinearBackend
+from .autotune import LinearChoice, choose_linear_backend
+from .choices import AttentionBackend, LinearBackendChoice, Quantization
 from .inputs import ModelInputs, step_inputs
 from .invariant import (
     DEFAULT_DECODE_CONTEXT_PAD,
@@ -28,6 +30,7 @@ from .invariant import (
 )
 from .kv_cache import KVCache, KVCacheSpec
 from .linear import can_pack, pack_linears
+from .quant import QuantizationReport, quantize_linears
 from .sampler import sample
 
 
@@ -37,7 +40,10 @@ class RunnerConfig:
     defaults here: the engine derives them from its EngineConfig, where the defaults live."""
 
     attention_backend: AttentionBackend
-    linear_backend: LinearBackend  # "torch": leave the model's nn.Linear as is
+    linear_backend: LinearBackendChoice  # "torch": leave the model's nn.Linear as is
+    quantization: Quantization  # weight-only int8 / int4 for the decoder's linear layers
+    int4_group_size: int  # inputs per int4 scale and zero
+    kernel_cache_dir: Path | None  # where `linear_backend="auto"` caches its timing
     block_size: int
     kv_cache_memory_bytes: int  # the pool's size; the block count follows from it
     num_kv_blocks: int | None  # overrides the memory budget when set
@@ -60,8 +66,12 @@ class RunnerConfig:
         sizes = (self.prefill_tile_rows, self.decode_tile_rows, self.decode_context_pad)
         if min(*sizes, self.max_model_len) < 1:
             raise ValueError("tile sizes, decode_context_pad and max_model_len must be positive")
-        if self.linear_backend not in get_args(LinearBackend):
+        if self.linear_backend not in get_args(LinearBackendChoice):
             raise ValueError(f"unknown linear backend {self.linear_backend!r}")
+        if self.quantization not in get_args(Quantization):
+            raise ValueError(f"unknown quantization {self.quantization!r}")
+        if self.batch_invariant and self.quantization != "none":
+            raise ValueError("batch-invariant mode runs unquantized weights only")
         if self.block_size < 1 or self.kv_cache_memory_bytes < 1:
             raise ValueError("block_size and kv_cache_memory_bytes must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -119,7 +129,16 @@ class Runner:
     def __init__(self, model: PreTrainedModel, config: RunnerConfig) -> None:
         self.model = model
         self.config = config
-        if config.linear_backend == "onednn" and can_pack(model):
+        # Quantized layers first: the backend choice then times (and packs) what is left.
+        self.quantization: QuantizationReport = quantize_linears(
+            model.get_decoder(), config.quantization, config.int4_group_size
+        )
+        self.linear: LinearChoice = (
+            choose_linear_backend(model, config.kernel_cache_dir)
+            if config.linear_backend == "auto"
+            else LinearChoice(config.linear_backend, "flag", None, None)
+        )
+        if self.linear.backend == "onednn" and can_pack(model):
             pack_linears(model)
         self.tiles: TileRows | None = None
         if config.batch_invariant:

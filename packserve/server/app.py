@@ -298,6 +298,7 @@ async def _start_engine(state: ServerState, engine: Engine | None) -> None:
     async_engine = AsyncEngine(engine, on_step)
     state.dashboard.set_info(async_engine.info)
     state.metrics.track(lambda: async_engine.load, lambda: async_engine.num_waiting)
+    state.metrics.set_kernel_info(async_engine.info)
     # Everything loaded so far (model, tokenizer, libraries: ~400k objects with SmolLM2) lives
     # as long as the process: leave it out of the collector's scans, or every full collection
     # (~190 ms here) stalls every running stream.
@@ -310,14 +311,15 @@ async def _start_engine(state: ServerState, engine: Engine | None) -> None:
         extra={
             "fields": {
                 "model": state.settings.model_name,
-                "dtype": engine.config.dtype,
+                "dtype": info.dtype,
                 "device": engine.config.device,
                 "max_model_len": info.max_model_len,
                 "num_kv_blocks": info.num_kv_blocks,
                 "block_size": info.block_size,
                 "max_num_seqs": info.max_num_seqs,
                 "attention": engine.config.attention_backend,
-                "linear": engine.config.linear_backend,
+                "linear": info.linear_backend,
+                "quantization": info.quantization,
                 "batch_invariant": info.batch_invariant,
                 "gc_frozen_objects": gc.get_freeze_count(),
             }

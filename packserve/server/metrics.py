@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from packserve.engine import EngineLoad, StepStats
+from packserve.engine import EngineInfo, EngineLoad, StepStats
 
 PREFIX = "packserve:"
 LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60, 120)
@@ -97,6 +97,13 @@ class Metrics:
             "Real over computed tokens of each step's packed rows.",
             FILL_BUCKETS,
         )
+        # An info metric (value 1): the kernels this server runs, as resolved at start-up.
+        self.kernel_info = Gauge(
+            PREFIX + "kernel_info",
+            "Kernels in use (value 1): dtype, linear backend, weight quantization.",
+            [*labels, "dtype", "linear_backend", "quantization"],
+            registry=r,
+        )
         self.model_name = model_name
         # Every series exists from the start (at 0), so scrapers and autoscalers see it.
         for child in (
@@ -132,6 +139,12 @@ class Metrics:
         self.running.labels(m).set_function(lambda: load().num_running)
         self.waiting.labels(m).set_function(num_waiting)
         self.kv_usage.labels(m).set_function(lambda: load().kv_cache_usage)
+
+    def set_kernel_info(self, info: EngineInfo) -> None:
+        """Called once the engine is loaded: what its `auto` choices resolved to."""
+        self.kernel_info.labels(
+            self.model_name, info.dtype, info.linear_backend, info.quantization
+        ).set(1)
 
     def observe_step(self, stats: StepStats) -> None:
         """Called by the engine thread after every step: the work counters."""

@@ -148,6 +148,9 @@ def test_running_table_and_config_follow_the_engine() -> None:
             prefill_mode="packed",
             batch_invariant=False,
             prefix_caching=True,
+            dtype="bfloat16",
+            linear_backend="onednn",
+            quantization="none",
         )
     )
     a = RunningRequest("req-1", 30, 3, clock.t - 2.0)
@@ -263,8 +266,10 @@ def test_live_feed_shape_and_no_prompt_text(dash_server, load, wait_for) -> None
     assert {"seq", "now", "summary", "series", "prefill_steps", "ttft_series", "running"} <= set(
         feed
     )
-    # The only strings anywhere: the model name, the prefill mode and internal request ids.
-    allowed = {feed["model"], feed["config"]["prefill_mode"]}
+    # The only strings anywhere: the model name, the config's choices (prefill mode, resolved
+    # kernels) and internal request ids.
+    kernels = ("prefill_mode", "dtype", "linear_backend", "quantization")
+    allowed = {feed["model"], *(feed["config"][key] for key in kernels)}
     for s in _strings(feed):
         assert s in allowed or REQUEST_ID.match(s), f"unexpected string in the feed: {s!r}"
     for r in feed["running"]:

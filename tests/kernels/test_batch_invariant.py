@@ -263,7 +263,7 @@ def test_batch_invariant_mode_refuses_dense_attention(make_engine):
 def test_smollm2_logits_batched_and_preempted_equal_alone_bitwise(smollm2_dir, monkeypatch):
     """The real default model: 16 prompts of 1..1000 tokens, packed and batched, then again
     with a KV pool small enough to preempt; every logits row equals the prompt alone."""
-    engine = Engine(EngineConfig(model=str(smollm2_dir), batch_invariant=True))
+    engine = Engine(EngineConfig(model=str(smollm2_dir), dtype="float32", batch_invariant=True))
     prompts = random_prompts(engine.model.config.vocab_size, 16, 1000, seed=12)
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     alone = logits_alone(engine, prompts, params, monkeypatch)
@@ -274,7 +274,11 @@ def test_smollm2_logits_batched_and_preempted_equal_alone_bitwise(smollm2_dir, m
     # full pool preempt: 72 blocks do (the schedule, not the model, decides where).
     small = Engine(
         EngineConfig(
-            model=str(smollm2_dir), batch_invariant=True, num_kv_blocks=72, max_model_len=1024
+            model=str(smollm2_dir),
+            dtype="float32",
+            batch_invariant=True,
+            num_kv_blocks=72,
+            max_model_len=1024,
         )
     )
     with recorded_logits(monkeypatch) as rows:

@@ -133,7 +133,7 @@ def test_smollm2_greedy_matches_generate_alone(smollm2_dir, greedy_reference):
     from packserve.engine.engine import Engine, EngineConfig
 
     reference_greedy, assert_matches = greedy_reference
-    engine = Engine(EngineConfig(model=str(smollm2_dir)))
+    engine = Engine(EngineConfig(model=str(smollm2_dir), dtype="float32"))
     tok = engine.tokenizer
     prompts = [
         tok.apply_chat_template(

@@ -16,7 +16,7 @@ def test_family_greedy_equals_generate(tmp_path, family, mixed_workload, greedy_
     reference_greedy, assert_matches = greedy_reference
     path = make_model(tmp_path / family, size="tiny", seed=3, family=family)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    engine = Engine(EngineConfig(model=str(path)))
+    engine = Engine(EngineConfig(model=str(path), dtype="float32"))
     prompts = [p for p, _, _ in mixed_workload[:8]]
     outputs = engine.generate(prompts, SamplingParams(temperature=0, max_tokens=12))
     for prompt, out in zip(prompts, outputs, strict=True):

@@ -44,7 +44,7 @@ def smollm2_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(smollm2_dir: Path) -> Engine:
-    return Engine(EngineConfig(model=str(smollm2_dir)))
+    return Engine(EngineConfig(model=str(smollm2_dir), dtype="float32"))
 
 
 def chat_prompt(engine: Engine) -> str:

@@ -31,6 +31,7 @@ EXPECTED = {  # the vLLM-compatible names dashboards and autoscalers rely on
     "request_generation_tokens": "histogram",
     "iteration_tokens_total": "histogram",
     "prefill_bin_fill_ratio": "histogram",
+    "kernel_info": "gauge",  # value 1, the resolved kernels as labels
 }
 PROMPT = "Metrics probe: count these tokens please"
 M = 7

@@ -1,0 +1,183 @@
+"""`--linear-backend auto`: the faster linear backend for this model on this machine, measured.
+
+Which GEMM wins depends on the CPU (oneDNN with a prepacked weight was 2.4x MKL's float32 on
+an AMD EPYC, no faster on an Intel Xeon with AMX), the dtype and the shapes. So the choice
+is timed once, on the model's own layer shapes, and cached per (CPU model, torch version,
+dtype, threads, shapes) in the model cache folder; later starts read it.
+
+The timed workload is what `pack_linears` would swap: each decoder layer shape at decode
+sizes (16 and 64 rows) and a prefill size (512), the LM head at decode sizes only (it sees
+the sampled rows alone). Each (shape, rows) is run torch then oneDNN, alternately, in rounds
+until a time budget is spent; a shape's time is its best run (a shared machine's other jobs
+only ever add time). The score of oneDNN is the geometric mean over row counts of its
+summed time over torch's; below 1 it wins.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from .choices import LinearBackend
+from .linear import MIN_WEIGHT_ELEMENTS, can_pack, pack_weight, packed_linear
+from .machine import cpu_model
+
+DECODE_ROWS = (16, 64)
+PREFILL_ROWS = 512
+BUDGET_S = 1.5  # timing rounds stop once this is spent (at least MIN_ROUNDS)
+MIN_ROUNDS, MAX_ROUNDS = 3, 20
+CACHE_VERSION = 1  # bump when the measurement changes, so older choices are not reused
+
+ChoiceSource = Literal["flag", "measured", "cached", "unpackable"]
+
+
+@dataclass(frozen=True, slots=True)
+class LinearChoice:
+    """The linear backend a runner uses and how it was decided."""
+
+    backend: LinearBackend
+    # flag: given; measured: timed now (and cached); cached: read from an earlier timing;
+    # unpackable: oneDNN cannot take this model (device, dtype) or it has no layer to pack
+    source: ChoiceSource
+    onednn_over_torch: float | None  # the measured score (measured / cached only)
+    cache_path: Path | None  # where the choice is cached (measured / cached only)
+
+
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """One layer shape as the model runs it: `count` layers of [out, in] at `rows` rows."""
+
+    out_features: int
+    in_features: int
+    count: int
+    rows: tuple[int, ...]
+
+
+def linear_workload(model: PreTrainedModel) -> list[Workload]:
+    """The shapes `pack_linears` would swap, counted, with the row counts each runs at."""
+    head = model.get_output_embeddings()
+    counts: dict[tuple[int, int, bool], int] = {}
+    for module in model.modules():
+        if type(module) is nn.Linear and module.weight.numel() >= MIN_WEIGHT_ELEMENTS:
+            key = (module.out_features, module.in_features, module is head)
+            counts[key] = counts.get(key, 0) + 1
+    return [
+        Workload(out, inp, n, DECODE_ROWS if is_head else (*DECODE_ROWS, PREFILL_ROWS))
+        for (out, inp, is_head), n in sorted(counts.items())
+    ]
+
+
+def choose_linear_backend(model: PreTrainedModel, cache_dir: Path | None) -> LinearChoice:
+    """The cached choice for this model's shapes on this machine, else a timed one (cached
+    into `cache_dir` when given)."""
+    workload = linear_workload(model)
+    if not can_pack(model) or not workload:
+        return LinearChoice("torch", "unpackable", None, None)
+    dtype = next(model.parameters()).dtype
+    key = {
+        "version": CACHE_VERSION,
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "shapes": [[w.out_features, w.in_features, w.count, list(w.rows)] for w in workload],
+    }
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+        path = cache_dir / f"linear-{digest[:16]}.json"
+        cached = _read(path, key)
+        if cached is not None:
+            return LinearChoice(_winner(cached), "cached", cached, path)
+    score = time_onednn_over_torch(model, workload)
+    if path is not None:
+        _write(path, {**key, "onednn_over_torch": score})
+    return LinearChoice(_winner(score), "measured", score, path)
+
+
+def time_onednn_over_torch(model: nn.Module, workload: list[Workload]) -> float:
+    """oneDNN's time over torch's on `workload`: the geometric mean over row counts of each
+    one's summed best times."""
+    weights = {
+        (m.out_features, m.in_features): m.weight.detach()
+        for m in model.modules()
+        if type(m) is nn.Linear
+    }
+    cases: list[tuple[int, int, list[Callable[[], object]]]] = []  # (rows, count, [torch, dnn])
+    for w in workload:
+        weight = weights[(w.out_features, w.in_features)]
+        packed = pack_weight(weight)
+        for rows in w.rows:
+            x = torch.randn(rows, w.in_features, dtype=weight.dtype, device=weight.device)
+            calls: list[Callable[[], object]] = [
+                partial(F.linear, x, weight),
+                partial(packed_linear, x, packed),
+            ]
+            cases.append((rows, w.count, calls))
+    best = [[math.inf, math.inf] for _ in cases]
+    with torch.inference_mode():
+        for _, _, calls in cases:  # warm up: first calls allocate and pick kernels
+            for call in calls:
+                call()
+        deadline = time.perf_counter() + BUDGET_S
+        for round_index in range(MAX_ROUNDS):
+            if round_index >= MIN_ROUNDS and time.perf_counter() > deadline:
+                break
+            for (_, _, calls), times in zip(cases, best, strict=True):
+                for i, call in enumerate(calls):
+                    start = time.perf_counter()
+                    call()
+                    times[i] = min(times[i], time.perf_counter() - start)
+    totals: dict[int, list[float]] = {}  # rows -> [torch, onednn] summed over layers
+    for (rows, count, _), times in zip(cases, best, strict=True):
+        total = totals.setdefault(rows, [0.0, 0.0])
+        total[0] += count * times[0]
+        total[1] += count * times[1]
+    ratios = [dnn / torch_time for torch_time, dnn in totals.values()]
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+def _winner(onednn_over_torch: float) -> LinearBackend:
+    return "onednn" if onednn_over_torch < 1 else "torch"
+
+
+def _read(path: Path, key: dict[str, object]) -> float | None:
+    """The cached score for `key`, or None (no file, unreadable, another key)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or any(record.get(k) != v for k, v in key.items()):
+        return None
+    score = record.get("onednn_over_torch")
+    return float(score) if isinstance(score, int | float) and score > 0 else None
+
+
+def _write(path: Path, record: dict[str, object]) -> None:
+    """Write atomically (servers starting at once may race); a cache that cannot be written
+    only costs the next start its timing."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".linear-", suffix=".json")
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
