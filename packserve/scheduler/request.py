@@ -6,6 +6,15 @@ import enum
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Literal
+
+
+@dataclass(frozen=True, slots=True)
+class StructuredOutput:
+    """A constraint on what a request may generate, enforced by a grammar in the sampler."""
+
+    kind: Literal["json_schema", "json_object", "regex", "grammar", "choice"]
+    spec: str = ""  # schema JSON text / regex / grammar / JSON list of strings
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +32,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from each token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top k
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         finite = (self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty)

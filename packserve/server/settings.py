@@ -63,6 +63,12 @@ class Settings:
     )
     log_format: Literal["text", "json"] = knob("text", "log line format")
     log_prompts: bool = knob(False, "include prompt token ids in request logs")
+    tool_call_parser: Literal["auto", "hermes", "smollm2"] = knob(
+        "auto",
+        "how tool calls are written and parsed: hermes (<tool_call> one JSON object </tool_call>,"
+        " Qwen2.5/Qwen3) or smollm2 (<tool_call> a JSON list of calls </tool_call>); auto: "
+        "smollm2 for SmolLM2's chat template, else hermes",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
