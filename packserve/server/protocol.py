@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from .tool_protocol import Tool, ToolCallIn, ToolChoice
 
@@ -72,28 +72,59 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class _Turn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[TextPart] | None = None  # None only beside an assistant's tool_calls
-    tool_calls: list[ToolCallIn] | None = None  # assistant only: the calls it made
-    tool_call_id: str | None = None  # tool only: the call this is the result of
-
-    @model_validator(mode="after")
-    def _tool_fields(self) -> ChatMessage:
-        if self.content is None and not (self.role == "assistant" and self.tool_calls):
-            raise ValueError("content is required, except in an assistant message with tool_calls")
-        if self.tool_calls and self.role != "assistant":
-            raise ValueError("only assistant messages have tool_calls")
-        if (self.role == "tool") != (self.tool_call_id is not None):
-            raise ValueError("tool messages, and only they, have a tool_call_id")
-        return self
+    content: str | list[TextPart] | None
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "".join(part.text for part in self.content)
+
+
+class TextMessage(_Turn):
+    role: Literal["system", "user", "developer"]
+    content: str | list[TextPart]
+
+
+class AssistantMessage(_Turn):
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None  # None only beside tool_calls
+    tool_calls: list[ToolCallIn] | None = None  # the calls this turn made
+
+    @model_validator(mode="after")
+    def _says_something(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        return self
+
+
+class ToolMessage(_Turn):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str  # the call this is the result of
+
+
+def _message_kind(message: Any) -> str | None:
+    role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+    return {"assistant": "AssistantMessage", "tool": "ToolMessage"}.get(
+        role, "TextMessage" if role in ("system", "user", "developer") else None
+    )
+
+
+# One model per role, told apart by `role` (the tags are class names, which error locations
+# leave out: a missing tool_call_id is `messages.0.tool_call_id`).
+ChatMessage = Annotated[
+    Annotated[TextMessage, Tag("TextMessage")]
+    | Annotated[AssistantMessage, Tag("AssistantMessage")]
+    | Annotated[ToolMessage, Tag("ToolMessage")],
+    Discriminator(
+        _message_kind,
+        custom_error_type="invalid_role",
+        custom_error_message="role must be system, developer, user, assistant or tool",
+    ),
+]
 
 
 class ChatCompletionRequest(SamplingFields):

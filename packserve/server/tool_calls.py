@@ -25,7 +25,7 @@ from packserve.engine.tools import (
 )
 from packserve.scheduler.request import StructuredOutput
 
-from .protocol import APIError, ChatCompletionRequest, ChatMessage
+from .protocol import APIError, AssistantMessage, ChatCompletionRequest, ChatMessage, ToolMessage
 from .tool_protocol import Tool
 
 Mode = Literal["none", "auto", "required", "named"]
@@ -222,19 +222,21 @@ def conversation(
     gets OpenAI's history as transformers expects it (calls' arguments as objects); for one
     that does not, tools become a system prompt section in `fmt`, earlier calls become the
     assistant's text, and tool results user turns in <tool_response> tags."""
-    names = {c.id: c.function.name for m in messages for c in m.tool_calls or ()}
+    made = [c for m in messages if isinstance(m, AssistantMessage) for c in m.tool_calls or ()]
+    names = {c.id: c.function.name for c in made}
     out: list[dict[str, Any]] = []
     for m in messages:
         role = "system" if m.role == "developer" else m.role
         turn: dict[str, Any] = {"role": role, "content": m.text()}
-        calls = [(c.function.name, _arguments(c.function.arguments)) for c in m.tool_calls or ()]
+        called = m.tool_calls or [] if isinstance(m, AssistantMessage) else []
+        calls = [(c.function.name, _arguments(c.function.arguments)) for c in called]
         if native:
-            if m.tool_calls:
+            if called:
                 turn["tool_calls"] = [
                     {"id": c.id, "type": "function", "function": {"name": n, "arguments": a}}
-                    for c, (n, a) in zip(m.tool_calls, calls, strict=True)
+                    for c, (n, a) in zip(called, calls, strict=True)
                 ]
-            if m.tool_call_id is not None:
+            if isinstance(m, ToolMessage):
                 turn.update(tool_call_id=m.tool_call_id, name=names.get(m.tool_call_id, ""))
         elif calls:
             turn["content"] = "\n".join(filter(None, [turn["content"], render_calls(calls, fmt)]))
