@@ -63,7 +63,9 @@ def chat_prompt(
         raise APIError(400, "this model has no chat template", param="messages")
     native = template_renders_tools(tokenizer)
     turns = conversation(messages, tools, fmt, native)
-    shown = [t.model_dump(exclude_none=True) for t in tools] if native and tools else None
+    shown: list[Any] | None = None  # OpenAI's tool objects, for a template that shows them
+    if native and tools:
+        shown = [t.model_dump(exclude_none=True) for t in tools]
     try:
         text = tokenizer.apply_chat_template(
             turns, tools=shown, add_generation_prompt=True, tokenize=False

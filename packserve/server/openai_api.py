@@ -187,7 +187,7 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
             items = reader.push(d.text) + (reader.finish() if d.finish_reason else [])
             if not (items or d.logprobs or d.finish_reason):
                 return []
-            entries = [
+            entries: list[dict[str, Any]] = [
                 {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
                 for delta in reader.deltas(items) or [{}]
             ]

@@ -106,11 +106,18 @@ class ToolMessage(_Turn):
     tool_call_id: str  # the call this is the result of
 
 
+_KINDS = {
+    "system": "TextMessage",
+    "developer": "TextMessage",
+    "user": "TextMessage",
+    "assistant": "AssistantMessage",
+    "tool": "ToolMessage",
+}
+
+
 def _message_kind(message: Any) -> str | None:
     role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
-    return {"assistant": "AssistantMessage", "tool": "ToolMessage"}.get(
-        role, "TextMessage" if role in ("system", "user", "developer") else None
-    )
+    return _KINDS.get(role) if isinstance(role, str) else None
 
 
 # One model per role, told apart by `role` (the tags are class names, which error locations

@@ -145,9 +145,9 @@ class ToolReader:
             return "tool_calls"
         return reason
 
-    def _counted(self, items: list[Item]) -> list[Item]:
+    def _counted(self, items: Sequence[Item]) -> list[Item]:
         self.num_calls += sum(isinstance(i, ToolCall) for i in items)
-        return items
+        return list(items)
 
     def deltas(self, items: list[Item]) -> list[dict[str, Any]]:
         """Items as chat-chunk `delta` objects: content, or one `tool_calls` entry: a call's

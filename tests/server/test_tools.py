@@ -304,9 +304,9 @@ WEATHER_ONLY = [
 
 
 @pytest.fixture(scope="module")
-def smollm2_oai(launch_server, smollm2_dir) -> openai.OpenAI:
-    server = launch_server("--model", str(smollm2_dir))
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120.0)
+def smollm2_oai(smollm2_server) -> openai.OpenAI:
+    url = smollm2_server.url + "/v1"
+    return openai.OpenAI(base_url=url, api_key="x", max_retries=0, timeout=120.0)
 
 
 @pytest.mark.parametrize("city", ["Berlin", "Tokyo"])
@@ -335,3 +335,64 @@ def test_smollm2_calls_a_tool_by_itself(smollm2_oai, city):
     assert [(c["name"], c["arguments"]) for c in calls.values()] == [
         ("get_weather", made.function.arguments)
     ]
+
+
+# -- other clients: LangChain and LiteLLM agent turns ---------------------------------------
+
+
+def test_langchain_bind_tools_agent_turn(smollm2_server, smollm2_dir):
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city"""
+        return f"18 C in {city}"
+
+    llm = ChatOpenAI(
+        base_url=smollm2_server.url + "/v1",
+        api_key="x",  # type: ignore[arg-type]
+        model=smollm2_dir.name,
+        temperature=0,
+        max_tokens=40,  # type: ignore[call-arg]
+        max_retries=0,
+    ).bind_tools([get_weather])
+    history = [
+        HumanMessage("What is the weather in Paris?"),
+        AIMessage("", tool_calls=[{"name": "get_weather", "args": {"city": "Paris"}, "id": "c1"}]),
+        HumanMessage("What is the weather in Madrid?"),
+        AIMessage("", tool_calls=[{"name": "get_weather", "args": {"city": "Madrid"}, "id": "c2"}]),
+        HumanMessage("What is the weather in Berlin?"),
+    ]
+    answer = llm.invoke(history)
+    assert [(c["name"], c["args"]) for c in answer.tool_calls] == [
+        ("get_weather", {"city": "Berlin"})
+    ]
+    (made,) = answer.tool_calls
+    result = ToolMessage(get_weather.invoke(made["args"]), tool_call_id=made["id"])
+    final = llm.invoke([*history, answer, result])
+    assert isinstance(final, AIMessage)
+
+
+def test_litellm_tools_agent_turn(smollm2_server, smollm2_dir, monkeypatch):
+    monkeypatch.setenv("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no download at import
+    import litellm
+
+    params = dict(
+        model=f"openai/{smollm2_dir.name}",
+        api_base=smollm2_server.url + "/v1",
+        api_key="x",
+        tools=WEATHER_ONLY,
+        temperature=0,
+        max_tokens=40,
+    )
+    messages = [*FEW_SHOT, {"role": "user", "content": "What is the weather in Berlin?"}]
+    answer = litellm.completion(messages=messages, **params).choices[0]
+    (made,) = answer.message.tool_calls
+    assert made.function.name == "get_weather"
+    assert json.loads(made.function.arguments) == {"city": "Berlin"}
+    assert answer.finish_reason == "tool_calls"
+    result = {"role": "tool", "tool_call_id": made.id, "content": "18 C"}
+    final = litellm.completion(messages=[*messages, answer.message, result], **params)
+    assert final.choices[0].message.role == "assistant"
