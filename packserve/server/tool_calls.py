@@ -53,10 +53,10 @@ class ToolPlan:
         names = [t.function.name for t in tools]
         if len(set(names)) < len(names):
             raise APIError(400, "tools must have different function names", param="tools")
-        choice = body.tool_choice or ("auto" if tools else "none")
-        if choice == "none":
+        choice = body.tool_choice or "auto"
+        if choice == "none" or (choice == "auto" and not tools):
             return cls("none")
-        if not tools and choice != "auto":
+        if not tools:
             raise APIError(400, "tool_choice needs tools to choose from", param="tool_choice")
         if choice == "auto" or choice == "required":
             return cls(choice, tools, parallel=body.parallel_tool_calls)

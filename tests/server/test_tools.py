@@ -105,6 +105,7 @@ def test_tools_reach_the_prompt_unless_tool_choice_is_none(oai, model_name):
 
     plain = prompt_tokens()
     assert prompt_tokens(tools=TOOLS, tool_choice="none") == plain
+    assert prompt_tokens(tool_choice="auto") == plain  # nothing to show
     assert prompt_tokens(tools=TOOLS) > plain  # auto: the tiny template ignores tools, a
     # system section shows them
 
