@@ -8,6 +8,7 @@ import copy
 import json
 from typing import Any
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -119,6 +120,17 @@ def test_tool_history_is_rendered_in_the_call_format(http, tokenizer):
     )
     assert "<tool_response>\n18 C, sunny\n</tool_response>" in text
     assert text.index("<tool_call>") < text.index("<tool_response>")
+
+
+def test_tool_call_parser_flag_picks_the_format(launch_server, tokenizer):
+    server = launch_server("--tool-call-parser", "smollm2")
+    r = httpx.post(server.url + "/tokenize", json={"messages": HISTORY}, timeout=60)
+    assert r.status_code == 200, r.text
+    text = tokenizer.decode(r.json()["tokens"])
+    assert (
+        '<tool_call>[{"name": "get_weather", "arguments": {"city": "Paris"}}]</tool_call>' in text
+    )
+    server.stop(timeout=10)
 
 
 def test_round_trip_with_a_tool_result_turn(oai, model_name):
