@@ -11,9 +11,10 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 
-from packserve.scheduler import SamplingParams
+from packserve.scheduler import SamplingParams, StructuredOutput
 
 from .engine import Engine
 from .outputs import Delta
@@ -77,6 +78,11 @@ class AsyncEngine:
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return decode(self.tokenizer, token_ids, skip_special_tokens)
+
+    def compile_grammar(self, constraint: StructuredOutput) -> Future:
+        """Compile a constraint on the grammar worker (cached); the future fails with a
+        ValueError if it is invalid. Requests with it are scheduled once it is compiled."""
+        return self._engine.compile_grammar(constraint)
 
     def start(self) -> None:
         self._thread.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, wait
 
 from packserve.kernels.invariant import INVARIANT_PREFILL_CHUNK
 from packserve.kernels.loader import load_model
@@ -17,12 +18,14 @@ from packserve.scheduler import (
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
+    StructuredOutput,
     TokenEvent,
 )
 
 from .config import PREFILL_CONTEXT_COST, EngineConfig
 from .outputs import Completion, Delta
 from .stats import EngineInfo, EngineLoad, RunningRequest, StepStats
+from .structured import GrammarCompiler, GrammarState
 from .text import TextStream
 
 Prompt = str | Sequence[int]
@@ -62,6 +65,10 @@ class Engine:
             prefix_caching=config.enable_prefix_caching,
         )
         self.last_stats: StepStats | None = None
+        self.grammars = GrammarCompiler(self.tokenizer, self.info.vocab_size, eos_token_ids)
+        self._grammar_state = GrammarState(self.info.vocab_size, len(self.tokenizer))
+        # Constrained requests whose grammar is still compiling, in arrival order.
+        self._compiling: dict[str, tuple[Request, Future]] = {}
         self._texts: dict[str, TextStream] = {}
         self._ids = itertools.count()
 
@@ -86,43 +93,61 @@ class Engine:
         vocab = self.info.vocab_size
         if any(not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"token ids must be in 0..{vocab - 1}")
-        self.scheduler.add(Request(request_id, token_ids, params, priority=priority))
+        request = Request(request_id, token_ids, params, priority=priority)
+        if params.structured is not None:
+            future = self.grammars.compile(params.structured)
+            if future.done():
+                self._grammar_state.add(request_id, future.result())  # raises GrammarError
+            else:  # scheduled once compiled, never waited for in a step
+                self._compiling[request_id] = (request, future)
+                self._texts[request_id] = TextStream(self.tokenizer, params.stop)
+                return request_id
+        self.scheduler.add(request)
         self._texts[request_id] = TextStream(self.tokenizer, params.stop)
         return request_id
+
+    def compile_grammar(self, constraint: StructuredOutput) -> Future:
+        """Start compiling a constraint (or find it compiled); thread-safe. The future fails
+        with a ValueError naming what is wrong if the constraint is invalid."""
+        return self.grammars.compile(constraint)
 
     def abort(self, request_id: str) -> bool:
         """Drop a request and free its KV blocks; False if it had already finished."""
         self._texts.pop(request_id, None)
+        self._grammar_state.remove(request_id)
+        if self._compiling.pop(request_id, None) is not None:
+            return True
         return self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._compiling)
 
     def step(self) -> list[Delta]:
         """Schedule, run and sample once; one delta for every sequence that gained a token
         or ended. The step's figures are in `last_stats` afterwards (None if it did nothing)."""
         start = time.perf_counter()
+        failed = self._take_compiled()  # constrained requests whose grammar did not compile
         output = self.scheduler.schedule()
         if output.is_empty:  # nothing to run (a preemption may still have happened)
             stats = StepStats.of(output, time.perf_counter() - start)
             self.last_stats = stats if output.preempted_ids else None
-            return []
+            return failed
         try:
-            result = self.runner.execute(output)
+            result = self.runner.execute(output, self._grammar_state.masks(output.segments))
         except Exception as exc:  # the step's requests fail; everyone else carries on
             deltas = self._fail(output, f"{type(exc).__name__}: {exc}")
         else:
             deltas = [self._delta(event) for event in self.scheduler.update(output, result)]
         self.last_stats = StepStats.of(output, time.perf_counter() - start)
-        return deltas
+        return failed + deltas
 
     def load(self) -> EngineLoad:
         """A snapshot of the engine's state, for readers on other threads."""
         scheduler = self.scheduler
         return EngineLoad(
             num_running=scheduler.num_running,
-            num_waiting=scheduler.num_waiting,
+            num_waiting=scheduler.num_waiting + len(self._compiling),
             num_kv_blocks_used=scheduler.allocator.num_used,
             num_kv_blocks=scheduler.allocator.num_blocks,
             running=tuple(
@@ -159,16 +184,50 @@ class Engine:
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _take_compiled(self) -> list[Delta]:
+        """Schedule the constrained requests whose grammar is ready; an error delta for each
+        whose grammar failed. With nothing else to run, wait briefly for a compile."""
+        if not self._compiling:
+            return []
+        if not self.scheduler.has_unfinished:
+            wait([f for _, f in self._compiling.values()], 0.05, "FIRST_COMPLETED")
+        failed = []
+        for request_id, (request, future) in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[request_id]
+            try:
+                self._grammar_state.add(request_id, future.result())
+            except ValueError as exc:
+                del self._texts[request_id]
+                failed.append(Delta(request_id, (), "", "error", error=str(exc)))
+                continue
+            self.scheduler.add(request)
+        return failed
+
     def _delta(self, event: TokenEvent) -> Delta:
-        text_stream = self._texts[event.request_id]
+        request_id = event.request_id
+        text_stream = self._texts[request_id]
         text = text_stream.push(event.new_token_ids)
         reason = event.finish_reason
         if reason is None and text_stream.stopped:  # a stop string ended it
-            self.scheduler.finish_request(event.request_id, RequestStatus.FINISHED_STOPPED)
+            self.scheduler.finish_request(request_id, RequestStatus.FINISHED_STOPPED)
             reason = "stop"
+        error = None
+        if request_id in self._grammar_state:
+            ended = self._grammar_state.advance(request_id, event.new_token_ids)
+            if reason is None and ended is not None:  # the grammar is complete (or broke)
+                status = RequestStatus.FINISHED_STOPPED
+                if ended == "error":
+                    status = RequestStatus.FINISHED_ERROR
+                    error = "the grammar rejected a sampled token"
+                self.scheduler.finish_request(request_id, status)
+                reason = ended
+            if reason is not None:
+                self._grammar_state.remove(request_id)
         if reason is not None:
             text += text_stream.finish()
-            del self._texts[event.request_id]
+            del self._texts[request_id]
         return Delta(
             event.request_id,
             event.new_token_ids,
@@ -176,6 +235,7 @@ class Engine:
             reason,
             event.logprobs,
             num_cached_tokens=event.num_cached_tokens,
+            error=error,
         )
 
     def _fail(self, output: SchedulerOutput, message: str) -> list[Delta]:
@@ -183,6 +243,7 @@ class Engine:
         for seq in output.segments:
             self.scheduler.finish_request(seq.request_id, RequestStatus.FINISHED_ERROR)
             self._texts.pop(seq.request_id, None)
+            self._grammar_state.remove(seq.request_id)
             deltas.append(Delta(seq.request_id, (), "", "error", error=message))
         return deltas
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import get_args
 
@@ -132,9 +133,12 @@ class Runner:
         self.requests: dict[str, RequestState] = {}  # every request the scheduler runs, by id
 
     @torch.inference_mode()
-    def execute(self, output: SchedulerOutput) -> RunnerOutput:
+    def execute(
+        self, output: SchedulerOutput, allowed: Mapping[str, torch.Tensor] | None = None
+    ) -> RunnerOutput:
         """Bring the request states up to date, run the packed rows (and the decode batch
-        when it runs apart), sample a token for every segment that samples."""
+        when it runs apart), sample a token for every segment that samples. `allowed`:
+        request_id -> bool [V], the tokens a constrained request may sample this step."""
         self._update_states(output)
         if self.config.batch_invariant and torch.get_num_threads() != self.num_threads:
             torch.set_num_threads(self.num_threads)
@@ -155,7 +159,8 @@ class Runner:
         if not seqs:
             return RunnerOutput(sampled_token_ids={}, logprobs={})
         states = [self.requests[seq.request_id] for seq in seqs]
-        tokens, logprobs = sample(torch.cat(logits).float(), states, self.generator)
+        masks = [allowed.get(seq.request_id) for seq in seqs] if allowed else None
+        tokens, logprobs = sample(torch.cat(logits).float(), states, self.generator, masks)
         for state, token in zip(states, tokens, strict=True):
             state.output_token_ids.append(token)
         return RunnerOutput(

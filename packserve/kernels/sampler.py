@@ -58,14 +58,22 @@ def _filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
 
 
 def sample(
-    logits: torch.Tensor, rows: Sequence[SamplingRow], generator: torch.Generator
+    logits: torch.Tensor,
+    rows: Sequence[SamplingRow],
+    generator: torch.Generator,
+    masks: Sequence[torch.Tensor | None] | None = None,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """One token per row of logits [N, V] (float32), drawn by `rows[i]`'s parameters;
-    `generator` serves unseeded requests."""
+    `generator` serves unseeded requests. `masks[i]`, when given, is row i's grammar: bool [V],
+    the tokens it may sample; the others are cut before any other processing, in that row
+    only."""
     raw_logprobs = None
     if any(row.params.logprobs is not None for row in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V] before any processing
     logits = logits.clone()
+    for i, mask in enumerate(masks or ()):
+        if mask is not None:
+            logits[i].masked_fill_(~mask, float("-inf"))
     apply_penalties(logits, rows)
     tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep these
     for i, row in enumerate(rows):

@@ -11,7 +11,7 @@ from .outputs import (
     TokenLogprobs,
 )
 from .packing import pack_ffd, pack_rows, row_cost
-from .request import Request, RequestStatus, SamplingParams
+from .request import Request, RequestStatus, SamplingParams, StructuredOutput
 from .scheduler import Scheduler
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
     "SchedulerConfig",
     "SchedulingPolicy",
     "SchedulerOutput",
+    "StructuredOutput",
     "TokenEvent",
     "TokenLogprobs",
     "block_hash",

@@ -11,10 +11,11 @@ from typing import Literal
 
 @dataclass(frozen=True, slots=True)
 class StructuredOutput:
-    """A constraint on what a request may generate, enforced by a grammar in the sampler."""
+    """A constraint on the generated text."""
 
     kind: Literal["json_schema", "json_object", "regex", "grammar", "choice"]
-    spec: str = ""  # schema JSON text / regex / grammar / JSON list of strings
+    # schema JSON text / regex / grammar text / JSON list of strings; "" for json_object
+    spec: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +33,7 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from each token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the top k
-    structured: StructuredOutput | None = None
+    structured: StructuredOutput | None = None  # grammar the output must follow (engine-side)
 
     def __post_init__(self) -> None:
         finite = (self.temperature, self.top_p, self.presence_penalty, self.frequency_penalty)

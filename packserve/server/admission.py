@@ -7,8 +7,7 @@ from typing import Any
 
 from packserve.engine import AsyncEngine, Completion
 from packserve.engine.tools import ToolFormatName
-from packserve.scheduler import SamplingParams
-from packserve.scheduler.request import StructuredOutput
+from packserve.scheduler import SamplingParams, StructuredOutput
 
 from .protocol import MAX_CHOICES, MAX_STOP, APIError, ChatMessage, SamplingFields
 from .state import ServerState

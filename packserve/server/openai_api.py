@@ -28,6 +28,7 @@ from .protocol import (
 )
 from .state import ServerState
 from .streams import Choice, Generation, chat_logprobs, completion_logprobs, sse, usage
+from .structured import admit_constraint
 from .tool_calls import ToolPlan, tool_format
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -99,7 +100,10 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         engine = state.live_engine()
         state.check_model(body.model)
         prompts = completion_prompts(engine, body.prompt)
-        choices = make_choices(state, engine, prompts, body, body.max_tokens, body.logprobs)
+        structured = await admit_constraint(engine, body)
+        choices = make_choices(
+            state, engine, prompts, body, body.max_tokens, body.logprobs, structured
+        )
         # Submitted in the same event-loop turn as the queue check above.
         generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
         decode = engine.decode
@@ -165,7 +169,8 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         prompt = chat_prompt(engine, body.messages, tool_format_of(engine), plan.tools)
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        choices = make_choices(state, engine, [prompt], body, max_tokens, top, plan.structured)
+        structured = await plan.admit_constraint(engine, await admit_constraint(engine, body))
+        choices = make_choices(state, engine, [prompt], body, max_tokens, top, structured)
         generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
         readers = {c.index: plan.reader() for c in choices}  # each stream's tool calls
         decode = engine.decode

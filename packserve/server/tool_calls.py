@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any, Literal
 
+from packserve.engine import AsyncEngine
 from packserve.engine.tools import (
     ToolCall,
     ToolCallParser,
@@ -23,9 +24,10 @@ from packserve.engine.tools import (
     required_calls_schema,
     tools_prompt,
 )
-from packserve.scheduler.request import StructuredOutput
+from packserve.scheduler import StructuredOutput
 
 from .protocol import APIError, AssistantMessage, ChatCompletionRequest, ChatMessage, ToolMessage
+from .structured import compile_constraint
 from .tool_protocol import Tool
 
 Mode = Literal["none", "auto", "required", "named"]
@@ -79,6 +81,24 @@ class ToolPlan:
             schema = required_calls_schema(schemas, self.parallel)
             return StructuredOutput("json_schema", json.dumps(schema))
         return None
+
+    async def admit_constraint(
+        self, engine: AsyncEngine, other: StructuredOutput | None
+    ) -> StructuredOutput | None:
+        """The request's output constraint: the tools' (compiled: a tool's parameters that
+        no grammar can hold to are a 400 naming tools) or `other`, the one its structured
+        output fields set; both at once are a 400."""
+        own = self.structured
+        if own is None:
+            return other
+        if other is not None:
+            raise APIError(
+                400,
+                "tool_choice required or a named function cannot be combined with another "
+                "output constraint (response_format, structured_outputs, guided_*)",
+                param="tool_choice",
+            )
+        return await compile_constraint(engine, own, "tools")
 
     def reader(self) -> ToolReader:
         return ToolReader(self)

@@ -409,3 +409,42 @@ def test_litellm_tools_agent_turn(smollm2_server, smollm2_dir, monkeypatch):
     result = {"role": "tool", "tool_call_id": made.id, "content": "18 C"}
     final = litellm.completion(messages=[*messages, answer.message, result], **params)
     assert final.choices[0].message.role == "assistant"
+
+
+def test_required_streamed_reassembles_to_the_whole_response(oai, model_name):
+    params = dict(
+        model=model_name,
+        messages=USER,
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=True,
+        max_tokens=96,
+        temperature=0,
+    )
+    whole = oai.chat.completions.create(**params).choices[0]
+    content, calls, finish = reassemble(list(oai.chat.completions.create(**params, stream=True)))
+    assert whole.message.content is None and content == ""
+    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == [
+        (c["name"], c["arguments"]) for c in calls.values()
+    ]
+    assert finish == whole.finish_reason == "tool_calls"
+
+
+def test_tool_constraint_with_another_constraint_is_400(http, error_body):
+    body = {
+        "messages": USER,
+        "tools": TOOLS,
+        "tool_choice": "required",
+        "response_format": {"type": "json_object"},
+        "max_tokens": 1,
+    }
+    error = error_body(http.post("/v1/chat/completions", json=body), 400)
+    assert error["param"] == "tool_choice"
+
+
+def test_parameters_no_grammar_can_hold_to_are_400_naming_tools(http, error_body):
+    bad = {"type": "object", "properties": {"x": {"type": "string", "pattern": "(unclosed"}}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": bad}}]
+    body = {"messages": USER, "tools": tools, "tool_choice": "required", "max_tokens": 1}
+    error = error_body(http.post("/v1/chat/completions", json=body), 400)
+    assert error["param"] == "tools"
