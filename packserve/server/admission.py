@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from packserve.engine import AsyncEngine, Completion
+from packserve.engine.tools import ToolFormatName
 from packserve.scheduler import SamplingParams, StructuredOutput
 
 from .fields import check_context, logit_bias
@@ -18,6 +20,8 @@ from .protocol import (
 )
 from .state import ServerState
 from .streams import Choice
+from .tool_calls import conversation, template_renders_tools
+from .tool_protocol import Tool
 
 
 def check_token_ids(engine: AsyncEngine, ids: list[int], param: str) -> None:
@@ -52,17 +56,26 @@ def completion_prompts(engine: AsyncEngine, prompt: Any) -> list[list[int]]:
     return out
 
 
-def chat_prompt(engine: AsyncEngine, messages: list[ChatMessage]) -> list[int]:
-    """Messages rendered with the model's chat template, as token ids."""
-    if not engine.tokenizer.chat_template:
+def chat_prompt(
+    engine: AsyncEngine,
+    messages: list[ChatMessage],
+    fmt: ToolFormatName,
+    tools: Sequence[Tool] = (),
+) -> list[int]:
+    """Messages (and the tools to show) rendered with the model's chat template, as token
+    ids; tool calls and results in the history, and the tools when the template ignores
+    them, are written in the tool-call format `fmt` (packserve/server/tool_calls.py)."""
+    tokenizer = engine.tokenizer
+    if not tokenizer.chat_template:
         raise APIError(400, "this model has no chat template", param="messages")
-    conversation = [
-        {"role": m.role if m.role != "developer" else "system", "content": m.text()}
-        for m in messages
-    ]
+    native = template_renders_tools(tokenizer)
+    turns = conversation(messages, tools, fmt, native)
+    shown: list[Any] | None = None  # OpenAI's tool objects, for a template that shows them
+    if native and tools:
+        shown = [t.model_dump(exclude_none=True) for t in tools]
     try:
-        text = engine.tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False
+        text = tokenizer.apply_chat_template(
+            turns, tools=shown, add_generation_prompt=True, tokenize=False
         )
     except Exception as exc:  # the template's own checks (roles, alternation)
         raise APIError(

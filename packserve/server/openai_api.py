@@ -13,7 +13,8 @@ from fastapi import APIRouter, Request
 from fastapi.params import Depends
 from fastapi.responses import StreamingResponse
 
-from packserve.engine import Delta
+from packserve.engine import AsyncEngine, Delta
+from packserve.engine.tools import ToolFormatName
 
 from .admission import chat_prompt, check_token_ids, completion_prompts, encode, make_choices
 from .fields import FieldCheck, chat_max_tokens
@@ -30,6 +31,7 @@ from .protocol import (
 from .state import ServerState
 from .streams import Choice, Generation, chat_logprobs, completion_logprobs, sse, usage
 from .structured import admit_constraint
+from .tool_calls import ToolPlan, tool_format
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorResponse} for s in (400, 401, 404, 408, 413, 429, 500, 503)
@@ -51,7 +53,7 @@ GENERATED: dict[int | str, dict[str, Any]] = {
         },
     }
 }
-ChunkOf = Callable[[Choice, Delta], dict[str, Any]]
+ChunkOf = Callable[[Choice, Delta], list[dict[str, Any]]]  # a delta's chunks' choice entries
 VERSION = importlib.metadata.version("packserve")
 
 
@@ -60,6 +62,9 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
     router = APIRouter(dependencies=[auth], responses=ERRORS)
     model_name = state.settings.model_name
     fields = FieldCheck(state.settings.allow_unknown_fields)
+
+    def tool_format_of(engine: AsyncEngine) -> ToolFormatName:
+        return tool_format(state.settings.tool_call_parser, engine.tokenizer.chat_template)
 
     def card() -> dict[str, Any]:
         return {
@@ -91,7 +96,7 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         if isinstance(body, TokenizePrompt):
             ids = encode(engine, body.prompt, "prompt", body.add_special_tokens)
         else:
-            ids = chat_prompt(engine, body.messages)
+            ids = chat_prompt(engine, body.messages, tool_format_of(engine))
         return {
             "tokens": ids,
             "count": len(ids),
@@ -141,15 +146,17 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
                 c.out.logprobs[start:], c.out.token_ids[start:], decode, offset
             )
 
-        def chunk_of(c: Choice, d: Delta) -> dict[str, Any]:
+        def chunk_of(c: Choice, d: Delta) -> list[dict[str, Any]]:
             offset = len(echo[c.index // body.n]) + len(c.out.text) - len(d.text)
             lp = logprobs_of(c, len(c.out.logprobs) - len(d.logprobs), offset)
-            return {
-                "index": c.index,
-                "text": d.text,
-                "logprobs": lp,
-                "finish_reason": d.finish_reason,
-            }
+            return [
+                {
+                    "index": c.index,
+                    "text": d.text,
+                    "logprobs": lp,
+                    "finish_reason": d.finish_reason,
+                }
+            ]
 
         def whole() -> dict[str, Any]:
             return {
@@ -184,13 +191,15 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         state.check_model(body.model)
         fields.check(body)
         max_tokens = chat_max_tokens(body)
-        prompt = chat_prompt(engine, body.messages)
+        plan = ToolPlan.of(body)
+        prompt = chat_prompt(engine, body.messages, tool_format_of(engine), plan.tools)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        structured = await admit_constraint(engine, body)
+        structured = await plan.admit_constraint(engine, await admit_constraint(engine, body))
         choices = make_choices(
             state, engine, [prompt], body, max_tokens, top, structured=structured
         )
         generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
+        readers = {c.index: plan.reader() for c in choices}  # each stream's tool calls
         decode = engine.decode
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -203,13 +212,20 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
                 return None
             return chat_logprobs(c.out.logprobs[start:], c.out.token_ids[start:], decode)
 
-        def chunk_of(c: Choice, d: Delta) -> dict[str, Any]:
-            return {
-                "index": c.index,
-                "delta": {"content": d.text} if d.text else {},
-                "logprobs": logprobs_of(c, len(c.out.logprobs) - len(d.logprobs)),
-                "finish_reason": d.finish_reason,
-            }
+        def chunk_of(c: Choice, d: Delta) -> list[dict[str, Any]]:
+            """The delta's content and tool-call pieces, one chunk each; one with an empty
+            delta for logprobs or the end when the text is held back (none otherwise)."""
+            reader = readers[c.index]
+            items = reader.push(d.text) + (reader.finish() if d.finish_reason else [])
+            if not (items or d.logprobs or d.finish_reason):
+                return []
+            entries: list[dict[str, Any]] = [
+                {"index": c.index, "delta": delta, "logprobs": None, "finish_reason": None}
+                for delta in reader.deltas(items) or [{}]
+            ]
+            entries[0]["logprobs"] = logprobs_of(c, len(c.out.logprobs) - len(d.logprobs))
+            entries[-1]["finish_reason"] = reader.finish_reason(d.finish_reason)
+            return entries
 
         def whole() -> dict[str, Any]:
             return {
@@ -219,9 +235,9 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
                 "choices": [
                     {
                         "index": c.index,
-                        "message": {"role": "assistant", "content": c.out.text},
+                        "message": (reader := plan.reader()).message(c.out.text),
                         "logprobs": logprobs_of(c, 0),
-                        "finish_reason": c.out.finish_reason,
+                        "finish_reason": reader.finish_reason(c.out.finish_reason),
                     }
                     for c in choices
                 ],
@@ -268,7 +284,8 @@ async def respond(
                 status = 500 if d.finish_reason == "error" else 408
                 yield sse(APIError(status, d.error).body.model_dump())
             elif d.text or d.finish_reason or d.logprobs:
-                yield sse({**head, "choices": [chunk_of(choice, d)]})
+                for entry in chunk_of(choice, d):
+                    yield sse({**head, "choices": [entry]})
         if body.stream_options and body.stream_options.include_usage:
             yield sse({**head, "choices": [], "usage": usage(generation.choices, body.n)})
         yield sse("[DONE]")

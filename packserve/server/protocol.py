@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
+
+from .tool_protocol import Tool, ToolCallIn, ToolChoice
 
 MAX_CHOICES = 256  # n x prompts in one request
 MAX_N = 128  # choices per prompt
@@ -120,16 +122,66 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class _Turn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None
 
     def text(self) -> str:
-        if isinstance(self.content, str):
-            return self.content
+        if self.content is None or isinstance(self.content, str):
+            return self.content or ""
         return "".join(part.text for part in self.content)
+
+
+class TextMessage(_Turn):
+    role: Literal["system", "user", "developer"]
+    content: str | list[TextPart]
+
+
+class AssistantMessage(_Turn):
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None  # None only beside tool_calls
+    tool_calls: list[ToolCallIn] | None = None  # the calls this turn made
+
+    @model_validator(mode="after")
+    def _says_something(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        return self
+
+
+class ToolMessage(_Turn):
+    role: Literal["tool"]
+    content: str | list[TextPart]
+    tool_call_id: str  # the call this is the result of
+
+
+_KINDS = {
+    "system": "TextMessage",
+    "developer": "TextMessage",
+    "user": "TextMessage",
+    "assistant": "AssistantMessage",
+    "tool": "ToolMessage",
+}
+
+
+def _message_kind(message: Any) -> str | None:
+    role = message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+    return _KINDS.get(role) if isinstance(role, str) else None
+
+
+# One model per role, told apart by `role` (the tags are class names, which error locations
+# leave out: a missing tool_call_id is `messages.0.tool_call_id`).
+ChatMessage = Annotated[
+    Annotated[TextMessage, Tag("TextMessage")]
+    | Annotated[AssistantMessage, Tag("AssistantMessage")]
+    | Annotated[ToolMessage, Tag("ToolMessage")],
+    Discriminator(
+        _message_kind,
+        custom_error_type="invalid_role",
+        custom_error_message="role must be system, developer, user, assistant or tool",
+    ),
+]
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -142,6 +194,9 @@ class ChatCompletionRequest(SamplingFields):
     )
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None  # default: "auto" with tools, else "none"
+    parallel_tool_calls: bool = True
 
 
 class TokenizePrompt(BaseModel):

@@ -68,6 +68,12 @@ class Settings:
         "ignore request fields this server does not know (logged once per name) instead of "
         "answering 400; fields it knows and does not implement are refused either way",
     )
+    tool_call_parser: Literal["auto", "hermes", "smollm2"] = knob(
+        "auto",
+        "how tool calls are written and parsed: hermes (<tool_call> one JSON object </tool_call>,"
+        " Qwen2.5/Qwen3) or smollm2 (<tool_call> a JSON list of calls </tool_call>); auto: "
+        "smollm2 for SmolLM2's chat template, else hermes",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)

@@ -70,7 +70,13 @@ async def admit_constraint(engine: AsyncEngine, body: SamplingFields) -> Structu
     found = constraint_of(body)
     if found is None:
         return None
-    constraint, param = found
+    return await compile_constraint(engine, *found)
+
+
+async def compile_constraint(
+    engine: AsyncEngine, constraint: StructuredOutput, param: str
+) -> StructuredOutput:
+    """`constraint`, compiled (a 400 naming `param`, the field that set it, if it cannot be)."""
     try:
         await asyncio.wrap_future(engine.compile_grammar(constraint))
     except ValueError as exc:

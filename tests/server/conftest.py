@@ -31,6 +31,12 @@ def server(launch_server: Callable[..., ServerProcess]) -> ServerProcess:
 
 
 @pytest.fixture(scope="session")
+def smollm2_server(launch_server: Callable[..., ServerProcess], smollm2_dir: Path) -> ServerProcess:
+    """A server of the real SmolLM2-135M-Instruct, default settings."""
+    return launch_server("--model", str(smollm2_dir))
+
+
+@pytest.fixture(scope="session")
 def base_url(server: ServerProcess) -> str:
     return server.url
 
