@@ -5,6 +5,7 @@ The tiny model never thinks by itself, so a regex constraint makes it write a th
 from __future__ import annotations
 
 import re
+import shutil
 from typing import Any
 
 import httpx
@@ -73,6 +74,38 @@ def test_without_the_flag_the_tags_stay_in_the_content(server):
     message = r.json()["choices"][0]["message"]
     assert re.fullmatch(f"<think>{WORD}</think>{WORD}", message["content"]), message
     assert "reasoning_content" not in message
+
+
+def test_a_block_the_template_opens_is_reasoning_from_the_start(
+    launch_server, tiny_model_dir, tmp_path, parse_sse
+):
+    """A template that ends the prompt with `<think>` (as Qwen3's thinking ones do): the output
+    starts as reasoning, so it streams as reasoning before any `</think>` arrives."""
+    model = tmp_path / "opens-think"
+    shutil.copytree(tiny_model_dir, model)
+    template = model / "chat_template.jinja"
+    text = template.read_text()
+    assert "'<|assistant|>\n'" in text
+    template.write_text(text.replace("'<|assistant|>\n'", "'<|assistant|>\n<think>\n'"))
+    server = launch_server("--model", str(model), "--reasoning-parser", "qwen3")
+    regex = {"structured_outputs": {"regex": f"{WORD}</think>{WORD}"}}
+    r = chat(server, **regex)
+    message = r.json()["choices"][0]["message"]
+    assert re.fullmatch(WORD, message["reasoning_content"]), message
+    assert re.fullmatch(WORD, message["content"]), message
+    # unclosed (cut by max_tokens): all reasoning, streamed as it comes
+    unclosed = {"structured_outputs": {"regex": "[a-z]{20,30}"}, "max_tokens": 4}
+    message = chat(server, **unclosed).json()["choices"][0]["message"]
+    assert message["content"] == "" and message["reasoning_content"], message
+    body = {"messages": USER, "temperature": 0, "stream": True, **unclosed}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body, timeout=60) as r:
+        chunks = [c["choices"][0] for c in parse_sse(r.iter_lines())[:-1]]
+    thoughts = [
+        c["delta"]["reasoning_content"] for c in chunks if c["delta"].get("reasoning_content")
+    ]
+    assert len(thoughts) > 1 and "".join(thoughts) == message["reasoning_content"]
+    assert not any(c["delta"].get("content") for c in chunks)
+    server.stop(timeout=10)
 
 
 def test_completions_are_not_split(thinking_server):
