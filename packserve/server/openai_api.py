@@ -14,6 +14,7 @@ from fastapi.params import Depends
 from fastapi.responses import StreamingResponse
 
 from packserve.engine import AsyncEngine, Delta
+from packserve.engine.reasoning import State, prompt_state
 from packserve.engine.tools import ToolFormatName
 
 from .admission import chat_prompt, check_token_ids, completion_prompts, encode, make_choices
@@ -55,6 +56,7 @@ GENERATED: dict[int | str, dict[str, Any]] = {
 }
 ChunkOf = Callable[[Choice, Delta], list[dict[str, Any]]]  # a delta's chunks' choice entries
 VERSION = importlib.metadata.version("packserve")
+PROMPT_TAIL = 16  # the prompt's last tokens, enough to hold the think tags a template ends with
 
 
 def openai_router(state: ServerState, auth: Depends) -> APIRouter:
@@ -199,7 +201,11 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
             state, engine, [prompt], body, max_tokens, top, structured=structured
         )
         generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
-        readers = {c.index: plan.reader() for c in choices}  # each stream's tool calls
+        # Where a think block stands when the output starts (the template may open it).
+        thinking: State | None = None
+        if state.settings.reasoning_parser != "none":
+            thinking = prompt_state(engine.decode(prompt[-PROMPT_TAIL:]))
+        readers = {c.index: plan.reader(thinking) for c in choices}  # reasoning, tool calls
         decode = engine.decode
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
@@ -235,7 +241,7 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
                 "choices": [
                     {
                         "index": c.index,
-                        "message": (reader := plan.reader()).message(c.out.text),
+                        "message": (reader := plan.reader(thinking)).message(c.out.text),
                         "logprobs": logprobs_of(c, 0),
                         "finish_reason": reader.finish_reason(c.out.finish_reason),
                     }

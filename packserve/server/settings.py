@@ -15,6 +15,7 @@ from dataclasses import MISSING, Field, dataclass, field, fields, is_dataclass
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from packserve.engine.config import EngineConfig, check_choices, knob
+from packserve.engine.reasoning import ReasoningParserName
 
 TRUE = ("1", "true", "yes", "on")
 FALSE = ("0", "false", "no", "off")
@@ -73,6 +74,11 @@ class Settings:
         "how tool calls are written and parsed: hermes (<tool_call> one JSON object </tool_call>,"
         " Qwen2.5/Qwen3) or smollm2 (<tool_call> a JSON list of calls </tool_call>); auto: "
         "smollm2 for SmolLM2's chat template, else hermes",
+    )
+    reasoning_parser: ReasoningParserName = knob(
+        "none",
+        "split chat output into message.reasoning_content and content: qwen3 (a <think> ... "
+        "</think> block before the answer, Qwen3 and DeepSeek-R1 style); none: all content",
     )
 
     def __post_init__(self) -> None:

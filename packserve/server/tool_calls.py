@@ -11,6 +11,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from packserve.engine import AsyncEngine
+from packserve.engine.reasoning import ReasoningParser, State
 from packserve.engine.tools import (
     ToolCall,
     ToolCallParser,
@@ -100,8 +101,10 @@ class ToolPlan:
             )
         return await compile_constraint(engine, own, "tools")
 
-    def reader(self) -> ToolReader:
-        return ToolReader(self)
+    def reader(self, reasoning: State | None = None) -> ToolReader:
+        """A reader of one choice's output; `reasoning`: split a think block off first,
+        the output starting in that state (None: no reasoning parser)."""
+        return ToolReader(self, None if reasoning is None else ReasoningParser(reasoning))
 
 
 # -- output ---------------------------------------------------------------------------------
@@ -114,15 +117,24 @@ class Arguments:
     text: str
 
 
-Item = str | ToolCall | Arguments  # content, a call (with what is known of its arguments), more
+@dataclass(frozen=True, slots=True)
+class Reasoning:
+    """Text of the think block (before the content and any calls)."""
+
+    text: str
+
+
+Item = str | ToolCall | Arguments | Reasoning  # content, a call (its arguments so far), more
 
 
 @dataclass(slots=True)
 class ToolReader:
-    """One choice's output read as its plan says: text deltas in, items out (content, calls,
-    argument pieces), in order; whole responses run the same reader over the whole text."""
+    """One choice's output read as its plan says: text deltas in, items out (reasoning,
+    content, calls, argument pieces), in order; whole responses run the same reader over the
+    whole text. With a reasoning parser, calls are read from the content only."""
 
     plan: ToolPlan
+    reasoning: ReasoningParser | None = None
     num_calls: int = 0
     complete: bool = True  # the calls made are whole (a named call's JSON may be cut off)
     _parser: ToolCallParser = field(default_factory=ToolCallParser)
@@ -130,6 +142,18 @@ class ToolReader:
     _opened: int = 0  # calls turned into stream deltas
 
     def push(self, text: str) -> list[Item]:
+        if self.reasoning is None:
+            return self._push(text)
+        thought, text = self.reasoning.push(text)
+        return _thought(thought) + self._push(text)
+
+    def finish(self) -> list[Item]:
+        if self.reasoning is None:
+            return self._finish()
+        thought, text = self.reasoning.finish()
+        return _thought(thought) + self._push(text) + self._finish()
+
+    def _push(self, text: str) -> list[Item]:
         mode = self.plan.mode
         if mode == "none":
             return [text] if text else []
@@ -143,7 +167,7 @@ class ToolReader:
         assert self.plan.named is not None
         return self._counted([ToolCall(new_call_id(), self.plan.named, ""), Arguments(text)])
 
-    def finish(self) -> list[Item]:
+    def _finish(self) -> list[Item]:
         mode = self.plan.mode
         if mode == "none":
             return []
@@ -177,6 +201,9 @@ class ToolReader:
             if isinstance(item, str):
                 out.append({"content": item})
                 continue
+            if isinstance(item, Reasoning):
+                out.append({"reasoning_content": item.text})
+                continue
             if isinstance(item, ToolCall):
                 self._opened += 1
                 function = {"name": item.name, "arguments": ""}
@@ -191,23 +218,30 @@ class ToolReader:
     def message(self, text: str) -> dict[str, Any]:
         """The assistant message of a whole response (a fresh reader over all its text)."""
         items = self.push(text) + self.finish()
-        if self.plan.mode == "none":
-            return {"role": "assistant", "content": text}
         calls: list[dict[str, Any]] = []
         content = []
+        thoughts = []
         for item in items:
             if isinstance(item, str):
                 content.append(item)
+            elif isinstance(item, Reasoning):
+                thoughts.append(item.text)
             elif isinstance(item, ToolCall):
                 function = {"name": item.name, "arguments": item.arguments}
                 calls.append({"id": item.id, "type": "function", "function": function})
             else:
                 calls[-1]["function"]["arguments"] += item.text
         message: dict[str, Any] = {"role": "assistant", "content": "".join(content)}
+        if self.reasoning is not None:
+            message["reasoning_content"] = "".join(thoughts) or None
         if calls:
             message["content"] = message["content"] or None
             message["tool_calls"] = calls
         return message
+
+
+def _thought(text: str) -> list[Item]:
+    return [Reasoning(text)] if text else []
 
 
 # -- input: the messages the chat template gets ---------------------------------------------
