@@ -34,14 +34,14 @@ def recorded_logits(monkeypatch: pytest.MonkeyPatch) -> Iterator[Rows]:
     execute = runner_module.Runner.execute
     step: list[ScheduledSequence] = []  # the segments of the step being executed
 
-    def executing(runner, output):
+    def executing(runner, output, *args, **options):
         step[:] = [seq for seq in output.segments if seq.sample]
-        return execute(runner, output)
+        return execute(runner, output, *args, **options)
 
-    def recording(logits, requests, generator):
+    def recording(logits, requests, generator, **options):
         for row, seq in zip(logits, step, strict=True):
             rows.setdefault(seq.request_id, []).append((seq.end_pos - 1, row.clone()))
-        return sample(logits, requests, generator)
+        return sample(logits, requests, generator, **options)
 
     with monkeypatch.context() as patch:
         patch.setattr(runner_module.Runner, "execute", executing)
