@@ -38,14 +38,15 @@ def test_counts_every_token_served(loadgen, server, tiny_model_dir):
 
 
 def test_reports_truncated_responses_as_failures(loadgen, launch_server, tiny_model_dir):
-    # A 64-token context caps every request below the max_tokens it asked for: the server
-    # ends them with finish_reason "length" early, and the generator must not count them.
+    # A 64-token context, and max_tokens sent as null (the context left; a sent number past
+    # the context would be a 400): the server ends each request with finish_reason "length"
+    # below the 40 tokens the generator expects, and the generator must not count them.
     server = launch_server("--max-model-len", "64")
     tokenizer = loadgen.load_tokenizer(str(tiny_model_dir))
     prompts = loadgen.synthetic_prompts(
         tokenizer, 4, seed=5, median=50, sigma=0.01, out_min=40, out_max=40
     )
-    target = loadgen.Target(base_url=server.url, model=None)
+    target = loadgen.Target(base_url=server.url, model=None, extra_body={"max_tokens": None})
     try:
         run = loadgen.run_benchmark(target, prompts, tokenizer, max_concurrency=2, progress=False)
     finally:
