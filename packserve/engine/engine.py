@@ -115,13 +115,16 @@ class Engine:
         text = TextStream(self.tokenizer, params.stop, params.min_tokens)
         if params.structured is not None:
             future = self.grammars.compile(params.structured)
-            if future.done():
-                self._grammar_state.add(request_id, future.result())  # raises GrammarError
-            else:  # scheduled once compiled, never waited for in a step
+            if not future.done():  # scheduled once compiled, never waited for in a step
                 self._compiling[request_id] = (request, future)
                 self._texts[request_id] = text
                 return request_id
-        self.scheduler.add(request)
+            self._grammar_state.add(request_id, future.result())  # raises GrammarError
+        try:
+            self.scheduler.add(request)
+        except ValueError:
+            self._grammar_state.remove(request_id)
+            raise
         self._texts[request_id] = text
         return request_id
 
@@ -217,11 +220,11 @@ class Engine:
             del self._compiling[request_id]
             try:
                 self._grammar_state.add(request_id, future.result())
+                self.scheduler.add(request)  # a request it refuses fails alone
             except ValueError as exc:
+                self._grammar_state.remove(request_id)
                 del self._texts[request_id]
                 failed.append(Delta(request_id, (), "", "error", error=str(exc)))
-                continue
-            self.scheduler.add(request)
         return failed
 
     def _delta(self, event: TokenEvent) -> Delta:
