@@ -147,9 +147,9 @@ def test_logits_bitwise_under_preemption(make_engine, prompts_128, alone_128, mo
     readmitted: set[str] = set()  # re-admitted with generated tokens to replay
     execute = runner_module.Runner.execute
 
-    def executing(runner, output):
+    def executing(runner, output, *args, **options):
         readmitted.update(new.request_id for new in output.new_requests if new.output_token_ids)
-        return execute(runner, output)
+        return execute(runner, output, *args, **options)
 
     monkeypatch.setattr(runner_module.Runner, "execute", executing)
     with recorded_logits(monkeypatch) as rows:
