@@ -176,6 +176,19 @@ def test_native_template_gets_tools_and_history_as_transformers_expects(tokenize
 # -- whole and streamed ---------------------------------------------------------------------
 
 
+def assert_stream_matches_whole(oai, params: dict) -> str | None:
+    """The same request whole and streamed: no content, the same calls, the same finish
+    reason (returned)."""
+    whole = oai.chat.completions.create(**params).choices[0]
+    content, calls, finish = reassemble(list(oai.chat.completions.create(**params, stream=True)))
+    assert whole.message.content is None and content == ""
+    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == [
+        (c["name"], c["arguments"]) for c in calls.values()
+    ]
+    assert finish == whole.finish_reason
+    return finish
+
+
 def test_streamed_tool_calls_reassemble_to_the_whole_response(oai, model_name):
     params = dict(
         model=model_name,
@@ -185,13 +198,7 @@ def test_streamed_tool_calls_reassemble_to_the_whole_response(oai, model_name):
         max_tokens=40,
         temperature=0,
     )
-    whole = oai.chat.completions.create(**params).choices[0]
-    content, calls, finish = reassemble(list(oai.chat.completions.create(**params, stream=True)))
-    assert whole.message.content is None and content == ""
-    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == [
-        (c["name"], c["arguments"]) for c in calls.values()
-    ]
-    assert finish == whole.finish_reason
+    assert_stream_matches_whole(oai, params)
 
 
 # -- enforced by the grammar ----------------------------------------------------------------
@@ -421,13 +428,7 @@ def test_required_streamed_reassembles_to_the_whole_response(oai, model_name):
         max_tokens=96,
         temperature=0,
     )
-    whole = oai.chat.completions.create(**params).choices[0]
-    content, calls, finish = reassemble(list(oai.chat.completions.create(**params, stream=True)))
-    assert whole.message.content is None and content == ""
-    assert [(c.function.name, c.function.arguments) for c in whole.message.tool_calls] == [
-        (c["name"], c["arguments"]) for c in calls.values()
-    ]
-    assert finish == whole.finish_reason == "tool_calls"
+    assert assert_stream_matches_whole(oai, params) == "tool_calls"
 
 
 def test_tool_constraint_with_another_constraint_is_400(http, error_body):
