@@ -13,6 +13,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 from packserve.scheduler import SamplingParams, StructuredOutput
 
@@ -34,6 +36,14 @@ class Timed:
 
 
 @dataclass(slots=True)
+class _Call:
+    method: str
+    args: tuple[Any, ...]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass(slots=True)
 class _Submission:
     request_id: str
     prompt_token_ids: list[int]
@@ -47,6 +57,16 @@ def _deliver(batch: list[tuple[_Submission, Timed]]) -> None:
     """On the event loop: put each item into its request's collector."""
     for sub, item in batch:
         sub.collector.put_nowait(item)
+
+
+def _settle_future(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    """On the event loop: hand an engine call's outcome to its waiter (if still waiting)."""
+    if future.done():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
 
 
 class AsyncEngine:
@@ -69,6 +89,7 @@ class AsyncEngine:
         self.packing_window_s = engine.config.packing_window_s
         self._adds: deque[_Submission] = deque()
         self._aborts: deque[str] = deque()
+        self._calls: deque[_Call] = deque()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._collectors: dict[str, _Submission] = {}  # owned by the loop thread
@@ -134,6 +155,15 @@ class AsyncEngine:
         self._aborts.append(request_id)
         self._wake.set()
 
+    async def call(self, method: str, *args: Any) -> Any:
+        """Run `Engine.<method>(*args)` on the engine's own thread between two steps (the
+        engine is touched by no other); returns its result or raises its exception."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._calls.append(_Call(method, args, future, loop))
+        self._wake.set()
+        return await future
+
     # -- engine thread --------------------------------------------------------------------------
 
     def _run(self) -> None:
@@ -186,7 +216,9 @@ class AsyncEngine:
 
     def _drain(self) -> bool:
         """Take in queued adds and aborts; True if there were any."""
-        changed = bool(self._adds or self._aborts)
+        changed = bool(self._adds or self._aborts or self._calls)
+        while self._calls:
+            self._run_call(self._calls.popleft())
         while self._adds:
             sub = self._adds.popleft()
             try:
@@ -203,6 +235,16 @@ class AsyncEngine:
             self._collectors.pop(request_id, None)
             self._engine.abort(request_id)
         return changed
+
+    def _run_call(self, call: _Call) -> None:
+        try:
+            result = getattr(self._engine, call.method)(*call.args)
+        except Exception as exc:
+            outcome = partial(_settle_future, call.future, None, exc)
+        else:
+            outcome = partial(_settle_future, call.future, result, None)
+        with contextlib.suppress(RuntimeError):
+            call.loop.call_soon_threadsafe(outcome)
 
     def _publish(self, items: list[Timed]) -> None:
         """Hand a step's deltas to their collectors: one wake-up per event loop per step."""
