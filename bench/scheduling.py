@@ -55,7 +55,12 @@ from packserve.server.launcher import ServerProcess
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 NAME = "smollm2"  # --served-model-name of the packserve servers
-SYSTEM_FLAGS = {"base": (), "new": (), "new-fcfs": ("--scheduling-policy", "fcfs")}
+SYSTEM_FLAGS = {
+    "base": (),
+    "new": (),
+    "new-fcfs": ("--scheduling-policy", "fcfs"),
+    "new-thread": ("--engine-process", "false"),  # the engine loop in the server's process
+}
 SYSTEMS = (*SYSTEM_FLAGS, "transformers-cb")
 # Says where packserve came from, then runs the CLI as `python -m packserve.server.cli` does.
 STUB = (

@@ -1,30 +1,39 @@
-"""The engine loop: one background thread steps the engine; asyncio handlers talk to it
-through thread-safe queues and per-request collectors."""
+"""The server's handle on the engine loop: asyncio handlers submit, abort and call through it,
+and every request's deltas come back into its own collector, on the event loop.
+
+The loop itself (`core.EngineCore`) runs behind a link: a thread of this process
+(`AsyncEngine.in_thread`) or a process of its own (`AsyncEngine.in_process`, the server's
+default), so the HTTP side and the engine never hold one GIL between them.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import copy
+import itertools
 import logging
 import threading
-import time
-from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
+from typing import Any, Protocol
 
+from packserve.kernels.loader import load_tokenizer
 from packserve.scheduler import SamplingParams, StructuredOutput
 
+from .config import EngineConfig
+from .core import Abort, Add, Call, CoreOutput, EngineCore, Inbox, Message, Stopped
 from .engine import Engine
 from .outputs import Delta
-from .stats import EngineLoad, StepStats
+from .process import ProcessLink
+from .stats import EngineInfo, EngineLoad, StepStats
+from .structured import GrammarCompiler
 from .text import decode
 
 log = logging.getLogger("packserve.engine")
-SETTLE_MAX_S = 0.01  # an idle engine waits at most this long for the rest of a burst
+
+Receive = Callable[[CoreOutput | Stopped], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,93 +44,150 @@ class Timed:
     step_start: float
 
 
-@dataclass(slots=True)
-class _Call:
-    method: str
-    args: tuple[Any, ...]
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
+class Link(Protocol):
+    """Where the engine loop runs. `attach` and `send` are called on the event loop;
+    `receive` is called there too."""
+
+    def attach(self, receive: Receive) -> None: ...
+    def send(self, message: Message) -> None: ...
+    @property
+    def alive(self) -> bool: ...
+    def shutdown(self) -> None: ...
 
 
-@dataclass(slots=True)
-class _Submission:
-    request_id: str
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    collector: asyncio.Queue[Timed]
-    loop: asyncio.AbstractEventLoop
-    priority: int
+class ThreadLink:
+    """The engine loop in a thread of this process."""
 
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._inbox = Inbox()
+        self._core: EngineCore | None = None
+        self._thread: threading.Thread | None = None
 
-def _deliver(batch: list[tuple[_Submission, Timed]]) -> None:
-    """On the event loop: put each item into its request's collector."""
-    for sub, item in batch:
-        sub.collector.put_nowait(item)
+    def attach(self, receive: Receive) -> None:
+        loop = asyncio.get_running_loop()
 
+        def emit(out: CoreOutput | Stopped) -> None:
+            with contextlib.suppress(RuntimeError):  # the event loop is gone: nobody listens
+                loop.call_soon_threadsafe(receive, out)
 
-def _settle_future(future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
-    """On the event loop: hand an engine call's outcome to its waiter (if still waiting)."""
-    if future.done():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
+        core = EngineCore(self._engine, self._inbox, emit)
+
+        def run() -> None:
+            try:
+                core.run()
+            except Exception as exc:  # a bug outside a step: say so, end every request
+                log.exception("engine loop stopped")
+                emit(Stopped(f"the engine loop stopped: {type(exc).__name__}: {exc}"))
+
+        self._core = core
+        self._thread = threading.Thread(target=run, name="packserve-engine", daemon=True)
+        self._thread.start()
+
+    def send(self, message: Message) -> None:
+        self._inbox.put(message)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def shutdown(self) -> None:
+        if self._core is not None and self._thread is not None:
+            self._core.stop()
+            self._thread.join(timeout=10)
 
 
 class AsyncEngine:
-    """Runs `Engine.step` in one thread. Adds and aborts are queued and drained between steps,
-    so the engine is only ever touched by its own thread; other threads read `info` (frozen),
-    `tokenizer` and `load` (a snapshot republished after every step and drain)."""
+    """Submit, abort and call from the event loop; each request's deltas arrive in the
+    collector it was submitted with (the choices of one HTTP request share one). `info` is
+    frozen; `load` is the engine's state after its latest step or intake. `tokenizer` is this
+    side's own (a Hugging Face tokenizer is not safe to share between threads)."""
 
     def __init__(
         self,
-        engine: Engine,
+        info: EngineInfo,
+        tokenizer: Any,
+        grammars: GrammarCompiler,
+        link: Link,
         on_step: Callable[[StepStats, EngineLoad], None] | None = None,
+        load: EngineLoad | None = None,
     ) -> None:
-        self._engine = engine
-        self.info = engine.info
-        # The event loop's own copy: a Hugging Face tokenizer is not safe to share between
-        # threads, and the engine thread decodes with the engine's.
-        self.tokenizer = copy.deepcopy(engine.tokenizer)
-        self.load = engine.load()
-        self.on_step = on_step  # engine thread, after every step
-        self.packing_window_s = engine.config.packing_window_s
-        self._adds: deque[_Submission] = deque()
-        self._aborts: deque[str] = deque()
-        self._calls: deque[_Call] = deque()
-        self._wake = threading.Event()
-        self._stop = threading.Event()
-        self._collectors: dict[str, _Submission] = {}  # owned by the loop thread
-        self._thread = threading.Thread(target=self._run, name="packserve-engine", daemon=True)
-        self.num_in_flight = 0  # submitted and not yet finished; read by handlers (approximate)
+        self.info = info
+        self.tokenizer = tokenizer
+        self._grammars = grammars
+        self._link = link
+        self.on_step = on_step  # on the event loop, after every step
+        self.load = load or EngineLoad(0, 0, 0, info.num_kv_blocks, ())
+        self._collectors: dict[str, asyncio.Queue[Timed]] = {}
+        self._calls: dict[int, asyncio.Future[Any]] = {}
+        self._call_ids = itertools.count()
+        self._adds_sent = 0
+        self._adds_taken = 0
+        self._stopped: str | None = None
+        self._started = False
+        self.num_in_flight = 0  # submitted and not yet released; read by the drain
 
-    # -- asyncio side ---------------------------------------------------------------------------
+    @classmethod
+    def in_thread(
+        cls, engine: Engine, on_step: Callable[[StepStats, EngineLoad], None] | None = None
+    ) -> AsyncEngine:
+        """The loop in a thread of this process, over an Engine already built."""
+        tokenizer = copy.deepcopy(engine.tokenizer)
+        link = ThreadLink(engine)
+        return cls(engine.info, tokenizer, engine.grammars, link, on_step, engine.load())
+
+    @classmethod
+    async def in_process(
+        cls,
+        config: EngineConfig,
+        on_step: Callable[[StepStats, EngineLoad], None] | None = None,
+        setup: Callable[[], None] | None = None,
+    ) -> AsyncEngine:
+        """The loop in a process of its own, which loads the model (`setup` runs there first:
+        logging); raises process.EngineStartError if it cannot."""
+        link = ProcessLink(config, setup)
+        ready = await link.start()
+        try:
+            tokenizer = await asyncio.to_thread(
+                load_tokenizer, ready.model_path, config.trust_remote_code
+            )
+        except BaseException:
+            link.shutdown()
+            raise
+        info = ready.info
+        grammars = GrammarCompiler(tokenizer, info.vocab_size, info.eos_token_ids)
+        return cls(info, tokenizer, grammars, link, on_step)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start delivering (call on the event loop that will use this engine)."""
+        self._link.attach(self._receive)
+        self._started = True
+
+    def shutdown(self) -> None:
+        self._link.shutdown()
+        self._grammars.shutdown()
+
+    @property
+    def alive(self) -> bool:
+        return self._started and self._stopped is None and self._link.alive
+
+    # -- requests -------------------------------------------------------------------------------
 
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return decode(self.tokenizer, token_ids, skip_special_tokens)
 
     def compile_grammar(self, constraint: StructuredOutput) -> Future:
-        """Compile a constraint on the grammar worker (cached); the future fails with a
-        ValueError if it is invalid. Requests with it are scheduled once it is compiled."""
-        return self._engine.compile_grammar(constraint)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def shutdown(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=10)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self._stop.is_set()
+        """Compile a constraint on this side's grammar worker (cached): the future fails
+        with a ValueError if it is invalid, so a bad one is a 400 before it is submitted.
+        (The engine compiles it for itself, from its own cache, when the request arrives.)"""
+        return self._grammars.compile(constraint)
 
     @property
     def num_waiting(self) -> int:
-        """Requests not yet running: queued here or waiting in the scheduler."""
-        return len(self._adds) + self.load.num_waiting
+        """Requests not yet running: on their way to the engine or waiting in it."""
+        return self._adds_sent - self._adds_taken + self.load.num_waiting
 
     def submit(
         self,
@@ -131,16 +197,17 @@ class AsyncEngine:
         collector: asyncio.Queue[Timed],
         priority: int = 0,
     ) -> None:
-        """Queue a request; its deltas will arrive in `collector` (the choices of one HTTP
-        request share one). Synchronous, so a handler's queue-limit check and its submission
-        happen in the same event-loop turn. Pair every submit with a `release`. A lower
-        `priority` is scheduled first (vLLM's convention)."""
+        """Queue a request; its deltas will arrive in `collector`. Synchronous, so a
+        handler's queue-limit check and its submission happen in the same event-loop turn.
+        Pair every submit with a `release`. A lower `priority` is scheduled first (vLLM's
+        convention)."""
         self.num_in_flight += 1
-        loop = asyncio.get_running_loop()
-        self._adds.append(
-            _Submission(request_id, prompt_token_ids, params, collector, loop, priority)
-        )
-        self._wake.set()
+        if self._stopped is not None:
+            collector.put_nowait(Timed(_failed(request_id, self._stopped), 0.0))
+            return
+        self._collectors[request_id] = collector
+        self._adds_sent += 1
+        self._link.send(Add(request_id, prompt_token_ids, params, priority))
 
     def release(self, request_id: str, finished: bool) -> None:
         """The caller is done with a request; an unfinished one (a client that left, a
@@ -152,123 +219,61 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Abort a request within one step (its KV is freed); no more deltas arrive for it.
         Aborting a finished or unknown request does nothing."""
-        self._aborts.append(request_id)
-        self._wake.set()
+        if self._collectors.pop(request_id, None) is not None:
+            self._link.send(Abort(request_id))
 
     async def call(self, method: str, *args: Any) -> Any:
-        """Run `Engine.<method>(*args)` on the engine's own thread between two steps (the
-        engine is touched by no other); returns its result or raises its exception."""
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._calls.append(_Call(method, args, future, loop))
-        self._wake.set()
-        return await future
-
-    # -- engine thread --------------------------------------------------------------------------
-
-    def _run(self) -> None:
+        """Run `Engine.<method>(*args)` in the engine loop between two steps (the engine is
+        touched by nothing else); returns its result or raises its exception. Arguments and
+        result must pickle: the engine may be another process."""
+        if self._stopped is not None:
+            raise RuntimeError(self._stopped)
+        call_id = next(self._call_ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._calls[call_id] = future
+        self._link.send(Call(call_id, method, args))
         try:
-            self._loop()
-        except Exception as exc:  # a bug outside a step: say so, end every request, stop
-            log.exception("engine loop stopped")
-            self._stop.set()
-            message = f"the engine loop stopped: {type(exc).__name__}: {exc}"
-            while self._adds:  # submitted, never taken in: they end too
-                sub = self._adds.popleft()
-                self._collectors[sub.request_id] = sub
-            ids = list(self._collectors)
-            self._publish([Timed(Delta(r, (), "", "error", error=message), 0.0) for r in ids])
+            return await future
+        finally:
+            self._calls.pop(call_id, None)
 
-    def _loop(self) -> None:
-        engine = self._engine
-        while not self._stop.is_set():
-            if self._drain():
-                self.load = engine.load()
-            if not engine.has_unfinished:
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                if self._adds:
-                    self._settle()
+    # -- from the loop --------------------------------------------------------------------------
+
+    def _receive(self, out: CoreOutput | Stopped) -> None:
+        if isinstance(out, Stopped):
+            self._stop(out.reason)
+            return
+        self.load = out.load
+        self._adds_taken = out.adds_taken
+        for delta in out.deltas:
+            collector = self._collectors.get(delta.request_id)
+            if collector is None:  # aborted here meanwhile
                 continue
-            start = time.perf_counter()
-            try:
-                deltas = engine.step()
-            except Exception as exc:  # a scheduler bug must not kill the loop: fail everyone
-                log.exception("engine step failed")
-                deltas = self._fail_all(f"{type(exc).__name__}: {exc}")
-            self.load = engine.load()
-            self._publish([Timed(delta, start) for delta in deltas])
-            if self.on_step and engine.last_stats is not None:
-                self.on_step(engine.last_stats, self.load)
-
-    def _settle(self) -> None:
-        """Work arrived at an idle engine: the rest of a burst is a few milliseconds behind
-        (the event loop admits one HTTP request at a time), so wait while the queue still
-        grows, a millisecond at a time (at most SETTLE_MAX_S), and a burst starts in one step
-        rather than two; then the packing window, if set."""
-        deadline = time.perf_counter() + SETTLE_MAX_S
-        seen = 0
-        while len(self._adds) > seen and time.perf_counter() < deadline:
-            seen = len(self._adds)
-            time.sleep(0.001)
-        if self.packing_window_s:
-            time.sleep(self.packing_window_s)  # let more prompts arrive to fill bins
-
-    def _drain(self) -> bool:
-        """Take in queued adds and aborts; True if there were any."""
-        changed = bool(self._adds or self._aborts or self._calls)
-        while self._calls:
-            self._run_call(self._calls.popleft())
-        while self._adds:
-            sub = self._adds.popleft()
-            try:
-                self._engine.add_request(
-                    sub.prompt_token_ids, sub.params, sub.request_id, sub.priority
-                )
-            except ValueError as exc:
-                error = Delta(sub.request_id, (), "", "error", error=str(exc))
-                self._send(sub, Timed(error, 0.0))
+            if delta.finish_reason is not None:
+                del self._collectors[delta.request_id]
+            collector.put_nowait(Timed(delta, out.step_start))
+        for reply in out.replies:
+            future = self._calls.get(reply.call_id)
+            if future is None or future.done():
                 continue
-            self._collectors[sub.request_id] = sub
-        while self._aborts:
-            request_id = self._aborts.popleft()
-            self._collectors.pop(request_id, None)
-            self._engine.abort(request_id)
-        return changed
+            if reply.error is not None:
+                future.set_exception(reply.error)
+            else:
+                future.set_result(reply.value)
+        if out.stats is not None and self.on_step is not None:
+            self.on_step(out.stats, out.load)
 
-    def _run_call(self, call: _Call) -> None:
-        try:
-            result = getattr(self._engine, call.method)(*call.args)
-        except Exception as exc:
-            outcome = partial(_settle_future, call.future, None, exc)
-        else:
-            outcome = partial(_settle_future, call.future, result, None)
-        with contextlib.suppress(RuntimeError):
-            call.loop.call_soon_threadsafe(outcome)
+    def _stop(self, reason: str) -> None:
+        """The loop is gone: end every open request and call with the reason."""
+        log.error(reason)
+        self._stopped = reason
+        for request_id, collector in self._collectors.items():
+            collector.put_nowait(Timed(_failed(request_id, reason), 0.0))
+        self._collectors.clear()
+        for future in self._calls.values():
+            if not future.done():
+                future.set_exception(RuntimeError(reason))
 
-    def _publish(self, items: list[Timed]) -> None:
-        """Hand a step's deltas to their collectors: one wake-up per event loop per step."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Submission, Timed]]] = {}
-        for item in items:
-            sub = self._collectors.get(item.delta.request_id)
-            if sub is None:
-                continue
-            if item.delta.finish_reason is not None:
-                del self._collectors[item.delta.request_id]
-            batches.setdefault(sub.loop, []).append((sub, item))
-        for loop, batch in batches.items():
-            # RuntimeError: the caller's event loop is gone; nobody is listening.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_deliver, batch)
 
-    @staticmethod
-    def _send(sub: _Submission, item: Timed) -> None:
-        with contextlib.suppress(RuntimeError):
-            sub.loop.call_soon_threadsafe(_deliver, [(sub, item)])
-
-    def _fail_all(self, message: str) -> list[Delta]:
-        deltas = []
-        for request_id in list(self._collectors):
-            self._engine.abort(request_id)
-            deltas.append(Delta(request_id, (), "", "error", error=message))
-        return deltas
+def _failed(request_id: str, reason: str) -> Delta:
+    return Delta(request_id, (), "", "error", error=reason)

@@ -48,8 +48,9 @@ class Engine:
         self.config = config = config or EngineConfig()
         _check_kv_memory(config)  # before loading anything
         dtype = resolve_dtype(config.dtype, config.device)
+        self.model_path = resolve_model(config.model)  # what transformers loads
         self.model, self.tokenizer = load_model(
-            resolve_model(config.model), dtype, config.device, config.trust_remote_code
+            self.model_path, dtype, config.device, config.trust_remote_code
         )
         max_model_len = config.resolved_max_model_len(
             getattr(self.model.config, "max_position_embeddings", None)

@@ -30,7 +30,12 @@ def load_model(
         attn_implementation=ATTENTION_NAME,
         trust_remote_code=trust_remote_code,
     )
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code)
     model.to(torch.device(device))  # type: ignore[arg-type]  # the stub wraps .to oddly
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The model's tokenizer (a server whose engine runs in another process loads its own)."""
+    return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)

@@ -11,6 +11,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 import uvicorn
@@ -25,7 +26,7 @@ from packserve.engine import AsyncEngine, Engine, EngineLoad, StepStats
 
 from .connections import EdgeLimits, default_max_connections, guarded_protocol
 from .dashboard import dashboard_router
-from .logs import configure_logging, quiet_libraries
+from .logs import configure_logging, quiet_libraries, setup_engine_process
 from .metrics import Metrics
 from .openai_api import VERSION, openai_router
 from .protocol import APIError, ErrorResponse
@@ -151,14 +152,14 @@ class RequestGate:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The FastAPI app. The model loads in the background unless an engine is given, so
-    /health answers at once and /ready turns 200 when loading is done."""
+def create_app(settings: Settings) -> FastAPI:
+    """The FastAPI app. The model loads in the background, so /health answers at once and
+    /ready turns 200 when loading is done."""
     state = ServerState(settings, Metrics(settings.model_name))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_start_engine(state, engine))
+        loading = asyncio.create_task(_start_engine(state))
         loading.add_done_callback(lambda task: _started(state, task))
         yield
         loading.cancel()
@@ -286,22 +287,27 @@ def _started(state: ServerState, task: asyncio.Task[None]) -> None:
     state.fail()
 
 
-async def _start_engine(state: ServerState, engine: Engine | None) -> None:
-    """Load the model (unless given), start the engine loop, wire metrics and dashboard."""
-    if engine is None:
-        engine = await asyncio.to_thread(Engine, state.settings.engine)
+async def _start_engine(state: ServerState) -> None:
+    """Start the engine loop (loading the model: in its own process unless
+    --engine-process false), wire metrics and dashboard."""
+    settings = state.settings
 
-    def on_step(stats: StepStats, load: EngineLoad) -> None:  # engine thread, after every step
+    def on_step(stats: StepStats, load: EngineLoad) -> None:  # event loop, after every step
         state.metrics.observe_step(stats)
         state.dashboard.observe_step(stats, load)
 
-    async_engine = AsyncEngine(engine, on_step)
+    if settings.engine_process:
+        setup = partial(setup_engine_process, settings.log_format)
+        async_engine = await AsyncEngine.in_process(settings.engine, on_step, setup)
+    else:
+        engine = await asyncio.to_thread(Engine, settings.engine)
+        async_engine = AsyncEngine.in_thread(engine, on_step)
     state.dashboard.set_info(async_engine.info)
     state.metrics.track(lambda: async_engine.load, lambda: async_engine.num_waiting)
     state.metrics.set_kernel_info(async_engine.info)
-    # Everything loaded so far (model, tokenizer, libraries: ~400k objects with SmolLM2) lives
-    # as long as the process: leave it out of the collector's scans, or every full collection
-    # (~190 ms here) stalls every running stream.
+    # Everything loaded so far (libraries, tokenizer; the model too when the engine is a
+    # thread: ~400k objects with SmolLM2) lives as long as the process: leave it out of the
+    # collector's scans, or every full collection (~190 ms here) stalls every running stream.
     gc.freeze()
     async_engine.start()
     state.engine = async_engine
@@ -312,15 +318,16 @@ async def _start_engine(state: ServerState, engine: Engine | None) -> None:
             "fields": {
                 "model": state.settings.model_name,
                 "dtype": info.dtype,
-                "device": engine.config.device,
+                "device": settings.engine.device,
                 "max_model_len": info.max_model_len,
                 "num_kv_blocks": info.num_kv_blocks,
                 "block_size": info.block_size,
                 "max_num_seqs": info.max_num_seqs,
-                "attention": engine.config.attention_backend,
+                "attention": settings.engine.attention_backend,
                 "linear": info.linear_backend,
                 "quantization": info.quantization,
                 "batch_invariant": info.batch_invariant,
+                "engine": "process" if settings.engine_process else "thread",
                 "gc_frozen_objects": gc.get_freeze_count(),
             }
         },

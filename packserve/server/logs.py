@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.config
 import os
 import time
 from typing import Any
@@ -111,3 +112,9 @@ def quiet_libraries() -> None:
 
     transformers.logging.disable_progress_bar()
     transformers.logging.disable_default_handler()
+
+
+def setup_engine_process(log_format: str) -> None:
+    """First thing in the engine's own process: the server's log lines, libraries quiet."""
+    logging.config.dictConfig(configure_logging(log_format))
+    quiet_libraries()

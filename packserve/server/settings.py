@@ -62,6 +62,11 @@ class Settings:
     max_connections: int = knob(
         0, "open connections at most, then 503 (0: the file-descriptor limit less 64)"
     )
+    engine_process: bool = knob(
+        True,
+        "run the engine loop in a process of its own (no GIL shared with the HTTP side); "
+        "false: in a thread of the server process",
+    )
     log_format: Literal["text", "json"] = knob("text", "log line format")
     log_prompts: bool = knob(False, "include prompt token ids in request logs")
     allow_unknown_fields: bool = knob(

@@ -11,7 +11,8 @@ The hook sits on the model's input embeddings, which every forward passes its in
 through ([rows, tokens] for packed prefill, [seqs, 1] for decode), so it does not depend on
 how the scheduler hands work to the runner. Padding ids (0) pass through the same embeddings,
 so T must not be 0. The product knows nothing of this: the variable is read here and removed
-before packserve starts.
+before packserve starts. The engine runs in a spawned process, which imports this file again
+(as `__mp_main__`): HOOK_ENV carries the token id there, and the hook is installed on import.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import sys
 from typing import Any
 
 FAULT_ENV = "PACKSERVE_TEST_FAULT_TOKEN_ID"
+HOOK_ENV = "_FAULT_SERVER_TOKEN_ID"  # for the engine process; not a PACKSERVE_ setting
 
 
 def install_fault_hook(token_id: int) -> None:
@@ -51,6 +53,7 @@ def main() -> None:
     if raw is None:
         raise SystemExit(f"set {FAULT_ENV} to the token id whose steps should fail")
     install_fault_hook(int(raw))
+    os.environ[HOOK_ENV] = raw
 
     from packserve.server.cli import main as packserve_main
 
@@ -59,3 +62,5 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+elif __name__ == "__mp_main__" and HOOK_ENV in os.environ:
+    install_fault_hook(int(os.environ[HOOK_ENV]))

@@ -1,0 +1,167 @@
+"""The engine loop in a process of its own (vLLM's EngineCore split): the server's event loop
+and the engine then never wait for each other's Python (one GIL each).
+
+Two one-way pipes carry the core's dataclasses (pickled): messages in, CoreOutputs out. The
+child loads the model, says Ready (or Failed, with the reason), then runs `EngineCore`; a
+receiver thread moves incoming messages into its inbox. The child ends when the server closes
+its pipe (or dies: the pipe closes with it), and ignores SIGINT and SIGTERM: the server decides
+when to stop (it drains first).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+
+from .config import EngineConfig
+from .core import CoreOutput, EngineCore, Inbox, Message, Stopped
+from .engine import Engine
+from .stats import EngineInfo
+
+log = logging.getLogger("packserve.engine")
+JOIN_TIMEOUT_S = 10.0  # a stopping child finishes its step and exits; then it is killed
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    info: EngineInfo
+    model_path: str  # the folder the model was loaded from: the tokenizer's too
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    reason: str
+
+
+class EngineStartError(RuntimeError):
+    """The engine process could not load the model (the reason is the message)."""
+
+
+def _child(
+    config: EngineConfig,
+    inbound: Connection,
+    outbound: Connection,
+    setup: Callable[[], None] | None,
+) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):  # sent to the whole group: the server drains
+        signal.signal(sig, signal.SIG_IGN)
+    if setup is not None:
+        setup()
+    try:
+        engine = Engine(config)
+    except Exception as exc:
+        outbound.send(Failed(f"{type(exc).__name__}: {exc}"))
+        return
+    gc.freeze()  # the model and libraries live as long as the process: out of the GC's scans
+    inbox = Inbox()
+    core = EngineCore(engine, inbox, outbound.send)
+
+    def receive() -> None:
+        with contextlib.suppress(EOFError, OSError):
+            while True:
+                inbox.put(inbound.recv())
+        core.stop()  # the server closed its end or died
+
+    outbound.send(Ready(engine.info, engine.model_path))
+    threading.Thread(target=receive, name="packserve-engine-inbox", daemon=True).start()
+    code = 0
+    try:
+        core.run()
+    except Exception as exc:
+        log.exception("engine loop stopped")
+        with contextlib.suppress(OSError):
+            outbound.send(Stopped(f"the engine loop stopped: {type(exc).__name__}: {exc}"))
+        code = 1
+    # Skip the interpreter's teardown: seconds of garbage collection over the model.
+    logging.shutdown()
+    os._exit(code)
+
+
+class ProcessLink:
+    """The server's end of an engine process. Use from one event loop: `start` (loads the
+    model, raises EngineStartError on failure), then `attach`, `send`, `shutdown`."""
+
+    def __init__(self, config: EngineConfig, setup: Callable[[], None] | None = None) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a threaded server
+        self._inbound, to_child = context.Pipe(duplex=False)
+        from_child, self._outbound = context.Pipe(duplex=False)
+        self._process: BaseProcess = context.Process(
+            target=_child,
+            args=(config, from_child, to_child, setup),
+            name="packserve-engine",
+            daemon=True,
+        )
+        self._ends = (from_child, to_child)  # the child's: closed here once it has them
+        self._attached = False
+        self._lost = False
+
+    async def start(self) -> Ready:
+        """Spawn the child and wait for it to load the model."""
+        self._process.start()
+        for end in self._ends:
+            end.close()
+        try:
+            said = await asyncio.to_thread(self._inbound.recv)
+        except (EOFError, OSError):
+            await asyncio.to_thread(self._process.join, JOIN_TIMEOUT_S)
+            raise EngineStartError(
+                f"the engine process exited with code {self._process.exitcode} while loading"
+            ) from None
+        if isinstance(said, Failed):
+            await asyncio.to_thread(self._process.join, JOIN_TIMEOUT_S)
+            raise EngineStartError(said.reason)
+        assert isinstance(said, Ready)
+        return said
+
+    def attach(self, receive: Callable[[CoreOutput | Stopped], None]) -> None:
+        """Deliver everything the core emits to `receive`, on this event loop."""
+        loop = asyncio.get_running_loop()
+        fd = self._inbound.fileno()
+
+        def readable() -> None:
+            try:
+                while self._inbound.poll():
+                    receive(self._inbound.recv())
+            except (EOFError, OSError):
+                loop.remove_reader(fd)
+                self._lost = True
+                self._process.join(1.0)
+                code = self._process.exitcode
+                receive(Stopped(f"the engine process exited (code {code})"))
+
+        loop.add_reader(fd, readable)
+        self._attached = True
+
+    def send(self, message: Message) -> None:
+        try:
+            self._outbound.send(message)
+        except OSError:  # the child is gone; the reader reports it
+            self._lost = True
+
+    @property
+    def alive(self) -> bool:
+        return not self._lost and self._process.is_alive()
+
+    def shutdown(self) -> None:
+        """Close the child's inbox (it stops after its step), wait, then make sure."""
+        if self._attached:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._inbound.fileno())
+        self._outbound.close()
+        if self._process.pid is None:
+            return
+        self._process.join(JOIN_TIMEOUT_S)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join(JOIN_TIMEOUT_S)
+        self._inbound.close()
