@@ -79,14 +79,41 @@ def quantiles(values: list[float]) -> dict[str, float | None]:
     }
 
 
+TIMES = ("refused", "served", "health", "refused_from_start", "health_from_start")
+
+
+def measure(flags: list[str], connections: int, generate: bytes) -> dict[str, Any]:
+    """One server: a warm-up, the /health burst, then the generation burst."""
+    probe = http_request("GET", "/health")
+    with launch(*flags) as server:
+        asyncio.run(burst(server.host, server.port, probe, 50))  # warm-up
+        probes = asyncio.run(burst(server.host, server.port, probe, connections))
+        time.sleep(1)
+        generations = asyncio.run(burst(server.host, server.port, generate, connections))
+    statuses: dict[int, int] = {}
+    for status, _, _ in generations:
+        statuses[status] = statuses.get(status, 0) + 1
+    return {
+        "statuses": {str(k): v for k, v in sorted(statuses.items())},
+        "errors_5xx": sum(v for k, v in statuses.items() if k >= 500),
+        "refused": [t for s, t, _ in generations if s == 429],
+        "served": [t for s, t, _ in generations if s == 200],
+        "health": [t for s, t, _ in probes if s == 200],
+        "refused_from_start": [t for s, _, t in generations if s == 429],
+        "health_from_start": [t for s, _, t in probes if s == 200],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--connections", type=int, default=1000)
     parser.add_argument("--max-queued-requests", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--engines", default="process,thread", help="--engine-process modes")
+    parser.add_argument("--repeats", type=int, default=3, help="bursts per mode, interleaved")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    flags = [
+    base_flags = [
         "--model",
         str(default_model_dir("tiny")),
         "--max-queued-requests",
@@ -99,56 +126,75 @@ def main() -> None:
         "/v1/completions",
         {"prompt": "Write a long story.", "max_tokens": args.max_tokens, "ignore_eos": True},
     )
-    probe = http_request("GET", "/health")
-    with launch(*flags) as server:
-        asyncio.run(burst(server.host, server.port, probe, 50))  # warm-up
-        probes = asyncio.run(burst(server.host, server.port, probe, args.connections))
-        time.sleep(1)
-        generations = asyncio.run(burst(server.host, server.port, generate, args.connections))
-    statuses: dict[int, int] = {}
-    for status, _, _ in generations:
-        statuses[status] = statuses.get(status, 0) + 1
-    refused = quantiles([t for s, t, _ in generations if s == 429])
-    served = quantiles([t for s, t, _ in generations if s == 200])
-    health = quantiles([t for s, t, _ in probes if s == 200])
-    from_start = {
-        "refused_429": quantiles([t for s, _, t in generations if s == 429]),
-        "health_probe": quantiles([t for s, _, t in probes if s == 200]),
-    }
-    ratio = None
-    if refused["p50_ms"] and health["p50_ms"]:
-        ratio = round(refused["p50_ms"] / health["p50_ms"], 2)
+    modes = args.engines.split(",")
+    load_before = os.getloadavg()[0]
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
+    for _ in range(args.repeats):
+        for mode in modes:
+            flag = ["--engine-process" if mode == "process" else "--no-engine-process"]
+            runs[mode].append(measure(base_flags + flag, args.connections, generate))
+    per_mode: dict[str, Any] = {}
+    for mode, measured in runs.items():
+        pooled = {k: [t for r in measured for t in r[k]] for k in TIMES}
+        refused, health = quantiles(pooled["refused"]), quantiles(pooled["health"])
+        per_mode[mode] = {
+            "refused_429": refused,
+            "served_200": quantiles(pooled["served"]),
+            "health_probe": health,
+            "refused_429_p50_per_burst": [quantiles(r["refused"])["p50_ms"] for r in measured],
+            "refused_429_p99_per_burst": [quantiles(r["refused"])["p99_ms"] for r in measured],
+            "statuses_per_burst": [r["statuses"] for r in measured],
+            "errors_5xx": sum(r["errors_5xx"] for r in measured),
+            "refusal_over_probe_p50": (
+                round(refused["p50_ms"] / health["p50_ms"], 2)
+                if refused["p50_ms"] and health["p50_ms"]
+                else None
+            ),
+            "from_burst_start": {
+                "refused_429": quantiles(pooled["refused_from_start"]),
+                "health_probe": quantiles(pooled["health_from_start"]),
+            },
+        }
     summary = {
         "config": vars(args) | {"out": str(args.out)},
         "machine": {
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
+            "loadavg_1m_before": round(load_before, 2),
         },
-        "statuses": {str(k): v for k, v in sorted(statuses.items())},
-        "errors_5xx": sum(v for k, v in statuses.items() if k >= 500),
-        "refused_429": refused,
-        "served_200": served,
-        "health_probe": health,
-        "refusal_over_probe_p50": ratio,
-        "from_burst_start": from_start,
+        "engines": per_mode,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "burst.json").write_text(json.dumps(summary, indent=2) + "\n")
-    rows = [("429 (refused)", refused), ("200 (served)", served), ("GET /health", health)]
-    table = "\n".join(
-        f"| {name} | {q['n']} | {q['p50_ms']} | {q['p99_ms']} | {q['max_ms']} |" for name, q in rows
+    lines = []
+    for mode, m in per_mode.items():
+        rows = [
+            ("429 (refused)", m["refused_429"]),
+            ("200 (served)", m["served_200"]),
+            ("GET /health", m["health_probe"]),
+        ]
+        for name, q in rows:
+            lines.append(
+                f"| {mode} | {name} | {q['n']} | {q['p50_ms']} | {q['p99_ms']} | {q['max_ms']} |"
+            )
+    per_burst = "; ".join(
+        f"{mode}: 429 p50 {m['refused_429_p50_per_burst']} ms, p99 "
+        f"{m['refused_429_p99_per_burst']} ms, 5xx {m['errors_5xx']}"
+        for mode, m in per_mode.items()
     )
     (args.out / "burst.md").write_text(
         f"# Burst: {args.connections} connections at once, --max-queued-requests "
         f"{args.max_queued_requests}\n\n"
         f"{summary['machine']['cpu']}, {summary['machine']['cores']} cores (client and server "
-        "share them); tiny model. Per request: from writing it to its response's status line.\n\n"
-        "| response | n | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|\n"
-        f"{table}\n\nStatuses: {summary['statuses']}; 429 p50 / /health p50 = {ratio}.\n"
-        f"From the burst's start (adds the client's connection setup): 429 "
-        f"{from_start['refused_429']}, /health {from_start['health_probe']}.\n"
-        "Command: `.venv/bin/python -m bench.burst`\n"
+        f"share them; load average {load_before:.2f} before); tiny model; {args.repeats} bursts "
+        "per engine mode (`--engine-process` or `--no-engine-process`), interleaved, pooled "
+        "below. Per request: from writing it to its response's status line.\n\n"
+        "| engine | response | n | p50 ms | p99 ms | max ms |\n|---|---|---|---|---|---|\n"
+        + "\n".join(lines)
+        + f"\n\nPer burst: {per_burst}.\n"
+        f"Command: `.venv/bin/python -m bench.burst --engines {args.engines} --repeats "
+        f"{args.repeats}`\n"
     )
     print(json.dumps(summary, indent=2))
 

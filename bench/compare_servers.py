@@ -131,7 +131,7 @@ def packserve_flags(system: str, model_dir: str, name: str) -> list[str]:
     flags = ["--model", model_dir, "--served-model-name", name, "--max-queued-requests", "1024"]
     extra = {
         "packserve-padded": ["--prefill-mode", "padded"],
-        "packserve-thread": ["--engine-process", "false"],  # the engine loop in a thread
+        "packserve-thread": ["--no-engine-process"],  # the engine loop in a thread
     }
     return flags + extra.get(system, [])
 

@@ -59,7 +59,7 @@ SYSTEM_FLAGS = {
     "base": (),
     "new": (),
     "new-fcfs": ("--scheduling-policy", "fcfs"),
-    "new-thread": ("--engine-process", "false"),  # the engine loop in the server's process
+    "new-thread": ("--no-engine-process",),  # the engine loop in the server's process
 }
 SYSTEMS = (*SYSTEM_FLAGS, "transformers-cb")
 # Says where packserve came from, then runs the CLI as `python -m packserve.server.cli` does.

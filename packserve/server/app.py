@@ -289,7 +289,7 @@ def _started(state: ServerState, task: asyncio.Task[None]) -> None:
 
 async def _start_engine(state: ServerState) -> None:
     """Start the engine loop (loading the model: in its own process unless
-    --engine-process false), wire metrics and dashboard."""
+    --no-engine-process), wire metrics and dashboard."""
     settings = state.settings
 
     def on_step(stats: StepStats, load: EngineLoad) -> None:  # event loop, after every step
