@@ -51,6 +51,7 @@ class _Submission:
     collector: asyncio.Queue[Timed]
     loop: asyncio.AbstractEventLoop
     priority: int
+    adapter: str | None  # LoRA adapter; None: the base model
 
 
 def _deliver(batch: list[tuple[_Submission, Timed]]) -> None:
@@ -130,6 +131,7 @@ class AsyncEngine:
         params: SamplingParams,
         collector: asyncio.Queue[Timed],
         priority: int = 0,
+        adapter: str | None = None,
     ) -> None:
         """Queue a request; its deltas will arrive in `collector` (the choices of one HTTP
         request share one). Synchronous, so a handler's queue-limit check and its submission
@@ -138,7 +140,7 @@ class AsyncEngine:
         self.num_in_flight += 1
         loop = asyncio.get_running_loop()
         self._adds.append(
-            _Submission(request_id, prompt_token_ids, params, collector, loop, priority)
+            _Submission(request_id, prompt_token_ids, params, collector, loop, priority, adapter)
         )
         self._wake.set()
 
@@ -223,9 +225,9 @@ class AsyncEngine:
             sub = self._adds.popleft()
             try:
                 self._engine.add_request(
-                    sub.prompt_token_ids, sub.params, sub.request_id, sub.priority
+                    sub.prompt_token_ids, sub.params, sub.request_id, sub.priority, sub.adapter
                 )
-            except ValueError as exc:
+            except (ValueError, LookupError) as exc:
                 error = Delta(sub.request_id, (), "", "error", error=str(exc))
                 self._send(sub, Timed(error, 0.0))
                 continue

@@ -1,6 +1,7 @@
 """packserve scheduler: request state, KV-block accounting, FFD packing. Pure Python, no torch."""
 
 from .block_manager import BlockAllocator, block_hash, blocks_for
+from .lora_slots import LoRASlots
 from .config import PrefillMode, SchedulerConfig, SchedulingPolicy
 from .outputs import (
     NewRequest,
@@ -16,6 +17,7 @@ from .scheduler import Scheduler
 
 __all__ = [
     "BlockAllocator",
+    "LoRASlots",
     "NewRequest",
     "PrefillMode",
     "Request",
