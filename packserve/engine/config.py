@@ -176,7 +176,7 @@ class EngineConfig:
 
 
 def _split_lora_module(spec: str) -> tuple[str, str]:
-    """"name=path" -> (name, path); ValueError if either is missing."""
+    """ "name=path" -> (name, path); ValueError if either is missing."""
     name, sep, path = spec.partition("=")
     if not (sep and name and path):
         raise ValueError(f"a LoRA module is given as name=path; got {spec!r}")

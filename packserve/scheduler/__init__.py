@@ -1,8 +1,8 @@
 """packserve scheduler: request state, KV-block accounting, FFD packing. Pure Python, no torch."""
 
 from .block_manager import BlockAllocator, block_hash, blocks_for
-from .lora_slots import LoRASlots
 from .config import PrefillMode, SchedulerConfig, SchedulingPolicy
+from .lora_slots import LoRASlots
 from .outputs import (
     NewRequest,
     RunnerOutput,
