@@ -80,6 +80,7 @@ class Engine:
             dtype=dtype,
             linear_backend=self.runner.linear.backend,
             quantization=config.quantization,
+            max_loras=scheduler_config.max_loras,
         )
         self.last_stats: StepStats | None = None
         self.grammars = GrammarCompiler(self.tokenizer, self.info.vocab_size, eos_token_ids)
@@ -200,6 +201,7 @@ class Engine:
     def load(self) -> EngineLoad:
         """A snapshot of the engine's state, for readers on other threads."""
         scheduler = self.scheduler
+        waiting = [*scheduler.waiting, *(r for r, _ in self._compiling.values())]
         return EngineLoad(
             num_running=scheduler.num_running,
             num_waiting=scheduler.num_waiting + len(self._compiling),
@@ -211,9 +213,13 @@ class Engine:
                     len(r.prompt_token_ids),
                     len(r.output_token_ids),
                     r.arrival_time,
+                    r.adapter,
                 )
                 for r in scheduler.running
             ),
+            waiting_adapters=tuple(sorted({r.adapter for r in waiting if r.adapter is not None})),
+            num_lora_loads_total=scheduler.lora.num_loads_total,
+            num_lora_evictions_total=scheduler.lora.num_evictions_total,
         )
 
     # -- offline API ----------------------------------------------------------------------------
