@@ -234,3 +234,38 @@ def test_no_adapter_no_wrapper(make_engine):
     engine = make_engine()
     assert engine.runner.lora is None
     assert not any(isinstance(m, LoRALinear) for m in engine.model.modules())
+
+
+def test_smollm2_adapters_greedy_equal_merged_generate_alone(
+    smollm2_dir, make_lora, greedy_reference
+):
+    """The real default model: two adapters and the base in one batch, each request's greedy
+    output equal to its adapter merged into SmolLM2 and run alone (up to near-ties)."""
+    from packserve.engine.engine import EngineConfig
+
+    reference_greedy, assert_matches = greedy_reference
+    dirs = {
+        "r8": str(make_lora(smollm2_dir, 8, seed=31, alpha=8)),
+        "r16": str(make_lora(smollm2_dir, 16, seed=32, targets=ATTENTION, alpha=16)),
+    }
+    engine = Engine(
+        EngineConfig(model=str(smollm2_dir), dtype="float32", lora_modules=lora_flags(dirs))
+    )
+    tok = engine.tokenizer
+    questions = ["What is the capital of France?", "Name a primary colour."]
+    prompts = [
+        list(
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, return_dict=False
+            )
+        )
+        for q in questions
+    ]
+    jobs: list[Job] = [(p, name) for name in (None, "r8", "r16") for p in prompts]
+    outputs = run(engine, jobs, SamplingParams(temperature=0, max_tokens=12))  # EOS ends it
+    for name in (None, "r8", "r16"):
+        reference = merged_model(smollm2_dir, dirs[name] if name else None)
+        for (prompt, job_name), got in zip(jobs, outputs, strict=True):
+            if job_name == name:
+                expected = reference_greedy(reference, prompt, GREEDY.max_tokens)
+                assert_matches(got, expected, f"SmolLM2 with adapter {name}")

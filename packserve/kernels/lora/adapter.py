@@ -96,7 +96,7 @@ def read_adapter_config(path: str | Path, max_rank: int) -> AdapterConfig:
         alpha_pattern = {str(k): float(v) for k, v in (raw.get("alpha_pattern") or {}).items()}
         config = AdapterConfig(
             rank=max([int(raw["r"]), *rank_pattern.values()]),
-            lora_alpha=float(raw.get("lora_alpha", raw["r"])),
+            lora_alpha=float(raw.get("lora_alpha") or raw["r"]),
             use_rslora=bool(raw.get("use_rslora", False)),
             rank_pattern=rank_pattern,
             alpha_pattern=alpha_pattern,

@@ -72,8 +72,8 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.step = step
-        self.in_features: int = base.in_features
-        self.out_features: int = base.out_features
+        self.in_features: int = getattr(base, "in_features")  # noqa: B009  # any linear kind
+        self.out_features: int = getattr(base, "out_features")  # noqa: B009
         self.lora_a = like.new_zeros(max_loras, max_rank, self.in_features)  # A
         self.lora_b = like.new_zeros(max_loras, max_rank, self.out_features)  # B^T * scaling
         self.ranks = [0] * max_loras  # slot -> its adapter's rank here; 0: not targeted
