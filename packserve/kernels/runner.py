@@ -195,7 +195,7 @@ class Runner:
             if self.lora is not None:
                 slots = token_slots(rows, {r: s.lora_slot for r, s in self.requests.items()})
                 tile_rows = self._tile_rows(decode_only) if self.tiles is not None else None
-                self.lora.step.begin(slots, tile_rows, self.device)
+                self.lora.begin(slots, tile_rows)
             logits.append(self.forward(inputs, decode_only))
             seqs += [seq for row in rows for seq in row if seq.sample]
         if not seqs:

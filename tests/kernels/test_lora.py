@@ -127,7 +127,7 @@ def test_lora_bitwise_equal_alone_in_batch_invariant_mode(
         ids = [engine.add_request(p, GREEDY, adapter=name) for p, name in jobs]
         while engine.has_unfinished:
             engine.step()
-    assert engine.runner.lora is not None and engine.runner.lora.step.tiled
+    assert engine.runner.lora is not None and engine.runner.lora.step.tiles  # the tiled path
     assert_bitwise(alone, rows, ids)
     # The adapters were applied: the same prompt on the base model gives other logits.
     for (prompt, name), expected in zip(jobs, alone, strict=True):
