@@ -269,3 +269,41 @@ def test_smollm2_adapters_greedy_equal_merged_generate_alone(
             if job_name == name:
                 expected = reference_greedy(reference, prompt, GREEDY.max_tokens)
                 assert_matches(got, expected, f"SmolLM2 with adapter {name}")
+
+
+@pytest.mark.parametrize("num_tokens", [40, 300], ids=["dense", "segmented"])
+@pytest.mark.parametrize("tiled", [False, True], ids=["untiled", "tiled"])
+def test_every_path_adds_each_tokens_own_adapter(num_tokens, tiled):
+    """The pool's paths (dense for small forwards, segmented bmm for large ones, fixed tiles
+    in batch-invariant mode) each give base(x) + x @ A_s^T @ B_s^T * scaling for a token of
+    slot s, and base(x) for slot -1; adapters of several ranks, one not targeting a layer."""
+    from packserve.kernels.invariant import RowTiled, TileRows
+    from packserve.kernels.lora import LoRAPool, LoRAWeights
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.q_proj = torch.nn.Linear(24, 16, bias=False, dtype=torch.float64)
+    model.down_proj = torch.nn.Linear(24, 40, bias=False, dtype=torch.float64)
+    bases = {name: getattr(model, name) for name in ("q_proj", "down_proj")}
+    pool = LoRAPool(model, max_loras=3, max_rank=8)
+    adapters = {}
+    for slot, rank in ((0, 8), (2, 3)):
+        modules = {
+            name: (torch.randn(rank, 24, dtype=torch.float64), torch.randn(out, rank))
+            for name, out in (("q_proj", 16), ("down_proj", 40))
+            if not (slot == 2 and name == "down_proj")  # slot 2 leaves down_proj alone
+        }
+        pool.write(slot, LoRAWeights(modules))
+        adapters[slot] = modules
+    slot_ids = [random.Random(i).choice([-1, 0, 2]) for i in range(num_tokens)]
+    x = torch.randn(num_tokens, 24, dtype=torch.float64)
+    pool.begin(slot_ids, 16 if tiled else None)
+    for name, base in bases.items():
+        layer = getattr(model, name)
+        got = RowTiled(layer, TileRows(16))(x) if tiled else layer(x)
+        expected = base(x).clone()
+        for row, slot in enumerate(slot_ids):
+            if slot >= 0 and name in adapters[slot]:
+                a, b = adapters[slot][name]
+                expected[row] += x[row] @ a.T @ b.T.double()
+        torch.testing.assert_close(got, expected)
