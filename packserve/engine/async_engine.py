@@ -227,7 +227,7 @@ class AsyncEngine:
                 self._engine.add_request(
                     sub.prompt_token_ids, sub.params, sub.request_id, sub.priority, sub.adapter
                 )
-            except (ValueError, LookupError) as exc:
+            except ValueError as exc:
                 error = Delta(sub.request_id, (), "", "error", error=str(exc))
                 self._send(sub, Timed(error, 0.0))
                 continue

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from packserve.kernels.lora import LoRAWeights, read_adapter, read_adapter_config
 
 
-class UnknownAdapter(LookupError):
-    """No adapter of that name is registered."""
+class UnknownAdapter(ValueError, LookupError):
+    """No adapter of that name is registered: a request naming it is refused like any bad
+    request (ValueError), an unload of it is a lookup that failed (404)."""
 
 
 @dataclass(frozen=True, slots=True)
