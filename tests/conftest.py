@@ -326,3 +326,43 @@ def chat_ids(offline_engine: Engine) -> Callable[[list[dict[str, str]]], list[in
         return list(tokenizer(text, add_special_tokens=False).input_ids)
 
     return render
+
+
+# -- LoRA adapters -------------------------------------------------------------------------------
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.fixture(scope="session")
+def make_lora(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """make_lora(base_dir, rank, seed, targets=LORA_TARGETS, alpha=None) -> a PEFT adapter
+    folder with random LoRA weights (peft's init_lora_weights=False: B is not zero, so the
+    adapter changes the output) over the model in `base_dir`. Cached per arguments."""
+    root = tmp_path_factory.mktemp("loras")
+    made: dict[tuple, Path] = {}
+
+    def make(
+        base_dir: Path,
+        rank: int,
+        seed: int,
+        targets: Sequence[str] = LORA_TARGETS,
+        alpha: float | None = None,
+    ) -> Path:
+        key = (str(base_dir), rank, seed, tuple(targets), alpha)
+        if key not in made:
+            from peft import LoraConfig, get_peft_model
+
+            torch.manual_seed(seed)
+            base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+            config = LoraConfig(
+                r=rank,
+                lora_alpha=alpha if alpha is not None else 2 * rank,
+                target_modules=list(targets),
+                init_lora_weights=False,
+            )
+            folder = root / f"lora-{len(made)}"
+            get_peft_model(base, config).save_pretrained(folder)
+            made[key] = folder
+        return made[key]
+
+    return make

@@ -196,8 +196,10 @@ class AsyncEngine:
         params: SamplingParams,
         collector: asyncio.Queue[Timed],
         priority: int = 0,
+        adapter: str | None = None,
     ) -> None:
-        """Queue a request; its deltas will arrive in `collector`. Synchronous, so a
+        """Queue a request (on `adapter`, a LoRA adapter's name; None: the base model); its
+        deltas will arrive in `collector`. Synchronous, so a
         handler's queue-limit check and its submission happen in the same event-loop turn.
         Pair every submit with a `release`. A lower `priority` is scheduled first (vLLM's
         convention)."""
@@ -207,7 +209,7 @@ class AsyncEngine:
             return
         self._collectors[request_id] = collector
         self._adds_sent += 1
-        self._link.send(Add(request_id, prompt_token_ids, params, priority))
+        self._link.send(Add(request_id, prompt_token_ids, params, priority, adapter))
 
     def release(self, request_id: str, finished: bool) -> None:
         """The caller is done with a request; an unfinished one (a client that left, a

@@ -113,6 +113,17 @@ class EngineConfig:
     )
     seed: int | None = knob(None, "seed for requests that bring none")
     batch_invariant: bool = knob(False, "bitwise the same logits whatever the batch")
+    lora_modules: tuple[str, ...] = knob(
+        (), "LoRA adapters to serve, as name=path (PEFT folders); a request picks one by model"
+    )
+    allow_runtime_lora: bool = knob(
+        False,
+        "allow loading and unloading LoRA adapters at run time (POST /v1/load_lora_adapter, "
+        "/v1/unload_lora_adapter); reserves the adapter pool even with no --lora-modules",
+    )
+    # 8 slots of rank 16 (vLLM's default rank) cost SmolLM2-135M about 80 MB in bfloat16.
+    max_loras: int = knob(8, "LoRA adapters resident at once (more registered ones are swapped)")
+    max_lora_rank: int = knob(16, "highest LoRA rank served (the pool's rank per slot)")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -137,6 +148,21 @@ class EngineConfig:
             raise ValueError(f"int4_group_size must be one of {INT4_GROUP_SIZES}")
         if self.batch_invariant and self.quantization != "none":
             raise ValueError("batch_invariant runs unquantized weights only (quantization none)")
+        if self.max_loras < 1 or self.max_lora_rank < 1:
+            raise ValueError("max_loras and max_lora_rank must be positive")
+        names = [name for name, _ in (_split_lora_module(m) for m in self.lora_modules)]
+        if len(set(names)) < len(names):
+            raise ValueError("lora_modules names an adapter twice")
+
+    @property
+    def lora_paths(self) -> dict[str, str]:
+        """The adapters served from the start: name -> PEFT folder."""
+        return dict(_split_lora_module(m) for m in self.lora_modules)
+
+    @property
+    def lora_enabled(self) -> bool:
+        """Whether the engine keeps a LoRA pool (and wraps the model's projections)."""
+        return bool(self.lora_modules) or self.allow_runtime_lora
 
     @property
     def packing_window_s(self) -> float:
@@ -147,3 +173,11 @@ class EngineConfig:
         return self.max_model_len or min(
             model_max_len or DEFAULT_MAX_MODEL_LEN, DEFAULT_MAX_MODEL_LEN
         )
+
+
+def _split_lora_module(spec: str) -> tuple[str, str]:
+    """ "name=path" -> (name, path); ValueError if either is missing."""
+    name, sep, path = spec.partition("=")
+    if not (sep and name and path):
+        raise ValueError(f"a LoRA module is given as name=path; got {spec!r}")
+    return name, path

@@ -8,6 +8,7 @@ below, so the same loop serves both: a thread passes them by reference, a proces
 from __future__ import annotations
 
 import logging
+import pickle
 import threading
 import time
 from collections import deque
@@ -34,6 +35,7 @@ class Add:
     prompt_token_ids: list[int]
     params: SamplingParams
     priority: int = 0
+    adapter: str | None = None  # a LoRA adapter's name; None: the base model
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,6 +114,16 @@ class Inbox:
         return len(self._items)
 
 
+def _portable(exc: Exception) -> Exception:
+    """The exception itself if it survives pickling (the engine may be another process),
+    else a RuntimeError with its text."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
 class EngineCore:
     """Steps one Engine, the only thread that touches it. `emit` gets every CoreOutput in
     order; `run` returns once `stop` is called and raises on a bug outside a step."""
@@ -187,6 +199,7 @@ class EngineCore:
                         message.params,
                         message.request_id,
                         message.priority,
+                        message.adapter,
                     )
                 except ValueError as exc:
                     refused.append(Delta(message.request_id, (), "", "error", error=str(exc)))
@@ -203,9 +216,7 @@ class EngineCore:
         try:
             return Reply(call.call_id, getattr(self.engine, call.method)(*call.args))
         except Exception as exc:
-            if type(exc).__module__ != "builtins":  # travels to another process: keep it plain
-                exc = RuntimeError(f"{type(exc).__name__}: {exc}")
-            return Reply(call.call_id, error=exc)
+            return Reply(call.call_id, error=_portable(exc))
 
     def _fail_all(self, message: str) -> list[Delta]:
         deltas = []

@@ -27,6 +27,7 @@ from packserve.scheduler import (
 )
 
 from .config import PREFILL_CONTEXT_COST, EngineConfig
+from .lora import AdapterRegistry
 from .outputs import Completion, Delta
 from .stats import EngineInfo, EngineLoad, RunningRequest, StepStats
 from .structured import GrammarCompiler, GrammarState
@@ -80,6 +81,7 @@ class Engine:
             dtype=dtype,
             linear_backend=self.runner.linear.backend,
             quantization=config.quantization,
+            max_loras=scheduler_config.max_loras,
         )
         self.last_stats: StepStats | None = None
         self.grammars = GrammarCompiler(self.tokenizer, self.info.vocab_size, eos_token_ids)
@@ -88,6 +90,10 @@ class Engine:
         self._compiling: dict[str, tuple[Request, Future]] = {}
         self._texts: dict[str, TextStream] = {}
         self._ids = itertools.count()
+        self.adapters = AdapterRegistry(config.max_lora_rank)
+        for name, path in config.lora_paths.items():
+            self.adapters.register(name, path)
+        self._adapter_failures: list[Delta] = []  # requests ended by an unload, sent next step
 
     # -- the loop's interface -------------------------------------------------------------------
 
@@ -102,9 +108,11 @@ class Engine:
         params: SamplingParams,
         request_id: str | None = None,
         priority: int = 0,
+        adapter: str | None = None,
     ) -> str:
-        """Queue a prompt (text or token ids); a lower `priority` is scheduled first.
-        Raises ValueError if it cannot be served."""
+        """Queue a prompt (text or token ids); a lower `priority` is scheduled first;
+        `adapter`: the LoRA adapter it runs with (None: the base model). Raises ValueError if
+        it cannot be served, UnknownAdapter if no such adapter is loaded."""
         request_id = request_id or f"req-{next(self._ids)}"
         token_ids = self.tokenize(prompt)
         vocab = self.info.vocab_size
@@ -113,6 +121,9 @@ class Engine:
         if any(t >= vocab for t, _ in params.logit_bias):
             raise ValueError(f"logit_bias token ids must be in 0..{vocab - 1}")
         request = Request(request_id, token_ids, params, priority=priority)
+        if adapter is not None:
+            request.adapter = adapter
+            request.cache_salt = self.adapters.get(adapter).cache_salt
         text = TextStream(self.tokenizer, params.stop, params.min_tokens)
         if params.structured is not None:
             future = self.grammars.compile(params.structured)
@@ -142,16 +153,39 @@ class Engine:
             return True
         return self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
 
+    def load_lora(self, name: str, path: str) -> None:
+        """Register an adapter at run time (its weights are read when first needed). Raises
+        ValueError if LoRA is off, the name is taken or the folder cannot be served."""
+        if not self.config.lora_enabled:
+            raise ValueError("LoRA adapters are off: start with --allow-runtime-lora")
+        self.adapters.register(name, path)
+
+    def unload_lora(self, name: str) -> None:
+        """Forget an adapter; its waiting and running requests end with an error (their deltas
+        come with the next step). Raises UnknownAdapter if none has that name."""
+        self.adapters.unregister(name)
+        message = f"the LoRA adapter {name!r} was unloaded"
+        ids = [r.request_id for r in self.scheduler.requests.values() if r.adapter == name]
+        ids += [rid for rid, (r, _) in self._compiling.items() if r.adapter == name]
+        for request_id in ids:
+            self.abort(request_id)
+            self._adapter_failures.append(Delta(request_id, (), "", "error", error=message))
+        self.scheduler.lora.drop(name)
+
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished or bool(self._compiling)
+        return (
+            self.scheduler.has_unfinished or bool(self._compiling) or bool(self._adapter_failures)
+        )
 
     def step(self) -> list[Delta]:
         """Schedule, run and sample once; one delta for every sequence that gained a token
         or ended. The step's figures are in `last_stats` afterwards (None if it did nothing)."""
         start = time.perf_counter()
         failed = self._take_compiled()  # constrained requests whose grammar did not compile
+        failed += self._take_adapters()  # requests whose adapter could not be read
         output = self.scheduler.schedule()
+        self.adapters.start(self.scheduler.lora.take_loads())
         if output.is_empty:  # nothing to run (a preemption may still have happened)
             stats = StepStats.of(output, time.perf_counter() - start)
             self.last_stats = stats if output.preempted_ids else None
@@ -168,6 +202,7 @@ class Engine:
     def load(self) -> EngineLoad:
         """A snapshot of the engine's state, for readers on other threads."""
         scheduler = self.scheduler
+        waiting = [*scheduler.waiting, *(r for r, _ in self._compiling.values())]
         return EngineLoad(
             num_running=scheduler.num_running,
             num_waiting=scheduler.num_waiting + len(self._compiling),
@@ -179,9 +214,13 @@ class Engine:
                     len(r.prompt_token_ids),
                     len(r.output_token_ids),
                     r.arrival_time,
+                    r.adapter,
                 )
                 for r in scheduler.running
             ),
+            waiting_adapters=tuple(sorted({r.adapter for r in waiting if r.adapter is not None})),
+            num_lora_loads_total=scheduler.lora.num_loads_total,
+            num_lora_evictions_total=scheduler.lora.num_evictions_total,
         )
 
     # -- offline API ----------------------------------------------------------------------------
@@ -226,6 +265,39 @@ class Engine:
                 self._grammar_state.remove(request_id)
                 del self._texts[request_id]
                 failed.append(Delta(request_id, (), "", "error", error=str(exc)))
+        return failed
+
+    def _take_adapters(self) -> list[Delta]:
+        """Copy the adapters read since the last step into their pool slots (the scheduler
+        admits their requests from this step on); an error delta for each request waiting on
+        one that could not be read. With nothing running, wait briefly for a read."""
+        failed, self._adapter_failures = self._adapter_failures, []
+        if not self.adapters.num_reading:
+            return failed
+        lora = self.scheduler.lora
+        waiting = self.scheduler.waiting
+        if not self.scheduler.running and all(
+            r.adapter is not None and not lora.is_loaded(r.adapter) for r in waiting
+        ):
+            self.adapters.wait(0.05)
+        for read in self.adapters.take_finished():
+            error = read.error
+            if error is None and read.weights is not None:
+                try:
+                    self.runner.load_lora(read.slot, read.weights)
+                except ValueError as exc:
+                    error = str(exc)
+                else:
+                    lora.mark_loaded(read.name)
+                    continue
+            lora.drop(read.name)
+            self.adapters.unregister(read.name)
+            message = f"the LoRA adapter {read.name!r} could not be loaded: {error}"
+            log.error(message)
+            for request in list(self.scheduler.waiting):
+                if request.adapter == read.name:
+                    self.abort(request.request_id)
+                    failed.append(Delta(request.request_id, (), "", "error", error=message))
         return failed
 
     def _delta(self, event: TokenEvent) -> Delta:
@@ -293,6 +365,8 @@ def _runner_config(
         batch_invariant=config.batch_invariant,
         max_model_len=max_model_len,
         eos_token_ids=eos_token_ids,
+        max_loras=config.max_loras if config.lora_enabled else 0,
+        max_lora_rank=config.max_lora_rank,
     )
 
 
@@ -322,6 +396,7 @@ def _scheduler_config(
         enable_prefix_caching=config.enable_prefix_caching,
         chunk_align=align,
         replay_preempted=config.batch_invariant,
+        max_loras=config.max_loras if config.lora_enabled else 0,
     )
 
 

@@ -18,7 +18,7 @@ import multiprocessing
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
@@ -30,6 +30,10 @@ from .stats import EngineInfo
 
 log = logging.getLogger("packserve.engine")
 JOIN_TIMEOUT_S = 10.0  # a stopping child finishes its step and exits; then it is killed
+# The child's OpenMP threads sleep when idle instead of spinning (unless the operator chose):
+# the server's event loop shares the cores, and spinning workers starve it (SmolLM2 float32
+# at c=64 on 2 cores: 39 output tok/s spinning, 128 sleeping).
+CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,19 @@ def _child(
     os._exit(code)
 
 
+@contextlib.contextmanager
+def _child_environment(defaults: dict[str, str]) -> Iterator[None]:
+    """Variables a spawned child starts with (it copies this process's environment), each
+    unless already set; this process's environment is as before afterwards."""
+    added = [k for k in defaults if k not in os.environ]
+    os.environ.update({k: defaults[k] for k in added})
+    try:
+        yield
+    finally:
+        for k in added:
+            del os.environ[k]
+
+
 class ProcessLink:
     """The server's end of an engine process. Use from one event loop: `start` (loads the
     model, raises EngineStartError on failure), then `attach`, `send`, `shutdown`."""
@@ -107,11 +124,8 @@ class ProcessLink:
 
     async def start(self) -> Ready:
         """Spawn the child and wait for it to load the model."""
-        # The child's OpenMP threads sleep when idle instead of spinning (unless the operator
-        # chose): the server's event loop shares the cores, and spinning workers starve it
-        # (SmolLM2 float32 at c=64 on 2 cores: 39 output tok/s spinning, 128 sleeping).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # the spawned child inherits it
-        self._process.start()
+        with _child_environment(CHILD_ENV):
+            self._process.start()
         for end in self._ends:
             end.close()
         try:

@@ -30,6 +30,7 @@ class EngineInfo:
     dtype: str  # what --dtype resolved to (auto: from the machine)
     linear_backend: str  # what --linear-backend resolved to (auto: measured)
     quantization: str  # none, int8 or int4 (weight-only)
+    max_loras: int = 0  # LoRA adapters resident at once; 0: LoRA off
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +41,7 @@ class RunningRequest:
     num_prompt_tokens: int
     num_output_tokens: int
     arrival_time: float  # time.monotonic() when it was queued
+    adapter: str | None = None  # its LoRA adapter; None: the base model
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +53,14 @@ class EngineLoad:
     num_kv_blocks_used: int
     num_kv_blocks: int
     running: tuple[RunningRequest, ...]  # in admission order
+    waiting_adapters: tuple[str, ...] = ()  # LoRA adapters of waiting requests, distinct, sorted
+    num_lora_loads_total: int = 0  # adapters copied into the pool since the start
+    num_lora_evictions_total: int = 0  # adapters evicted from the pool to make room
+
+    @property
+    def running_adapters(self) -> tuple[str, ...]:
+        """LoRA adapters of running requests, distinct, sorted."""
+        return tuple(sorted({r.adapter for r in self.running if r.adapter is not None}))
 
     @property
     def kv_cache_usage(self) -> float:

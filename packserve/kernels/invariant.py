@@ -34,6 +34,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .linear import PackedLinear
+from .lora import LoRALinear
 
 # Rows per tile: prefill tiles tall enough to keep the GEMMs efficient, decode tiles short
 # enough that small batches waste little (measured, SmolLM2-135M, batch-16 decode step on a
@@ -127,7 +128,7 @@ def make_batch_invariant(model: PreTrainedModel, decode_rows: int, num_positions
 def _tile(module: nn.Module, tiles: TileRows) -> None:
     for name, child in module.named_children():
         per_token = name == "mlp" or name.endswith("norm")  # norms reduce over a row
-        if per_token or isinstance(child, nn.Linear | PackedLinear):
+        if per_token or isinstance(child, nn.Linear | PackedLinear | LoRALinear):
             setattr(module, name, RowTiled(child, tiles))
         else:
             _tile(child, tiles)

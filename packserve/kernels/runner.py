@@ -30,6 +30,7 @@ from .invariant import (
 )
 from .kv_cache import KVCache, KVCacheSpec
 from .linear import can_pack, pack_linears
+from .lora import LoRAPool, LoRAWeights, token_slots
 from .quant import QuantizationReport, quantize_linears
 from .sampler import sample
 
@@ -57,6 +58,8 @@ class RunnerConfig:
     decode_tile_rows: int = DEFAULT_DECODE_TILE_ROWS
     # Batch-invariant decode attention runs over each context rounded up to this multiple.
     decode_context_pad: int = DEFAULT_DECODE_CONTEXT_PAD
+    max_loras: int = 0  # LoRA adapter slots in the weight pool; 0: no adapters, no wrappers
+    max_lora_rank: int = 0  # each slot's rank (adapters of lower rank use part of it)
 
     def __post_init__(self) -> None:
         if self.attention_backend not in get_args(AttentionBackend):
@@ -76,6 +79,8 @@ class RunnerConfig:
             raise ValueError("block_size and kv_cache_memory_bytes must be positive")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError("num_kv_blocks must be positive")
+        if self.max_loras < 0 or (self.max_loras and self.max_lora_rank < 1):
+            raise ValueError("max_loras must be >= 0, and max_lora_rank positive with adapters")
 
 
 def kv_cache_spec(model: PreTrainedModel, block_size: int) -> KVCacheSpec:
@@ -101,11 +106,16 @@ class RequestState:
     prompt_token_ids: tuple[int, ...]  # the repetition penalty counts them
     output_token_ids: list[int]  # generated so far: penalties, the seeded draw index
     block_ids: list[int]  # block table: position // block_size -> block id
+    lora_slot: int  # its adapter's slot in the LoRA pool; -1: the base model
 
     @classmethod
     def of(cls, new: NewRequest) -> RequestState:
         return cls(
-            new.params, new.prompt_token_ids, list(new.output_token_ids), list(new.block_ids)
+            new.params,
+            new.prompt_token_ids,
+            list(new.output_token_ids),
+            list(new.block_ids),
+            new.lora_slot,
         )
 
     @property
@@ -140,6 +150,10 @@ class Runner:
         )
         if self.linear.backend == "onednn" and can_pack(model):
             pack_linears(model)
+        # Adapters wrap the projections as they now are; batch-invariant tiles wrap them whole.
+        self.lora: LoRAPool | None = None
+        if config.max_loras:
+            self.lora = LoRAPool(model, config.max_loras, config.max_lora_rank)
         self.tiles: TileRows | None = None
         if config.batch_invariant:
             self.tiles = make_batch_invariant(model, config.decode_tile_rows, config.max_model_len)
@@ -178,6 +192,10 @@ class Runner:
                 continue
             backend = self.config.attention_backend
             inputs = step_inputs(rows, tables, self.kv_cache, backend, self.model.dtype, pad)
+            if self.lora is not None:
+                slots = token_slots(rows, {r: s.lora_slot for r, s in self.requests.items()})
+                tile_rows = self._tile_rows(decode_only) if self.tiles is not None else None
+                self.lora.begin(slots, tile_rows)
             logits.append(self.forward(inputs, decode_only))
             seqs += [seq for row in rows for seq in row if seq.sample]
         if not seqs:
@@ -208,14 +226,23 @@ class Runner:
         for seq in output.segments:
             self.requests[seq.request_id].block_ids += seq.new_block_ids
 
+    def load_lora(self, slot: int, weights: LoRAWeights) -> None:
+        """Copy an adapter's weights into a pool slot (between steps); AdapterError if they do
+        not fit this model."""
+        if self.lora is None:
+            raise ValueError("this runner has no LoRA pool (max_loras 0)")
+        self.lora.write(slot, weights)
+
+    def _tile_rows(self, decode_only: bool) -> int:
+        """Batch-invariant tile height of a forward: by its phase, never its size."""
+        return self.config.decode_tile_rows if decode_only else self.config.prefill_tile_rows
+
     def forward(self, inputs: ModelInputs, decode_only: bool = False) -> torch.Tensor:
         """Logits [num_sampled, V] at each sampling segment's last token; the lm head runs
         only there. In batch-invariant mode the tile height follows the forward's phase
         (`decode_only`), never its size."""
         if self.tiles is not None:
-            self.tiles.rows = (
-                self.config.decode_tile_rows if decode_only else self.config.prefill_tile_rows
-            )
+            self.tiles.rows = self._tile_rows(decode_only)
         hidden = self.model.get_decoder()(
             input_ids=inputs.input_ids,
             position_ids=inputs.position_ids,

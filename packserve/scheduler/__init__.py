@@ -2,6 +2,7 @@
 
 from .block_manager import BlockAllocator, block_hash, blocks_for
 from .config import PrefillMode, SchedulerConfig, SchedulingPolicy
+from .lora_slots import LoRASlots
 from .outputs import (
     NewRequest,
     RunnerOutput,
@@ -16,6 +17,7 @@ from .scheduler import Scheduler
 
 __all__ = [
     "BlockAllocator",
+    "LoRASlots",
     "NewRequest",
     "PrefillMode",
     "Request",

@@ -45,6 +45,7 @@ class SchedulerConfig:
     # After a preemption, prefill the prompt only and feed the generated tokens back one per
     # decode step (bitwise the computation they first had) instead of prefilling them all.
     replay_preempted: bool
+    max_loras: int = 0  # LoRA adapters resident at once (the runner's pool slots); 0: none
 
     def __post_init__(self) -> None:
         if self.max_model_len < 1 or self.block_size < 1 or self.max_num_seqs < 1:
@@ -62,6 +63,8 @@ class SchedulerConfig:
             raise ValueError("prefill_context_cost must be >= 0, and 0 with chunk_align")
         if self.max_prefill_row_len < 0:
             raise ValueError("max_prefill_row_len must be 0 (the step budget) or positive")
+        if self.max_loras < 0:
+            raise ValueError("max_loras must be >= 0")
         if self.prefill_mode not in ("packed", "padded"):
             raise ValueError(f"unknown prefill_mode {self.prefill_mode!r}")
         if self.prefill_mode == "padded" and self.mix_decodes:

@@ -19,6 +19,7 @@ class NewRequest:
     prompt_token_ids: tuple[int, ...]  # the repetition penalty counts them
     output_token_ids: tuple[int, ...]  # generated before a preemption; () when first admitted
     block_ids: tuple[int, ...]  # block table at admission: position // block_size -> block id
+    lora_slot: int = -1  # the pool slot of its LoRA adapter while it runs; -1: the base model
 
     @property
     def num_prompt_tokens(self) -> int:

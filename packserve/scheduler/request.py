@@ -129,6 +129,10 @@ class Request:
     num_skipped_steps: int = 0  # steps in which later arrivals were served ahead of it
     block_hashes: list[bytes] = field(default_factory=list)  # chained digests of full blocks
     arrival_index: int = 0  # order of arrival, set by the scheduler
+    adapter: str | None = None  # the LoRA adapter it runs with; None: the base model
+    # Seeds its chain of block digests: requests with different salts never share KV (the
+    # adapter's identity: its K/V differ from the base's and from every other adapter's).
+    cache_salt: bytes = b""
 
     @property
     def num_tokens(self) -> int:

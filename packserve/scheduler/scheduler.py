@@ -7,6 +7,7 @@ import itertools
 
 from .block_manager import BlockAllocator, block_hash, blocks_for
 from .config import SchedulerConfig
+from .lora_slots import LoRASlots
 from .outputs import NewRequest, RunnerOutput, ScheduledSequence, SchedulerOutput, TokenEvent
 from .packing import pack_rows
 from .request import Request, RequestStatus
@@ -36,6 +37,7 @@ class Scheduler:
         self.config = config
         self.eos_token_ids = eos_token_ids
         self.allocator = BlockAllocator(config.num_kv_blocks)
+        self.lora = LoRASlots(config.max_loras)  # adapters resident in the runner's pool
         self.waiting: list[Request] = []  # served in policy order, not list order
         self.running: list[Request] = []  # in admission order
         self.requests: dict[str, Request] = {}  # every unfinished request by id
@@ -70,7 +72,7 @@ class Scheduler:
         if request is None:
             return False
         if request.status == RequestStatus.RUNNING:
-            self.running.remove(request)
+            self._stop_running(request)
         else:
             self.waiting.remove(request)
         self._free(request)
@@ -187,6 +189,8 @@ class Scheduler:
         (after the blocks promised to unfinished prefills) allow."""
         if len(self.running) >= self.config.max_num_seqs:
             return
+        if not self._adapter_ready(request):
+            return
         target = self._prefill_target(request)
         hit = self._cached_prefix(request, target)
         start = len(hit) * self.config.block_size
@@ -201,6 +205,8 @@ class Scheduler:
         request.block_ids = hit + self.allocator.allocate(
             blocks_for(end, self.config.block_size) - len(hit)
         )
+        if request.adapter is not None:
+            self.lora.acquire(request.adapter)
         request.status = RequestStatus.RUNNING
         request.num_computed_tokens = start
         request.prefill_end = target
@@ -362,14 +368,40 @@ class Scheduler:
         size = self.config.block_size
         hashes = request.block_hashes
         for i in range(len(hashes), num_blocks):
-            parent = hashes[-1] if hashes else b""
+            parent = hashes[-1] if hashes else request.cache_salt
             hashes.append(block_hash(parent, request.known_token_ids(i * size, (i + 1) * size)))
 
     # -- internals ------------------------------------------------------------------------------
 
+    def _adapter_ready(self, request: Request) -> bool:
+        """Whether the request's LoRA adapter (if any) is in the pool. If not, a slot is
+        reserved for it when one can be (the engine then loads it between steps): the request
+        waits without holding anyone else up."""
+        name = request.adapter
+        if name is None:
+            return True
+        if self.lora.is_loaded(name):
+            self.lora.touch(name)  # wanted: the last idle adapter to evict
+            return True
+        self.lora.reserve(name)
+        return False
+
+    def _lora_slot(self, request: Request) -> int:
+        """The pool slot of a running request's adapter; -1 for the base model."""
+        if request.adapter is None:
+            return -1
+        slot = self.lora.slot_of(request.adapter)
+        assert slot is not None, "a running request's adapter is resident"
+        return slot
+
+    def _stop_running(self, request: Request) -> None:
+        self.running.remove(request)
+        if request.adapter is not None:
+            self.lora.release(request.adapter)
+
     def _preempt(self, request: Request) -> None:
         """Free a running request's blocks and requeue it, for recompute."""
-        self.running.remove(request)
+        self._stop_running(request)
         self._free(request)
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0
@@ -385,6 +417,7 @@ class Scheduler:
             prompt_token_ids=tuple(request.prompt_token_ids),
             output_token_ids=tuple(request.output_token_ids),
             block_ids=tuple(request.block_ids),
+            lora_slot=self._lora_slot(request),
         )
 
     def _finished_status(self, request: Request, token: int) -> RequestStatus | None:

@@ -27,6 +27,7 @@ from packserve.engine import AsyncEngine, Engine, EngineLoad, StepStats
 from .connections import EdgeLimits, default_max_connections, guarded_protocol
 from .dashboard import dashboard_router
 from .logs import configure_logging, quiet_libraries, setup_engine_process
+from .lora_api import lora_router
 from .metrics import Metrics
 from .openai_api import VERSION, openai_router
 from .protocol import APIError, ErrorResponse
@@ -225,6 +226,7 @@ def create_app(settings: Settings) -> FastAPI:
     # Open like /metrics: counts and timings only, and a browser page cannot send a bearer key.
     app.include_router(dashboard_router(state.dashboard, settings.model_name))
     app.include_router(openai_router(state, Depends(authorized)))
+    app.include_router(lora_router(state, Depends(authorized)))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

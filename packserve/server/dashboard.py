@@ -230,6 +230,7 @@ class DashboardRecorder:
             "running": [
                 {
                     "id": r.request_id,
+                    "adapter": r.adapter,  # LoRA adapter; None: the base model
                     "prompt_tokens": r.num_prompt_tokens,
                     "generated_tokens": r.num_output_tokens,
                     "age_s": round(max(0.0, now - r.arrival_time), 2),

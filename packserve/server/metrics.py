@@ -6,6 +6,7 @@ timings come from the HTTP handlers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -104,6 +105,21 @@ class Metrics:
             [*labels, "dtype", "linear_backend", "quantization"],
             registry=r,
         )
+        # vLLM's LoRA info metric: one series, its labels the adapters in use now, its value
+        # the time it was read (set at scrape time).
+        self.lora_info = Gauge(
+            PREFIX + "lora_requests_info",
+            "Running stats on LoRA requests.",
+            ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+            registry=r,
+        )
+        self.lora_loads = counter("lora_loads_total", "LoRA adapters copied into the pool.")
+        self.lora_evictions = counter(
+            "lora_evictions_total", "LoRA adapters evicted from the pool to make room."
+        )
+        self._load: Callable[[], EngineLoad] | None = None
+        self._max_loras = 0
+        self._lora_counted = (0, 0)  # the engine's load and eviction totals counted so far
         self.model_name = model_name
         # Every series exists from the start (at 0), so scrapers and autoscalers see it.
         for child in (
@@ -126,6 +142,8 @@ class Metrics:
             self.req_generation,
             self.iteration_tokens,
             self.bin_fill,
+            self.lora_loads,
+            self.lora_evictions,
         ):
             child.labels(model_name)
         for reason in ("stop", "length", "abort", "error"):
@@ -139,12 +157,14 @@ class Metrics:
         self.running.labels(m).set_function(lambda: load().num_running)
         self.waiting.labels(m).set_function(num_waiting)
         self.kv_usage.labels(m).set_function(lambda: load().kv_cache_usage)
+        self._load = load
 
     def set_kernel_info(self, info: EngineInfo) -> None:
         """Called once the engine is loaded: what its `auto` choices resolved to."""
         self.kernel_info.labels(
             self.model_name, info.dtype, info.linear_backend, info.quantization
         ).set(1)
+        self._max_loras = info.max_loras
 
     def observe_step(self, stats: StepStats) -> None:
         """Called by the engine thread after every step: the work counters."""
@@ -182,4 +202,18 @@ class Metrics:
             self.itl.labels(m).observe(b - a)
 
     def render(self) -> bytes:
+        if self._load is not None and self._max_loras:
+            self._read_lora(self._load())
         return generate_latest(self.registry)
+
+    def _read_lora(self, load: EngineLoad) -> None:
+        """Bring the LoRA series up to the engine's latest load (at scrape time)."""
+        m = self.model_name
+        self.lora_info.clear()
+        self.lora_info.labels(
+            str(self._max_loras), ",".join(load.waiting_adapters), ",".join(load.running_adapters)
+        ).set(time.time())
+        loads, evictions = load.num_lora_loads_total, load.num_lora_evictions_total
+        self.lora_loads.labels(m).inc(loads - self._lora_counted[0])
+        self.lora_evictions.labels(m).inc(evictions - self._lora_counted[1])
+        self._lora_counted = (loads, evictions)

@@ -68,24 +68,28 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
     def tool_format_of(engine: AsyncEngine) -> ToolFormatName:
         return tool_format(state.settings.tool_call_parser, engine.tokenizer.chat_template)
 
-    def card() -> dict[str, Any]:
-        return {
-            "id": model_name,
+    def card(adapter: str | None = None) -> dict[str, Any]:
+        """The base model's card, or a LoRA adapter's (vLLM's: parent is the base)."""
+        entry: dict[str, Any] = {
+            "id": adapter or model_name,
             "object": "model",
             "created": 0,
             "owned_by": "packserve",
+            "root": state.adapters[adapter] if adapter else model_name,
+            "parent": model_name if adapter else None,
             "max_model_len": state.live_engine().info.max_model_len,
         }
+        return entry
 
     @router.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [card()]}
+        """The base model, then every LoRA adapter served."""
+        return {"object": "list", "data": [card(), *(card(a) for a in state.adapters)]}
 
     @router.get("/v1/models/{model_id:path}")
     async def model(model_id: str) -> dict[str, Any]:
-        """The served model's card; any other id is 404 model_not_found."""
-        state.check_model(model_id)
-        return card()
+        """The card of the base model or an adapter; any other id is 404 model_not_found."""
+        return card(state.check_model(model_id))
 
     @router.get("/version")
     async def version() -> dict[str, str]:
@@ -115,7 +119,7 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
     @router.post("/v1/completions", responses=GENERATED)
     async def completions(body: CompletionRequest, request: Request) -> Any:
         engine = state.live_engine()
-        state.check_model(body.model)
+        adapter = state.check_model(body.model)
         fields.check(body)
         prompts = completion_prompts(engine, body.prompt)
         unsent = "max_tokens" not in body.model_fields_set  # the default is capped, not refused
@@ -131,14 +135,16 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
             structured=structured,
         )
         # Submitted in the same event-loop turn as the queue check above.
-        generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
+        generation = Generation(
+            engine, choices, state.metrics, state.finished, body.priority, adapter
+        )
         decode = engine.decode
         echo = [decode(p, skip_special_tokens=True) if body.echo else "" for p in prompts]
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
-            "model": model_name,
+            "model": adapter or model_name,
         }
 
         def logprobs_of(c: Choice, start: int, offset: int) -> dict[str, Any] | None:
@@ -190,7 +196,7 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
     @router.post("/v1/chat/completions", responses=GENERATED)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         engine = state.live_engine()
-        state.check_model(body.model)
+        adapter = state.check_model(body.model)
         fields.check(body)
         max_tokens = chat_max_tokens(body)
         plan = ToolPlan.of(body)
@@ -200,7 +206,9 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         choices = make_choices(
             state, engine, [prompt], body, max_tokens, top, structured=structured
         )
-        generation = Generation(engine, choices, state.metrics, state.finished, body.priority)
+        generation = Generation(
+            engine, choices, state.metrics, state.finished, body.priority, adapter
+        )
         # Where a think block stands when the output starts (the template may open it).
         thinking: State | None = None
         if state.settings.reasoning_parser != "none":
@@ -210,7 +218,7 @@ def openai_router(state: ServerState, auth: Depends) -> APIRouter:
         head = {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
-            "model": model_name,
+            "model": adapter or model_name,
         }
 
         def logprobs_of(c: Choice, start: int) -> dict[str, Any] | None:

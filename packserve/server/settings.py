@@ -140,7 +140,14 @@ def _scalar(annotation: Any) -> tuple[type, tuple[str, ...] | None]:
     return annotation, None
 
 
+def _is_list(annotation: Any) -> bool:
+    """`tuple[str, ...]` fields take several values: `--flag a b`, or `PACKSERVE_FLAG="a b"`."""
+    return get_origin(annotation) is tuple
+
+
 def _from_env(f: Field, kind: type, choices: tuple[str, ...] | None, raw: str) -> Any:
+    if _is_list(kind):
+        return tuple(raw.split())
     if kind is bool:
         if raw.lower() not in TRUE + FALSE:
             raise ValueError(f"expected one of {', '.join(TRUE + FALSE)}")
@@ -180,6 +187,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type) -> None:
         }
         if kind is bool:
             options["action"] = argparse.BooleanOptionalAction
+        elif _is_list(kind):
+            options.update(nargs="*", metavar=f.name.rsplit("_", 1)[-1].upper())
         else:
             options.update(type=kind, choices=choices)
         parser.add_argument(f"--{flag_name(f)}", **options)
@@ -191,6 +200,8 @@ def config_from_args(cls: type, args: argparse.Namespace) -> Any:
     values = {
         f.name: config_from_args(hints[f.name], args)
         if is_dataclass(hints[f.name])
+        else tuple(getattr(args, f.name))
+        if _is_list(hints[f.name])
         else getattr(args, f.name)
         for f in fields(cls)
     }

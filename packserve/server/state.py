@@ -30,6 +30,11 @@ class ServerState:
     dashboard: DashboardRecorder = field(default_factory=DashboardRecorder)
     failed: bool = False  # the start failed: the process is on its way out
     on_fail: Callable[[], None] | None = None  # stops the server (set by `run`)
+    # LoRA adapters served: name -> PEFT folder (--lora-modules, then loads and unloads)
+    adapters: dict[str, str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.adapters = self.settings.engine.lora_paths
 
     def queue_full(self) -> bool:
         """As many requests wait as the server queues: a generation request gets 429."""
@@ -54,16 +59,20 @@ class ServerState:
             raise APIError(503, "the model is not ready")
         return self.engine
 
-    def check_model(self, model: str | None) -> None:
-        """404 unless the request names the served model (or none)."""
+    def check_model(self, model: str | None) -> str | None:
+        """The LoRA adapter a request names (None: the base model, named or not); 404 for
+        any other model."""
         served = self.settings.model_name
-        if model is not None and model != served:
-            raise APIError(
-                404,
-                f"model {model!r} does not exist; this server serves {served!r}",
-                param="model",
-                code="model_not_found",
-            )
+        if model is None or model == served:
+            return None
+        if model in self.adapters:
+            return model
+        raise APIError(
+            404,
+            f"model {model!r} does not exist; this server serves {served!r}",
+            param="model",
+            code="model_not_found",
+        )
 
     def finished(self, choice: Choice) -> None:
         """Once per finished choice, whatever the reason: metrics, dashboard, log line."""

@@ -87,7 +87,8 @@ class Backlog(asyncio.Queue[Timed]):
 
 class Generation:
     """The choices of one HTTP request, submitted to the engine together on construction,
-    all at the request's `priority` (lower is scheduled first)."""
+    all at the request's `priority` (lower is scheduled first), with its LoRA `adapter`
+    (None: the base model)."""
 
     def __init__(
         self,
@@ -96,6 +97,7 @@ class Generation:
         metrics: Metrics,
         on_done: Callable[[Choice], None],
         priority: int = 0,
+        adapter: str | None = None,
     ) -> None:
         self.engine = engine
         self.choices = choices
@@ -104,9 +106,8 @@ class Generation:
         capacity = MAX_BACKLOG_PER_CHOICE * len(choices)
         self.collector = Backlog(capacity, self._fell_behind)
         for c in choices:
-            engine.submit(
-                c.request_id, list(c.out.prompt_token_ids), c.params, self.collector, priority
-            )
+            prompt = list(c.out.prompt_token_ids)
+            engine.submit(c.request_id, prompt, c.params, self.collector, priority, adapter)
 
     def _fell_behind(self) -> None:
         """The consumer is too far behind: abort what is unfinished (KV freed within a step)

@@ -154,12 +154,20 @@ def test_running_table_and_config_follow_the_engine() -> None:
         )
     )
     a = RunningRequest("req-1", 30, 3, clock.t - 2.0)
-    rec.observe_step(stats(), load((a,), num_running=1))
+    b = RunningRequest("req-2", 5, 1, clock.t - 1.0, adapter="sql-lora")
+    rec.observe_step(stats(), load((a, b), num_running=2))
     feed = rec.feed()
     assert feed["running"] == [
-        {"id": "req-1", "prompt_tokens": 30, "generated_tokens": 3, "age_s": 2.0}
+        {"id": "req-1", "adapter": None, "prompt_tokens": 30, "generated_tokens": 3, "age_s": 2.0},
+        {
+            "id": "req-2",
+            "adapter": "sql-lora",
+            "prompt_tokens": 5,
+            "generated_tokens": 1,
+            "age_s": 1.0,
+        },
     ]
-    assert feed["running_total"] == 1
+    assert feed["running_total"] == 2
     assert feed["config"]["row_capacity"] == 256
     assert feed["config"]["eos_token_ids"] == [1]
     assert feed["config"]["prefix_caching"] is True
@@ -234,7 +242,7 @@ def test_prefix_cache_hit_rate_over_the_rate_window() -> None:
 
 # -- the real server --------------------------------------------------------------------------
 
-RUNNING_KEYS = {"id", "prompt_tokens", "generated_tokens", "age_s"}
+RUNNING_KEYS = {"adapter", "id", "prompt_tokens", "generated_tokens", "age_s"}
 REQUEST_ID = re.compile(r"^req-\d+$")
 
 

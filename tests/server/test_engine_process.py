@@ -109,3 +109,17 @@ def test_sigterm_to_the_whole_group_still_drains(
         assert server.proc.wait(timeout=60) == 0, server.logs()
     except subprocess.TimeoutExpired:
         pytest.fail("the server did not exit after draining:\n" + server.logs())
+
+
+def environment(pid: int) -> dict[str, str]:
+    pairs = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(p.decode().split("=", 1) for p in pairs if b"=" in p)
+
+
+def test_the_engine_process_threads_sleep_when_idle_unless_told(server, launch_server) -> None:
+    assert environment(engine_child(server)).get("OMP_WAIT_POLICY") == "PASSIVE"
+    told = launch_server(env={"OMP_WAIT_POLICY": "ACTIVE"})
+    try:
+        assert environment(engine_child(told))["OMP_WAIT_POLICY"] == "ACTIVE"
+    finally:
+        told.stop()

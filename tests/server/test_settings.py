@@ -67,6 +67,21 @@ def test_flags_and_variables_set_fields(monkeypatch: pytest.MonkeyPatch) -> None
     assert parse().engine.max_model_len is None
 
 
+def test_lora_modules_take_several_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--lora-modules name=path [name=path ...], or the variable's values split on spaces;
+    malformed or repeated names are refused."""
+    settings = parse("--lora-modules", "a=/x/a", "b=/x/b=c", "--max-loras", "2")
+    assert settings.engine.lora_paths == {"a": "/x/a", "b": "/x/b=c"}
+    assert settings.engine.max_loras == 2 and settings.engine.lora_enabled
+    monkeypatch.setenv("PACKSERVE_LORA_MODULES", "c=/y/c d=/y/d")
+    assert parse().engine.lora_modules == ("c=/y/c", "d=/y/d")
+    assert parse("--lora-modules", "e=/z").engine.lora_modules == ("e=/z",)  # the flag wins
+    for bad in (("a",), ("=/x",), ("a=",), ("a=/x", "a=/y")):
+        with pytest.raises(ValueError):
+            parse("--lora-modules", *bad)
+    assert not parse("--lora-modules").engine.lora_enabled
+
+
 def test_api_key_never_shows(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.setenv("PACKSERVE_API_KEY", "sekrit-123")
     settings = parse()

@@ -444,7 +444,7 @@
     if (!rows.length) {
       const tr = el("tr", "none");
       const td = el("td", "", "no requests running");
-      td.colSpan = 5;
+      td.colSpan = 6;
       tr.append(td);
       body.append(tr);
       return;
@@ -453,6 +453,7 @@
     for (const r of rows) {
       const tr = el("tr", "req");
       tr.append(el("td", "id", r.id));
+      tr.append(el("td", "adapter", r.adapter ?? "base")); // the LoRA adapter it runs with
       tr.append(el("td", "num", int(r.prompt_tokens)));
       tr.append(el("td", "num", int(r.generated_tokens)));
       tr.append(el("td", "num", age(r.age_s)));
@@ -472,7 +473,7 @@
     if (hidden > 0) {
       const tr = el("tr", "more");
       const td = el("td", "", `+ ${int(hidden)} more`);
-      td.colSpan = 5;
+      td.colSpan = 6;
       tr.append(td);
       body.append(tr);
     }

@@ -1,0 +1,260 @@
+"""Many LoRA adapters served together: throughput with adapters mixed into every step against
+the base model alone on the same workload, through HTTP as bench/serve.py sends it.
+
+Per model (the tiny one, then SmolLM2-135M-Instruct), three packserve servers (this tree) run
+side by side (an idle one costs nothing): `base` (no LoRA), `lora8` (--lora-modules with 8
+adapters, --max-loras 8) and `lora64` (64 adapters registered, --max-loras 8: adapters are
+evicted and read again while requests wait for them). The adapters are random rank-8 LoRA on
+all seven projections (q/k/v/o, gate/up/down), written in PEFT's folder format. Each workload
+(2 x c streamed completions, corpus prompts, ignore_eos, output lengths uniform in 16..128) runs
+at c=16 and c=64 against each server: `base` with the base model, `lora8` with request i on
+adapter i % 8, `lora64` with adapter i % 64. The runs are interleaved (base, lora8, lora64, then
+the reverse order) so load from other processes falls on all alike; a ratio is the adapters'
+output tok/s over the base's, over both repeats (goal >= 0.8). Every request must succeed.
+
+    PYTHONPATH=$PWD .venv/bin/python -m bench.lora [--models tiny,smollm2]
+
+Writes bench/results/lora.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from safetensors.torch import save_file
+
+from bench import serve
+from bench.grammar_engines import cpu_model
+from packserve.kernels.lora.adapter import TARGET_MODULES
+from packserve.models.model_maker import default_model_dir
+from packserve.models.smollm2 import default_model_dir as smollm2_model_dir
+from packserve.server.launcher import ServerProcess
+
+RESULTS = Path(__file__).parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+CONCURRENCIES = (16, 64)
+RANK = 8
+NUM_ADAPTERS = 64
+MAX_LORAS = 8
+
+
+def make_adapters(model_dir: Path, folder: Path, count: int) -> list[Path]:
+    """`count` random rank-RANK LoRA adapters on every projection, as PEFT saves them."""
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    shapes = {
+        "q_proj": (hidden, hidden),
+        "k_proj": (hidden, kv),
+        "v_proj": (hidden, kv),
+        "o_proj": (hidden, hidden),
+        "gate_proj": (hidden, inter),
+        "up_proj": (hidden, inter),
+        "down_proj": (inter, hidden),
+    }
+    assert set(shapes) == set(TARGET_MODULES)
+    paths = []
+    for i in range(count):
+        path = folder / f"adapter-{i}"
+        paths.append(path)
+        if (path / "adapter_model.safetensors").exists():
+            continue
+        path.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator().manual_seed(i)
+        tensors = {}
+        for layer in range(config["num_hidden_layers"]):
+            for name, (fan_in, fan_out) in shapes.items():
+                part = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+                key = f"base_model.model.model.layers.{layer}.{part}.{name}"
+                a = torch.randn(RANK, fan_in, generator=generator) / fan_in**0.5
+                tensors[key + ".lora_A.weight"] = a
+                tensors[key + ".lora_B.weight"] = torch.randn(fan_out, RANK, generator=generator)
+        save_file(tensors, str(path / "adapter_model.safetensors"))
+        peft_config = {
+            "peft_type": "LORA",
+            "r": RANK,
+            "lora_alpha": RANK * 0.05,  # small updates: the outputs stay the model's kind
+            "target_modules": list(shapes),
+        }
+        (path / "adapter_config.json").write_text(json.dumps(peft_config))
+    return paths
+
+
+async def _run(
+    targets: list[serve.Target], prompts: list[serve.Prompt], concurrency: int
+) -> tuple[list[serve.Record], float]:
+    """Each prompt streamed to its own target, at most `concurrency` at once."""
+    records = [serve.Record(i, p.prompt_len, p.max_tokens) for i, p in enumerate(prompts)]
+    gate = asyncio.Semaphore(concurrency)
+    timeout = httpx.Timeout(connect=10.0, read=600.0, write=30.0, pool=None)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+
+        async def one(i: int) -> None:
+            async with gate:
+                await serve.send(client, targets[i], prompts[i], records[i])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        ends = [r.start + r.latency for r in records if r.latency is not None]
+        return records, max(ends, default=start) - start
+
+
+def run(
+    targets: list[serve.Target], prompts: list[serve.Prompt], concurrency: int, tokenizer: Any
+) -> dict[str, Any]:
+    load_before = os.getloadavg()[0]
+    records, duration = asyncio.run(_run(targets, prompts, concurrency))
+    serve.check(records, tokenizer)
+    summary = serve.summarize(records, duration)
+    summary["loadavg_before"] = load_before
+    summary["loadavg_after"] = os.getloadavg()[0]
+    return summary
+
+
+def bench_model(name: str, model_dir: Path, threads: int | None) -> dict[str, Any]:
+    tokenizer = serve.load_tokenizer(str(model_dir))
+    adapters = make_adapters(model_dir, RESULTS / "raw" / "lora-adapters" / name, NUM_ADAPTERS)
+    modules = [f"a{i}={path}" for i, path in enumerate(adapters)]
+    lora_flags = ["--max-loras", str(MAX_LORAS), "--max-lora-rank", str(RANK)]
+    flags = {
+        "base": [],
+        "lora8": ["--lora-modules", *modules[:MAX_LORAS], *lora_flags],
+        "lora64": ["--lora-modules", *modules, *lora_flags],
+    }
+    servers = {
+        kind: ServerProcess(
+            ["--model", str(model_dir), "--served-model-name", "base", *extra],
+            env={"PYTHONPATH": str(ROOT)},
+            threads=threads,
+            cwd=ROOT,
+            ready_timeout=300,
+        )
+        for kind, extra in flags.items()
+    }
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    try:
+        for server in servers.values():
+            server.start()
+        for kind, server in servers.items():  # a warm-up each (the lora ones load adapters)
+            serve.warmup(serve.Target(server.url, "base" if kind == "base" else "a0"), 2)
+        for c in CONCURRENCIES:
+            prompts = serve.synthetic_prompts(
+                tokenizer, 2 * c, seed=c, median=100, sigma=0.5, max_len=400, out_min=16,
+                out_max=128,
+            )  # fmt: skip
+            order = list(servers)
+            runs[str(c)] = {kind: [] for kind in order}
+            for kinds in (order, order[::-1]):
+                for kind in kinds:
+                    url = servers[kind].url
+                    span = {"base": 0, "lora8": MAX_LORAS, "lora64": NUM_ADAPTERS}[kind]
+                    targets = [
+                        serve.Target(url, f"a{i % span}" if span else "base")
+                        for i in range(len(prompts))
+                    ]
+                    summary = run(targets, prompts, c, tokenizer)
+                    runs[str(c)][kind].append(summary)
+                    print(
+                        f"{name} c={c} {kind}: {summary['output_throughput']:.1f} tok/s, "
+                        f"{summary['failed']} failed, load {summary['loadavg_after']:.2f}",
+                        flush=True,
+                    )
+    finally:
+        for server in servers.values():
+            server.stop()
+    return {"model": name, "runs": runs, "ratios": ratios(runs)}
+
+
+def ratios(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
+    """Per concurrency: each LoRA server's output tokens per second over the base's (tokens and
+    seconds summed over the repeats), and its failures."""
+    out = {}
+    for c, kinds in runs.items():
+
+        def tokps(summaries: list[dict[str, Any]]) -> float:
+            return sum(s["output_tokens"] for s in summaries) / sum(
+                s["duration_s"] for s in summaries
+            )
+
+        base = tokps(kinds["base"])
+        out[c] = {
+            "base_tokps": round(base, 1),
+            **{
+                kind: {
+                    "tokps": round(tokps(kinds[kind]), 1),
+                    "ratio": round(tokps(kinds[kind]) / base, 3),
+                    "failed": sum(s["failed"] for s in kinds[kind]),
+                    "completed": sum(s["completed"] for s in kinds[kind]),
+                }
+                for kind in ("lora8", "lora64")
+            },
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="tiny,smollm2")
+    parser.add_argument("--threads", type=int, default=None, help="server OMP threads")
+    args = parser.parse_args()
+    dirs = {"tiny": lambda: default_model_dir("tiny"), "smollm2": smollm2_model_dir}
+    uptime_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    results = [bench_model(m, dirs[m](), args.threads) for m in args.models.split(",")]
+    result = {
+        "cpu": cpu_model(),
+        "num_cpus": os.cpu_count(),
+        "uptime_start": uptime_start,
+        "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        "threads": args.threads,
+        "rank": RANK,
+        "num_adapters": NUM_ADAPTERS,
+        "max_loras": MAX_LORAS,
+        "models": results,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "lora.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (RESULTS / "lora.md").write_text(md)
+    print(md)
+
+
+def markdown(r: dict[str, Any]) -> str:
+    lines = [
+        "# Many LoRA adapters in one batch vs the base model alone",
+        "",
+        f"CPU: {r['cpu']} ({r['num_cpus']} cores, shared with other engineers' jobs: "
+        f"`uptime` before: {r['uptime_start']}; after: {r['uptime_end']}). Random rank-"
+        f"{r['rank']} adapters on all seven projections; `lora8`: 8 adapters, --max-loras "
+        f"{r['max_loras']}; `lora64`: {r['num_adapters']} adapters registered, --max-loras "
+        f"{r['max_loras']}. 2 x c streamed completions per run (output 16..128 tokens, "
+        "ignore_eos), request i on adapter i % 8 (i % 64); runs interleaved base, lora8, "
+        "lora64, then reversed; ratio = output tok/s over the base's, both repeats summed.",
+        "",
+        "| model | c | base tok/s | lora8 tok/s | lora8 / base | lora64 tok/s "
+        "| lora64 / base | failed (lora8, lora64) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for m in r["models"]:
+        for c, x in m["ratios"].items():
+            a, b = x["lora8"], x["lora64"]
+            lines.append(
+                f"| {m['model']} | {c} | {x['base_tokps']} | {a['tokps']} | **{a['ratio']}** "
+                f"| {b['tokps']} | **{b['ratio']}** | {a['failed']}, {b['failed']} |"
+            )
+    lines += ["", "Goal: ratio >= 0.8; with 64 adapters over 8 slots no request fails.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
