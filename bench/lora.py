@@ -24,11 +24,9 @@ import asyncio
 import json
 import os
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 from safetensors.torch import save_file
 
@@ -90,31 +88,11 @@ def make_adapters(model_dir: Path, folder: Path, count: int) -> list[Path]:
     return paths
 
 
-async def _run(
-    targets: list[serve.Target], prompts: list[serve.Prompt], concurrency: int
-) -> tuple[list[serve.Record], float]:
-    """Each prompt streamed to its own target, at most `concurrency` at once."""
-    records = [serve.Record(i, p.prompt_len, p.max_tokens) for i, p in enumerate(prompts)]
-    gate = asyncio.Semaphore(concurrency)
-    timeout = httpx.Timeout(connect=10.0, read=600.0, write=30.0, pool=None)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
-
-        async def one(i: int) -> None:
-            async with gate:
-                await serve.send(client, targets[i], prompts[i], records[i])
-
-        start = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(len(prompts))))
-        ends = [r.start + r.latency for r in records if r.latency is not None]
-        return records, max(ends, default=start) - start
-
-
 def run(
     targets: list[serve.Target], prompts: list[serve.Prompt], concurrency: int, tokenizer: Any
 ) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
-    records, duration = asyncio.run(_run(targets, prompts, concurrency))
+    records, duration = asyncio.run(serve.run_each(targets, prompts, concurrency))
     serve.check(records, tokenizer)
     summary = serve.summarize(records, duration)
     summary["loadavg_before"] = load_before

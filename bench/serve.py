@@ -246,6 +246,27 @@ async def send(client: httpx.AsyncClient, target: Target, prompt: Prompt, rec: R
         rec.tokens_from = "retokenized"  # filled in by check()
 
 
+async def run_each(
+    targets: Sequence[Target], prompts: Sequence[Prompt], concurrency: int, read_s: float = 600.0
+) -> tuple[list[Record], float]:
+    """Prompt i streamed to targets[i] (its own body), at most `concurrency` at once: the
+    records, and the seconds from the first send to the last answer."""
+    records = [Record(i, p.prompt_len, p.max_tokens) for i, p in enumerate(prompts)]
+    gate = asyncio.Semaphore(concurrency)
+    timeout = httpx.Timeout(connect=10.0, read=read_s, write=30.0, pool=None)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
+
+        async def one(i: int) -> None:
+            async with gate:
+                await send(client, targets[i], prompts[i], records[i])
+
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i) for i in range(len(prompts))))
+        ends = [r.start + r.latency for r in records if r.latency is not None]
+        return records, max(ends, default=start) - start
+
+
 def check(records: Sequence[Record], tokenizer) -> None:
     """Decide success: a finish_reason, and exactly max_tokens tokens (or fewer with stop)."""
     for rec in records:

@@ -26,7 +26,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import httpx
 import jsonschema
 import numpy as np
 
@@ -63,28 +62,8 @@ def workload(tokenizer: Any, num: int) -> list[tuple[serve.Prompt, dict[str, Any
     return out
 
 
-async def _run(
-    targets: list[serve.Target], prompts: list[serve.Prompt]
-) -> tuple[list[serve.Record], float]:
-    """Each prompt streamed to its own target (its body), at most CONCURRENCY at once."""
-    records = [serve.Record(i, p.prompt_len, p.max_tokens) for i, p in enumerate(prompts)]
-    gate = asyncio.Semaphore(CONCURRENCY)
-    timeout = httpx.Timeout(connect=10.0, read=300.0, write=30.0, pool=None)
-    limits = httpx.Limits(max_connections=CONCURRENCY, max_keepalive_connections=CONCURRENCY)
-    async with httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False) as client:
-
-        async def one(i: int) -> None:
-            async with gate:
-                await serve.send(client, targets[i], prompts[i], records[i])
-
-        start = time.perf_counter()
-        await asyncio.gather(*(one(i) for i in range(len(prompts))))
-        ends = [r.start + r.latency for r in records if r.latency is not None]
-        return records, max(ends) - start
-
-
 def run(targets: list[serve.Target], prompts: list[serve.Prompt], tokenizer: Any) -> dict:
-    records, duration = asyncio.run(_run(targets, prompts))
+    records, duration = asyncio.run(serve.run_each(targets, prompts, CONCURRENCY, 300.0))
     serve.check(records, tokenizer)
     return {"records": records, "summary": serve.summarize(records, duration)}
 

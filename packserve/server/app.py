@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import gc
 import hmac
 import logging
@@ -257,22 +258,20 @@ def _union_tag(part: Any) -> bool:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's document, corrected to what is served: validation errors are 400s with an
-    OpenAI error object (the framework documents 422 and its own error shape)."""
+    """FastAPI's document, corrected to what is served: validation errors are 400s, and every
+    error (whatever the route's own media type, e.g. text/plain) is an OpenAI error object in
+    JSON (the framework documents 422 and its own error shape)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
         for operations in schema.get("paths", {}).values():
             for operation in operations.values():
                 responses = operation.get("responses", {})
                 if responses.pop("422", None) is not None and "400" not in responses:
-                    responses["400"] = {
-                        "description": "Bad Request",
-                        "content": {
-                            "application/json": {
-                                "schema": {"$ref": "#/components/schemas/ErrorResponse"}
-                            }
-                        },
-                    }
+                    responses["400"] = {"description": "Bad Request"}
+                for status, response in responses.items():
+                    if status[0] in "45":
+                        response["content"] = copy.deepcopy(error)
         components = schema.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             components.pop(name, None)
