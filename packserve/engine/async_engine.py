@@ -141,13 +141,16 @@ class AsyncEngine:
         cls,
         config: EngineConfig,
         on_step: Callable[[StepStats, EngineLoad], None] | None = None,
-        setup: Callable[[], None] | None = None,
+        link: ProcessLink | None = None,
     ) -> AsyncEngine:
-        """The loop in a process of its own, which loads the model (`setup` runs there first:
-        logging); raises process.EngineStartError if it cannot."""
-        link = ProcessLink(config, setup)
-        ready = await link.start()
+        """The loop in a process of its own, which loads the model: `link`, already spawned
+        (the server spawns it first thing), or a new one over `config`; raises
+        process.EngineStartError if the model does not load."""
+        if link is None:
+            link = ProcessLink(config)
+            link.spawn()
         try:
+            ready = await link.ready()
             tokenizer = await asyncio.to_thread(
                 load_tokenizer, ready.model_path, config.trust_remote_code
             )

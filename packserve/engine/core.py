@@ -14,13 +14,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from packserve.scheduler import SamplingParams
 
-from .engine import Engine
 from .outputs import Delta
 from .stats import EngineLoad, StepStats
+
+if TYPE_CHECKING:  # the engine (torch) loads where the loop runs, not where it is driven from
+    from .engine import Engine
 
 log = logging.getLogger("packserve.engine")
 SETTLE_MAX_S = 0.01  # an idle engine waits at most this long for the rest of a burst

@@ -25,7 +25,6 @@ from multiprocessing.process import BaseProcess
 
 from .config import EngineConfig
 from .core import CoreOutput, EngineCore, Inbox, Message, Stopped
-from .engine import Engine
 from .stats import EngineInfo
 
 log = logging.getLogger("packserve.engine")
@@ -61,6 +60,8 @@ def _child(
         signal.signal(sig, signal.SIG_IGN)
     if setup is not None:
         setup()
+    from .engine import Engine  # torch: imported here, while the server imports its own side
+
     try:
         engine = Engine(config)
     except Exception as exc:
@@ -105,8 +106,8 @@ def _child_environment(defaults: dict[str, str]) -> Iterator[None]:
 
 
 class ProcessLink:
-    """The server's end of an engine process. Use from one event loop: `start` (loads the
-    model, raises EngineStartError on failure), then `attach`, `send`, `shutdown`."""
+    """The server's end of an engine process: `spawn`, then from one event loop `ready`
+    (raises EngineStartError if the model does not load), `attach`, `send`, `shutdown`."""
 
     def __init__(self, config: EngineConfig, setup: Callable[[], None] | None = None) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a threaded server
@@ -122,12 +123,16 @@ class ProcessLink:
         self._attached = False
         self._lost = False
 
-    async def start(self) -> Ready:
-        """Spawn the child and wait for it to load the model."""
+    def spawn(self) -> None:
+        """Start the child (it imports torch and loads the model meanwhile): as early as
+        possible, so its start overlaps the server's own."""
         with _child_environment(CHILD_ENV):
             self._process.start()
         for end in self._ends:
             end.close()
+
+    async def ready(self) -> Ready:
+        """Wait for the spawned child to load the model; EngineStartError if it cannot."""
         try:
             said = await asyncio.to_thread(self._inbound.recv)
         except (EOFError, OSError):

@@ -12,7 +12,6 @@ import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import uvicorn
@@ -24,10 +23,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from packserve.engine import AsyncEngine, Engine, EngineLoad, StepStats
+from packserve.engine.process import ProcessLink
 
 from .connections import EdgeLimits, default_max_connections, guarded_protocol
 from .dashboard import dashboard_router
-from .logs import configure_logging, quiet_libraries, setup_engine_process
+from .logs import configure_logging, quiet_libraries
 from .lora_api import lora_router
 from .metrics import Metrics
 from .openai_api import VERSION, openai_router
@@ -154,14 +154,17 @@ class RequestGate:
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The FastAPI app. The model loads in the background, so /health answers at once and
-    /ready turns 200 when loading is done."""
+def create_app(settings: Settings, link: ProcessLink | None = None) -> FastAPI:
+    """The FastAPI app. The model loads in the background (in `link`'s engine process, spawned
+    by the caller, with --engine-process), so /health answers at once and /ready turns 200
+    when loading is done."""
+    if settings.engine_process and link is None:
+        raise ValueError("with --engine-process, create_app needs the spawned engine process")
     state = ServerState(settings, Metrics(settings.model_name))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loading = asyncio.create_task(_start_engine(state))
+        loading = asyncio.create_task(_start_engine(state, link))
         loading.add_done_callback(lambda task: _started(state, task))
         yield
         loading.cancel()
@@ -288,7 +291,7 @@ def _started(state: ServerState, task: asyncio.Task[None]) -> None:
     state.fail()
 
 
-async def _start_engine(state: ServerState) -> None:
+async def _start_engine(state: ServerState, link: ProcessLink | None) -> None:
     """Start the engine loop (loading the model: in its own process unless
     --no-engine-process), wire metrics and dashboard."""
     settings = state.settings
@@ -297,9 +300,8 @@ async def _start_engine(state: ServerState) -> None:
         state.metrics.observe_step(stats)
         state.dashboard.observe_step(stats, load)
 
-    if settings.engine_process:
-        setup = partial(setup_engine_process, settings.log_format)
-        async_engine = await AsyncEngine.in_process(settings.engine, on_step, setup)
+    if link is not None:
+        async_engine = await AsyncEngine.in_process(settings.engine, on_step, link)
     else:
         engine = await asyncio.to_thread(Engine, settings.engine)
         async_engine = AsyncEngine.in_thread(engine, on_step)
@@ -371,11 +373,11 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-def run(settings: Settings, sock: socket.socket) -> None:
+def run(settings: Settings, sock: socket.socket, link: ProcessLink | None = None) -> None:
     """Serve on the bound `sock` until SIGTERM/SIGINT; exit 0 after draining, 1 if the server
     could not start."""
     quiet_libraries()
-    app = create_app(settings)
+    app = create_app(settings, link)
     state: ServerState = app.state.server
     gate = RequestGate(
         app,

@@ -52,9 +52,19 @@ def _serve(args: argparse.Namespace, settings: Settings) -> None:
             f"startup failed: cannot listen on {where}: {exc}"
         )
         sys.exit(1)
+    link = None
+    if settings.engine_process:  # spawned first: its imports overlap the server's own
+        from functools import partial
+
+        from packserve.engine.process import ProcessLink
+
+        from .logs import setup_engine_process
+
+        link = ProcessLink(settings.engine, partial(setup_engine_process, settings.log_format))
+        link.spawn()
     from .app import run  # torch and the rest: after the port is ours
 
-    run(settings, sock)
+    run(settings, sock, link)
 
 
 def main(argv: list[str] | None = None) -> None:
