@@ -211,7 +211,7 @@ def markdown(r: dict[str, Any]) -> str:
     lines = [
         "# Many LoRA adapters in one batch vs the base model alone",
         "",
-        f"CPU: {r['cpu']} ({r['num_cpus']} cores, shared with other engineers' jobs: "
+        f"CPU: {r['cpu']} ({r['num_cpus']} cores; other processes show in the load average, "
         f"`uptime` before: {r['uptime_start']}; after: {r['uptime_end']}). Random rank-"
         f"{r['rank']} adapters on all seven projections; `lora8`: 8 adapters, --max-loras "
         f"{r['max_loras']}; `lora64`: {r['num_adapters']} adapters registered, --max-loras "

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from dataclasses import replace
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="server OMP threads")
     parser.add_argument("--num-requests", type=int, default=64)
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     model_dir = default_model_dir()
     tokenizer = serve.load_tokenizer(str(model_dir))
     compile_ms = compile_times_ms(tokenizer, len(tokenizer), tokenizer.eos_token_id)
@@ -132,6 +134,8 @@ def main() -> None:
     ratio = c["output_throughput"] / u["output_throughput"] if u["output_throughput"] else None
     result = {
         "cpu": cpu_model(),
+        "num_cpus": os.cpu_count(),
+        "loadavg_1m_before": round(load_before, 2),
         "model": "SmolLM2-135M-Instruct",
         "concurrency": CONCURRENCY,
         "num_requests": args.num_requests,
@@ -166,8 +170,8 @@ def markdown(r: dict[str, Any]) -> str:
         [
             "# Structured output: constrained vs unconstrained at c=16",
             "",
-            f"CPU: {r['cpu']}, 2 cores shared with other engineers' jobs, which may have run "
-            "concurrently: figures are indicative. "
+            f"CPU: {r['cpu']}, {r.get('num_cpus', 2)} cores, load average "
+            f"{r.get('loadavg_1m_before', 'not recorded')} before the run. "
             f"Model {r['model']}, {r['num_requests']} streamed chat requests at "
             f"c={r['concurrency']}, greedy; {r['num_schemas']} JSON schemas "
             "(bench/grammar_engines.py) in turn via `response_format: json_schema`. The "
