@@ -20,6 +20,7 @@ from packserve.scheduler import (
 
 from .autotune import LinearChoice, choose_linear_backend
 from .choices import AttentionBackend, LinearBackendChoice, Quantization
+from .fused import fuse_shared_inputs
 from .inputs import ModelInputs, step_inputs
 from .invariant import (
     DEFAULT_DECODE_CONTEXT_PAD,
@@ -148,12 +149,18 @@ class Runner:
             if config.linear_backend == "auto"
             else LinearChoice(config.linear_backend, "flag", None, None)
         )
-        if self.linear.backend == "onednn" and can_pack(model):
+        pack = self.linear.backend == "onednn" and can_pack(model)
+        if pack:
             pack_linears(model)
+        # Batch-invariant mode keeps each projection's GEMM apart (each is tiled alone).
+        if not config.batch_invariant:
+            fuse_shared_inputs(model.get_decoder(), pack)
         # Adapters wrap the projections as they now are; batch-invariant tiles wrap them whole.
         self.lora: LoRAPool | None = None
         if config.max_loras:
-            self.lora = LoRAPool(model, config.max_loras, config.max_lora_rank)
+            self.lora = LoRAPool(
+                model, config.max_loras, config.max_lora_rank, merge=not config.batch_invariant
+            )
         self.tiles: TileRows | None = None
         if config.batch_invariant:
             self.tiles = make_batch_invariant(model, config.decode_tile_rows, config.max_model_len)

@@ -271,39 +271,73 @@ def test_smollm2_adapters_greedy_equal_merged_generate_alone(
                 assert_matches(got, expected, f"SmolLM2 with adapter {name}")
 
 
+def toy_decoder_layer() -> torch.nn.Module:
+    """A decoder layer's projections (float64): q/k/v on one input, o alone, gate/up on one
+    input, down alone."""
+    layer = torch.nn.Module()
+    layer.self_attn, layer.mlp = torch.nn.Module(), torch.nn.Module()
+    for name, fan_in, fan_out in (("q_proj", 24, 16), ("k_proj", 24, 8), ("v_proj", 24, 8)):
+        setattr(layer.self_attn, name, torch.nn.Linear(fan_in, fan_out, dtype=torch.float64))
+    layer.self_attn.o_proj = torch.nn.Linear(16, 24, bias=False, dtype=torch.float64)
+    for name in ("gate_proj", "up_proj"):
+        setattr(layer.mlp, name, torch.nn.Linear(24, 40, bias=False, dtype=torch.float64))
+    layer.mlp.down_proj = torch.nn.Linear(40, 24, bias=False, dtype=torch.float64)
+    return layer
+
+
 @pytest.mark.parametrize("num_tokens", [40, 300], ids=["dense", "segmented"])
-@pytest.mark.parametrize("tiled", [False, True], ids=["untiled", "tiled"])
-def test_every_path_adds_each_tokens_own_adapter(num_tokens, tiled):
-    """The pool's paths (dense for small forwards, segmented bmm for large ones, fixed tiles
-    in batch-invariant mode) each give base(x) + x @ A_s^T @ B_s^T * scaling for a token of
-    slot s, and base(x) for slot -1; adapters of several ranks, one not targeting a layer."""
+@pytest.mark.parametrize("mode", ["merged", "wrapped", "tiled"])
+def test_every_path_adds_each_tokens_own_adapter(num_tokens, mode):
+    """The pool's paths (the shrink on the fused base GEMM or on its own, dense expand for
+    small forwards, segmented bmm for large ones, fixed tiles in batch-invariant mode) each
+    give base(x) + x @ A_s^T @ B_s^T * scaling for a token of slot s, and base(x) for slot
+    -1; adapters of several ranks, one leaving some projections alone; siblings of a fused
+    GEMM called in the model's order, out of it, and on another input."""
+    import copy
+
+    from packserve.kernels.fused import fuse_shared_inputs
     from packserve.kernels.invariant import RowTiled, TileRows
-    from packserve.kernels.lora import LoRAPool, LoRAWeights
+    from packserve.kernels.lora import LoRALinear, LoRAPool, LoRAWeights
 
     torch.manual_seed(0)
-    model = torch.nn.Module()
-    model.q_proj = torch.nn.Linear(24, 16, bias=False, dtype=torch.float64)
-    model.down_proj = torch.nn.Linear(24, 40, bias=False, dtype=torch.float64)
-    bases = {name: getattr(model, name) for name in ("q_proj", "down_proj")}
-    pool = LoRAPool(model, max_loras=3, max_rank=8)
+    layer = toy_decoder_layer()
+    reference = copy.deepcopy(layer)
+    if mode == "merged":
+        assert len(fuse_shared_inputs(layer, pack=False)) == 2
+    pool = LoRAPool(layer, max_loras=3, max_rank=8, merge=mode == "merged")
+    wrapped = [m for m in layer.modules() if isinstance(m, LoRALinear)]
+    assert len(wrapped) == (0 if mode == "merged" else 7)  # merged: all ride on base GEMMs
     adapters = {}
     for slot, rank in ((0, 8), (2, 3)):
         modules = {
-            name: (torch.randn(rank, 24, dtype=torch.float64), torch.randn(out, rank))
-            for name, out in (("q_proj", 16), ("down_proj", 40))
-            if not (slot == 2 and name == "down_proj")  # slot 2 leaves down_proj alone
+            name: (
+                torch.randn(rank, m.in_features, dtype=torch.float64),
+                torch.randn(m.out_features, rank),
+            )
+            for name, m in reference.named_modules()
+            if name.endswith("_proj")
+            and not (slot == 2 and name in ("mlp.down_proj", "self_attn.k_proj"))
         }
         pool.write(slot, LoRAWeights(modules))
         adapters[slot] = modules
     slot_ids = [random.Random(i).choice([-1, 0, 2]) for i in range(num_tokens)]
+    pool.begin(slot_ids, 16 if mode == "tiled" else None)
     x = torch.randn(num_tokens, 24, dtype=torch.float64)
-    pool.begin(slot_ids, 16 if tiled else None)
-    for name, base in bases.items():
-        layer = getattr(model, name)
-        got = RowTiled(layer, TileRows(16))(x) if tiled else layer(x)
-        expected = base(x).clone()
+    other = torch.randn(num_tokens, 24, dtype=torch.float64)
+    # q/k/v in order, then v, k on another input (each computes the whole fused GEMM), then
+    # up before gate (out of order); o and down alone.
+    calls = [("self_attn.q_proj", x), ("self_attn.k_proj", x), ("self_attn.v_proj", x)]
+    calls += [("self_attn.v_proj", other), ("self_attn.k_proj", other)]
+    calls += [("mlp.up_proj", x), ("mlp.gate_proj", x), ("self_attn.o_proj", x[:, :16])]
+    calls += [("mlp.down_proj", torch.cat([x, x[:, :16]], dim=1))]
+    for name, inputs in calls:
+        module = layer.get_submodule(name)
+        if mode == "tiled":  # a tiled forward calls each projection once
+            pool.begin(slot_ids, 16)
+        got = RowTiled(module, TileRows(16))(inputs) if mode == "tiled" else module(inputs)
+        expected = reference.get_submodule(name)(inputs).clone()
         for row, slot in enumerate(slot_ids):
             if slot >= 0 and name in adapters[slot]:
                 a, b = adapters[slot][name]
-                expected[row] += x[row] @ a.T @ b.T.double()
-        torch.testing.assert_close(got, expected)
+                expected[row] += inputs[row] @ a.T @ b.T.double()
+        torch.testing.assert_close(got, expected, msg=f"{mode} {name}")

@@ -1,19 +1,22 @@
-"""Many LoRA adapters in one forward: a weight pool of `max_loras` slots and a wrapper on each
-target projection that adds every token's own adapter delta to the shared base GEMM: no merged
-weights, no forward per adapter, a fixed handful of ops per projection however many adapters
-the step holds (the gathered / segmented matmul of Punica and S-LoRA). Per forward the runner
-gives every token a slot (-1: the base model and pads; `LoRAPool.begin`); a forward without
-adapter tokens runs the base projections alone. r is the highest rank of the adapters present.
+"""Many LoRA adapters in one forward: a weight pool of `max_loras` slots per target projection
+and, per token, its own adapter's delta added to the shared base GEMM: no merged adapters, no
+forward per adapter, a fixed handful of ops per projection however many adapters the step
+holds (the gathered / segmented matmul of Punica and S-LoRA). Per forward the runner gives
+every token a slot (-1: the base model and pads; `LoRAPool.begin`). r is the highest rank the
+pool holds; the pool is rank-major, so every slot's first r ranks of a projection's A are one
+contiguous [r * max_loras, in] block (A_all), and of its B one [r * max_loras, out] (B_all).
 
-- Small forwards (decode steps; at most DENSE_MAX_ROWS rows): `(x @ A_all^T * mask) @ B_all`
-  with A_all, B_all every slot's first r ranks stacked ([r * max_loras, features], contiguous
-  in the rank-major pool) and the mask keeping each token's own slot's columns: two GEMMs and
-  a multiply. On a CPU such a step is bound by op overhead and weight reads (all resident
-  adapters' weights are read anyway when they all take part), not by FLOPs.
-- Large forwards (prefills): each adapter's tokens cut into pieces of `seg` rows, and
-  `x_pieces [P, seg, in] @ A[piece slots] [P, in, r] @ B[piece slots] [P, r, out]` as two
-  `torch.bmm`, the real rows index-added into the output: FLOPs within 2x of the adapters'
-  own.
+- Shrink, h = x @ A_all^T: for plain and packed linears (off batch-invariant mode) A_all rides
+  on the base GEMM as extra output rows (kernels/fused.py; siblings on one input share one
+  GEMM), so it costs no call of its own. On a CPU a decode step is bound by per-call
+  overhead: a small GEMM of its own costs about as much as the base GEMM's extra rows cost in
+  all. Other linears (quantized) multiply by their own A_all.
+- Expand, small forwards (decode steps; at most DENSE_MAX_ROWS rows): h masked to each
+  token's own slot's columns, then one GEMM with B_all (block-diagonal over the siblings of a
+  shared GEMM, added to all their columns at once).
+- Expand, large forwards (prefills): each token's own r columns of h gathered, its adapter's
+  tokens cut into pieces of `seg` rows, `h_pieces [P, seg, r] @ B[piece slots] [P, r, out]` as
+  one `torch.bmm`, the real rows index-added into the output.
 - Batch-invariant mode: the runner tiles every projection (kernels/invariant.py), so a wrapper
   sees one fixed tile of rows per call, in order; for each adapter present in the tile the
   delta is computed on the whole tile with the other rows zeroed (`where`, exact), so its
@@ -28,19 +31,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from packserve.kernels.fused import FUSABLE, ProjectionSlice, SharedInputProjection
+from packserve.kernels.linear import PackedLinear, pack_weight, packed_linear
 from packserve.scheduler import ScheduledSequence
 
 from .adapter import TARGET_MODULES, AdapterError, LoRAWeights
 
-# Forwards of up to this many token rows take the dense path (module docstring): its extra
+# Forwards of up to this many token rows take the dense expand (module docstring): its extra
 # FLOPs (every slot's ranks for every row) stop mattering next to the op overhead below this.
 DENSE_MAX_ROWS = 128
 
 
 @dataclass(frozen=True, slots=True)
 class Segments:
-    """A forward's adapter tokens as equal pieces, for the batched path."""
+    """A forward's adapter tokens as equal pieces, for the batched expand."""
 
+    columns: torch.Tensor  # [N, r] each token's own columns of h (base and pads: slot 0's)
     gather: torch.Tensor  # [P * seg] flat token row of each piece position (pads: row 0)
     keep: torch.Tensor  # [n] positions in [P * seg] holding real tokens
     dest: torch.Tensor  # [n] their token rows (distinct): where the deltas are added
@@ -50,16 +56,17 @@ class Segments:
 
 class LoRAStep:
     """The current forward's tokens grouped by adapter slot; the runner sets it per forward
-    (through `LoRAPool.begin`), the wrappers read it."""
+    (through `LoRAPool.begin`), the projections read it."""
 
     def __init__(self, slot_ranks: list[int]) -> None:
         self.slot_ranks = slot_ranks  # slot -> its adapter's highest rank (the pool's list)
         self.version = 0  # bumped per forward: a wrapper restarts its tile count on a new one
         self.active = False  # some token of this forward uses an adapter
-        self.rank = 0  # the highest rank among the adapters present: pool ranks used
-        # Small untiled forwards: each token's slot as a 0/1 mask over the pool's first
-        # `rank` ranks of every slot, [N, rank * max_loras] (rank-major) in the pool's dtype.
-        self.dense: torch.Tensor | None = None
+        self.rank = 0  # the pool's highest rank: the ranks of each slot h holds
+        # Small untiled forwards: each token's slot as a 0/1 mask over h's columns,
+        # [N, rank * max_loras] (rank-major) in the pool's dtype; `masks[g]`: g copies side
+        # by side, for the h of g projections sharing a GEMM.
+        self.masks: dict[int, torch.Tensor] = {}
         self.segments: Segments | None = None  # large untiled forwards
         # Tiled forwards, per tile in call order: (slot, bool [T, 1] rows using it).
         self.tiles: list[list[tuple[int, torch.Tensor]]] = []
@@ -69,28 +76,34 @@ class LoRAStep:
         slot; `tile_rows`: the tile height the projections run on, None if untiled; `like`:
         a tensor of the pool's dtype and device."""
         self.version += 1
-        self.dense, self.segments, self.tiles = None, None, []
+        self.masks, self.segments, self.tiles = {}, None, []
         present = {s for s in slot_ids if s >= 0}
         self.active = bool(present)
+        self.rank = max(self.slot_ranks)
         if not present:
             return
-        self.rank = max(self.slot_ranks[s] for s in present)
         device = like.device
         ids = torch.tensor(slot_ids, device=device)  # [N]
+        num_slots = len(self.slot_ranks)
         if tile_rows is None and len(slot_ids) <= DENSE_MAX_ROWS:
-            num_slots = len(self.slot_ranks)
             columns = torch.arange(self.rank * num_slots, device=device) % num_slots
-            self.dense = (ids[:, None] == columns[None, :]).to(like.dtype)  # [N, r * slots]
+            self.masks[1] = (ids[:, None] == columns[None, :]).to(like.dtype)  # [N, r * slots]
         elif tile_rows is None:
-            self.segments = _segments(slot_ids, device)
+            self.segments = _segments(slot_ids, self.rank, num_slots, device)
         else:
             ids = torch.cat([ids, ids.new_full((-len(slot_ids) % tile_rows,), -1)])  # [N + pad]
             for tile in ids.split(tile_rows):
                 in_tile = sorted(s for s in set(tile.tolist()) if s >= 0)
                 self.tiles.append([(s, (tile == s)[:, None]) for s in in_tile])
 
+    def mask(self, copies: int) -> torch.Tensor:
+        """The dense mask repeated for the h of `copies` projections side by side."""
+        if copies not in self.masks:
+            self.masks[copies] = self.masks[1].repeat(1, copies)
+        return self.masks[copies]
 
-def _segments(slot_ids: Sequence[int], device: torch.device) -> Segments:
+
+def _segments(slot_ids: Sequence[int], rank: int, num_slots: int, device: torch.device) -> Segments:
     """Each adapter's tokens in pieces of `seg`: at most 2 pieces per adapter present, at most
     2 x the adapter tokens of rows in all."""
     rows: dict[int, list[int]] = {}
@@ -113,34 +126,42 @@ def _segments(slot_ids: Sequence[int], device: torch.device) -> Segments:
     def tensor(values: list[int]) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=device)
 
-    return Segments(tensor(gather), tensor(keep), tensor(dest), tensor(slots), seg)
+    ranks = torch.arange(rank, device=device) * num_slots  # h column of rank k, slot 0
+    own = tensor([max(slot, 0) for slot in slot_ids])
+    columns = ranks[None, :] + own[:, None]  # [N, r]
+    return Segments(columns, tensor(gather), tensor(keep), tensor(dest), tensor(slots), seg)
 
 
-class LoRALinear(nn.Module):
-    """A projection plus, per token, the low-rank update of that token's adapter slot.
+def _expand_segments(
+    rows_out: torch.Tensor, h: torch.Tensor, b_all: torch.Tensor, step: LoRAStep
+) -> None:
+    """rows_out [M, out] += each token's own columns of h [M, r * slots] times its slot's B
+    (`b_all`: [r * slots, out], rank-major), in place."""
+    s = step.segments
+    assert s is not None
+    r, out_features = step.rank, rows_out.shape[1]
+    own = h.gather(1, s.columns).index_select(0, s.gather).view(-1, s.seg, r)  # [P, seg, r]
+    bt = b_all.view(r, -1, out_features).index_select(1, s.slots).transpose(0, 1)  # [P, r, out]
+    real = torch.bmm(own, bt).view(-1, out_features).index_select(0, s.keep)
+    rows_out.index_add_(0, s.dest, real)
 
-    The pool is rank-major, [max_rank, max_loras, features]: the first r ranks of every slot
-    are one contiguous [r * max_loras, features] block, what the dense path multiplies by."""
+
+class LoRAWeightPool:
+    """One projection's adapter weights, `max_rank` ranks per slot, rank-major:
+    A [max_rank, max_loras, in], B^T * scaling [max_rank, max_loras, out]."""
 
     def __init__(
-        self, base: nn.Module, step: LoRAStep, max_loras: int, max_rank: int, like: torch.Tensor
+        self, in_features: int, out_features: int, max_loras: int, max_rank: int, like: torch.Tensor
     ) -> None:
-        """`like`: a tensor of the model's dtype and device, which the pool takes."""
-        super().__init__()
-        self.base = base
-        self.step = step
-        self.in_features: int = getattr(base, "in_features")  # noqa: B009  # any linear kind
-        self.out_features: int = getattr(base, "out_features")  # noqa: B009
-        self.lora_a = like.new_zeros(max_rank, max_loras, self.in_features)  # A
-        self.lora_b = like.new_zeros(max_rank, max_loras, self.out_features)  # B^T * scaling
-        self._version = -1
-        self._tile = 0  # the next tile of the current forward
+        self.in_features, self.out_features = in_features, out_features
+        self.a = like.new_zeros(max_rank, max_loras, in_features)
+        self.b = like.new_zeros(max_rank, max_loras, out_features)
 
     def write(self, slot: int, pair: tuple[torch.Tensor, torch.Tensor] | None) -> None:
         """Put an adapter's (A [r, in], scaled B [out, r]) into `slot`, zeros past its rank;
         None: it leaves this projection alone (all zeros)."""
-        self.lora_a[:, slot].zero_()
-        self.lora_b[:, slot].zero_()
+        self.a[:, slot].zero_()
+        self.b[:, slot].zero_()
         if pair is None:
             return
         a, b = pair
@@ -150,8 +171,28 @@ class LoRALinear(nn.Module):
                 f"LoRA shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a "
                 f"{self.in_features} -> {self.out_features} projection"
             )
-        self.lora_a[:rank, slot] = a
-        self.lora_b[:rank, slot] = b.T
+        self.a[:rank, slot] = a
+        self.b[:rank, slot] = b.T
+
+    def a_all(self, rank: int) -> torch.Tensor:
+        return self.a[:rank].view(-1, self.in_features)  # [rank * slots, in]
+
+    def b_all(self, rank: int) -> torch.Tensor:
+        return self.b[:rank].view(-1, self.out_features)  # [rank * slots, out]
+
+
+class LoRALinear(nn.Module):
+    """A projection (one LoRA cannot ride on: quantized, or tiled in batch-invariant mode)
+    plus, per token, the low-rank update of that token's adapter slot."""
+
+    def __init__(self, base: nn.Module, step: LoRAStep, weights: LoRAWeightPool) -> None:
+        super().__init__()
+        self.base = base
+        self.step = step
+        self.weights = weights
+        self.in_features, self.out_features = weights.in_features, weights.out_features
+        self._version = -1
+        self._tile = 0  # the next tile of the current forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
@@ -160,53 +201,114 @@ class LoRALinear(nn.Module):
             return out
         rows = x.reshape(-1, self.in_features)  # [M, in]
         rows_out = out.view(-1, self.out_features)  # [M, out], written in place
-        r = step.rank
-        if step.dense is not None:  # every slot's first r ranks, masked to each token's slot
-            a = self.lora_a[:r].view(-1, self.in_features)  # [r * slots, in]
-            b = self.lora_b[:r].view(-1, self.out_features)  # [r * slots, out]
-            rows_out.addmm_(torch.mm(rows, a.T).mul_(step.dense), b)
-        elif step.segments is not None:
-            s = step.segments
-            pieces = rows.index_select(0, s.gather).view(-1, s.seg, self.in_features)
-            a = self.lora_a[:r].index_select(1, s.slots).permute(1, 2, 0)  # [P, in, r]
-            bt = self.lora_b[:r].index_select(1, s.slots).transpose(0, 1)  # [P, r, out]
-            delta = torch.bmm(torch.bmm(pieces, a), bt)  # [P, seg, out]
-            real = delta.view(-1, self.out_features).index_select(0, s.keep)  # [n, out]
-            rows_out.index_add_(0, s.dest, real)
+        if step.tiles:
+            self._tiled(rows, rows_out)
+            return out
+        h = torch.mm(rows, self.weights.a_all(step.rank).T)  # [M, r * slots]
+        if step.segments is None:
+            rows_out.addmm_(h.mul_(step.mask(1)), self.weights.b_all(step.rank))
         else:
-            if self._version != step.version:
-                self._version, self._tile = step.version, 0
-            groups = step.tiles[self._tile]
-            self._tile += 1
-            for slot, sel in groups:  # sel: bool [T, 1]; one shape per adapter, any tile
-                rank = step.slot_ranks[slot]
-                a, bt = self.lora_a[:rank, slot], self.lora_b[:rank, slot]  # [r, in], [r, out]
-                rows_out += torch.where(sel, rows, 0) @ a.T @ bt
+            _expand_segments(rows_out, h, self.weights.b_all(step.rank), step)
         return out
+
+    def _tiled(self, rows: torch.Tensor, rows_out: torch.Tensor) -> None:
+        """One fixed tile: each adapter's delta over the whole tile, other rows zeroed."""
+        step = self.step
+        if self._version != step.version:
+            self._version, self._tile = step.version, 0
+        groups = step.tiles[self._tile]
+        self._tile += 1
+        for slot, sel in groups:  # sel: bool [T, 1]; one shape per adapter, any tile
+            rank = step.slot_ranks[slot]
+            a, bt = self.weights.a[:rank, slot], self.weights.b[:rank, slot]  # [r, in], [r, out]
+            rows_out += torch.where(sel, rows, 0) @ a.T @ bt
+
+
+class SharedLoRA:
+    """LoRA on a `SharedInputProjection`: its extra output rows are the members' A_all (h),
+    and on each output it adds every token's delta to the members' columns."""
+
+    def __init__(
+        self, shared: SharedInputProjection, step: LoRAStep, weights: list[LoRAWeightPool]
+    ) -> None:
+        self.shared = shared
+        self.step = step
+        self.weights = weights
+        self.b_all = weights[0].b.new_zeros(0, shared.width)  # block-diagonal over members
+        self.b_packed: torch.Tensor | None = None  # b_all^T in oneDNN's layout, if packed
+        shared.on_output = self.add_deltas
+
+    def rebuild(self, rank: int) -> None:
+        """Take the pool's current weights at `rank` (after a slot is written)."""
+        self.shared.set_extra(torch.cat([w.a_all(rank) for w in self.weights]))
+        width = rank * self.weights[0].a.shape[1]  # h columns of one member
+        self.b_all = self.b_all.new_zeros(width * len(self.weights), self.shared.width)
+        for i, (w, start) in enumerate(zip(self.weights, self.shared.offsets, strict=True)):
+            self.b_all[i * width : (i + 1) * width, start : start + w.out_features] = w.b_all(rank)
+        if self.shared.pack and rank:
+            self.b_packed = pack_weight(self.b_all.T.contiguous())
+
+    def add_deltas(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        step = self.step
+        if not step.active:
+            return
+        rows = y.view(-1, y.shape[-1])
+        shared = self.shared
+        h = rows[:, shared.width :]  # [M, members * r * slots]
+        if step.segments is None:
+            masked = h.mul(step.mask(len(self.weights)))
+            if self.b_packed is not None:  # measured: faster than addmm_ on a plain B
+                rows[:, : shared.width].add_(packed_linear(masked, self.b_packed))
+            else:
+                rows[:, : shared.width].addmm_(masked, self.b_all)
+            return
+        width = h.shape[1] // len(self.weights)
+        for i, (w, start) in enumerate(zip(self.weights, shared.offsets, strict=True)):
+            b = self.b_all[i * width : (i + 1) * width, start : start + w.out_features]
+            _expand_segments(
+                rows[:, start : start + w.out_features], h[:, i * width : (i + 1) * width], b, step
+            )
 
 
 class LoRAPool:
-    """The adapter slots of a model: a `LoRALinear` around each target projection of its
-    decoder (wrapped in place), written a slot at a time between steps."""
+    """The adapter slots of a model: the weights of each target projection of its decoder,
+    which takes them on its GEMM (`SharedLoRA`) or in a `LoRALinear` wrapper (in place), and
+    which a slot at a time is written between steps. `merge`: let plain and packed linears
+    carry the shrink on their GEMM (not in batch-invariant mode, where each GEMM keeps its
+    own shape)."""
 
-    def __init__(self, model: nn.Module, max_loras: int, max_rank: int) -> None:
+    def __init__(self, model: nn.Module, max_loras: int, max_rank: int, merge: bool) -> None:
         self.slot_ranks = [0] * max_loras  # slot -> highest rank of the adapter it holds
         self.step = LoRAStep(self.slot_ranks)
         self.max_loras = max_loras
         self.max_rank = max_rank
         like = next(model.parameters())
         self._like = like.new_empty(0)  # the pool's dtype and device
-        self.layers: dict[str, LoRALinear] = {}  # module name (as PEFT keys it) -> wrapper
-        targets = [
-            (f"{parent_name}.{name}".lstrip("."), parent, name, child)
-            for parent_name, parent in model.named_modules()
-            for name, child in parent.named_children()
-            if name in TARGET_MODULES
-        ]
-        for full_name, parent, name, child in targets:
-            layer = LoRALinear(child, self.step, max_loras, max_rank, like)
-            setattr(parent, name, layer)
-            self.layers[full_name] = layer
+        self.layers: dict[str, LoRAWeightPool] = {}  # module name (as PEFT keys it) -> weights
+        self.shared: list[SharedLoRA] = []
+        on_shared: dict[int, tuple[SharedInputProjection, dict[int, LoRAWeightPool]]] = {}
+        for parent_name, parent in model.named_modules():
+            for name, child in list(parent.named_children()):
+                if name not in TARGET_MODULES:
+                    continue
+                weights = LoRAWeightPool(
+                    child.in_features, child.out_features, max_loras, max_rank, like
+                )
+                self.layers[f"{parent_name}.{name}".lstrip(".")] = weights
+                if merge and type(child) in FUSABLE:  # a shared GEMM of its own
+                    packed = isinstance(child, PackedLinear)
+                    child = ProjectionSlice(SharedInputProjection([child], packed), 0)
+                    setattr(parent, name, child)
+                if merge and isinstance(child, ProjectionSlice):
+                    entry = on_shared.setdefault(id(child.shared), (child.shared, {}))
+                    entry[1][child.index] = weights
+                else:
+                    setattr(parent, name, LoRALinear(child, self.step, weights))
+        for shared, members in on_shared.values():
+            if len(members) != len(shared.out_features):
+                raise ValueError("LoRA targets part of a fused projection group only")
+            self.shared.append(SharedLoRA(shared, self.step, [members[i] for i in sorted(members)]))
+        self._rebuild()
 
     def begin(self, slot_ids: Sequence[int], tile_rows: int | None) -> None:
         """Set up a forward: each token's slot (see `LoRAStep.begin`)."""
@@ -220,8 +322,15 @@ class LoRAPool:
         if unknown:
             raise AdapterError(f"the model has no module {unknown[0]} (of {len(unknown)})")
         self.slot_ranks[slot] = weights.max_rank
-        for name, layer in self.layers.items():
-            layer.write(slot, weights.modules.get(name))
+        try:
+            for name, layer in self.layers.items():
+                layer.write(slot, weights.modules.get(name))
+        finally:
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        for shared in self.shared:
+            shared.rebuild(max(self.slot_ranks))
 
 
 def token_slots(
