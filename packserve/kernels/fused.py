@@ -7,9 +7,8 @@ up_proj on the same normed states. `fuse_shared_inputs` replaces each such group
 weights stacked: the first member called computes the whole output, each member returns its
 columns, and the output is dropped once every member has taken its part. A member called on
 another input (a model that does not call them back to back) computes the whole GEMM again:
-slower, never wrong. On a CPU a decode step is bound by per-call overhead (a batch-16 decode
-step of SmolLM2-135M in bfloat16: q, k and v apart 172 us a layer, fused 96 us; measured in
-bench/results/lora.md's notes), so fewer, wider GEMMs pay.
+slower, never wrong. On a CPU a decode step is bound by per-call overhead, so fewer, wider
+GEMMs pay (bench/fused.py times both at the model's shapes: results/fused.md).
 
 The fused weight can carry extra output rows after the members' (`set_extra`): LoRA's
 shrink (x @ A^T for every adapter slot) then comes out of the same GEMM, and a hook

@@ -347,3 +347,26 @@ def test_every_path_adds_each_tokens_own_adapter(num_tokens, mode, dtype):
                 expected[row] += inputs[row].double() @ a.T @ b.T
         tol = {"atol": 0.3, "rtol": 0.03} if dtype == torch.bfloat16 else {}
         torch.testing.assert_close(got.double(), expected, **tol, msg=f"{mode} {name}")
+
+
+@pytest.mark.parametrize(
+    "slot_ids",
+    [[0, 0, -1, 1, 1], [2] * 7, [-1, 0, 1, 1, -1, 2, 2, 2], [1, -1, -1, -1]]
+    + [random.Random(seed).choices([-1, 0, 1, 2], k=150) for seed in range(5)],
+)
+def test_segments_place_every_token(slot_ids):
+    """Every adapter token has one piece position of its own slot, which gathers it; base
+    tokens and pads point at a pad position (a zero delta), added when pieces have none."""
+    from packserve.kernels.lora.layers import _segments
+
+    s = _segments(slot_ids, rank=2, num_slots=3, like=torch.zeros(0))
+    gather, real, place = s.gather.tolist(), s.real[:, 0].tolist(), s.place.tolist()
+    assert len(gather) == len(real) == s.seg * len(s.slots)
+    adapter_rows = [row for row, slot in enumerate(slot_ids) if slot >= 0]
+    assert sorted(place[row] for row in adapter_rows) == [i for i, r in enumerate(real) if r]
+    for row, slot in enumerate(slot_ids):
+        if slot >= 0:
+            assert gather[place[row]] == row and s.slots[place[row] // s.seg] == slot
+        else:
+            assert real[place[row]] == 0
+    assert len(gather) <= 2 * len(adapter_rows) + s.seg

@@ -48,8 +48,11 @@ class Segments:
 
     columns: torch.Tensor  # [N, r] each token's own columns of h (base and pads: slot 0's)
     gather: torch.Tensor  # [P * seg] flat token row of each piece position (pads: row 0)
-    keep: torch.Tensor  # [n] positions in [P * seg] holding real tokens
-    dest: torch.Tensor  # [n] their token rows (distinct): where the deltas are added
+    real: torch.Tensor  # [P * seg, 1] 1 at positions holding a token, 0 at pads (pool dtype)
+    # [N] each token row's piece position; base tokens and pads: a pad position (its delta is
+    # 0). Deltas are gathered back in row order and added whole: index_add_ into a column
+    # slice of the shared GEMM's output takes a slow scatter path (10x, measured).
+    place: torch.Tensor
     slots: torch.Tensor  # [P] each piece's adapter slot
     seg: int  # tokens per piece
 
@@ -90,7 +93,7 @@ class LoRAStep:
             columns = torch.arange(self.rank * num_slots, device=device) % num_slots
             self.masks[1] = (ids[:, None] == columns[None, :]).to(like.dtype)  # [N, r * slots]
         elif tile_rows is None:
-            self.segments = _segments(slot_ids, self.rank, num_slots, device)
+            self.segments = _segments(slot_ids, self.rank, num_slots, like)
         else:
             ids = torch.cat([ids, ids.new_full((-len(slot_ids) % tile_rows,), -1)])  # [N + pad]
             for tile in ids.split(tile_rows):
@@ -114,33 +117,44 @@ class LoRAStep:
         return self.columns[copies]
 
 
-def _segments(slot_ids: Sequence[int], rank: int, num_slots: int, device: torch.device) -> Segments:
+def _segments(slot_ids: Sequence[int], rank: int, num_slots: int, like: torch.Tensor) -> Segments:
     """Each adapter's tokens in pieces of `seg`: at most 2 pieces per adapter present, at most
-    2 x the adapter tokens of rows in all."""
+    2 x the adapter tokens of rows in all (plus one piece of pads when base tokens need a pad
+    position and there is none)."""
     rows: dict[int, list[int]] = {}
     for row, slot in enumerate(slot_ids):
         if slot >= 0:
             rows.setdefault(slot, []).append(row)
     seg = -(-sum(len(r) for r in rows.values()) // len(rows))
     gather: list[int] = []
-    keep: list[int] = []
-    dest: list[int] = []
+    real: list[int] = []
+    place = [-1] * len(slot_ids)
     slots: list[int] = []
     for slot, members in rows.items():
         for start in range(0, len(members), seg):
             piece = members[start : start + seg]
-            keep += range(len(gather), len(gather) + len(piece))
-            dest += piece
-            gather += piece + [0] * (seg - len(piece))
+            for row in piece:
+                place[row] = len(gather)
+                gather.append(row)
+            gather += [0] * (seg - len(piece))
+            real += [1] * len(piece) + [0] * (seg - len(piece))
             slots.append(slot)
+    if -1 in place:  # base tokens or pads: they take a pad position
+        if 0 not in real:
+            gather += [0] * seg
+            real += [0] * seg
+            slots.append(slots[0])
+        pad = real.index(0)
+        place = [pad if p < 0 else p for p in place]
 
     def tensor(values: list[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long, device=device)
+        return torch.tensor(values, dtype=torch.long, device=like.device)
 
-    ranks = torch.arange(rank, device=device) * num_slots  # h column of rank k, slot 0
+    ranks = torch.arange(rank, device=like.device) * num_slots  # h column of rank k, slot 0
     own = tensor([max(slot, 0) for slot in slot_ids])
     columns = ranks[None, :] + own[:, None]  # [N, r]
-    return Segments(columns, tensor(gather), tensor(keep), tensor(dest), tensor(slots), seg)
+    mask = tensor(real).to(like.dtype)[:, None]
+    return Segments(columns, tensor(gather), mask, tensor(place), tensor(slots), seg)
 
 
 def _expand_segments(
@@ -152,11 +166,11 @@ def _expand_segments(
     s = step.segments
     assert s is not None
     ranks, out_features = copies * step.rank, rows_out.shape[1]
-    own = h.gather(1, step.segment_columns(copies)).index_select(0, s.gather)
-    own = own.view(-1, s.seg, ranks)  # [P, seg, copies * r]
+    own = h.gather(1, step.segment_columns(copies)).index_select(0, s.gather).mul_(s.real)
+    own = own.view(-1, s.seg, ranks)  # [P, seg, copies * r], pads zeroed
     b = b_all.view(ranks, -1, out_features).index_select(1, s.slots).transpose(0, 1)
-    real = torch.bmm(own, b).view(-1, out_features).index_select(0, s.keep)  # [n, out]
-    rows_out.index_add_(0, s.dest, real)
+    deltas = torch.bmm(own, b).view(-1, out_features)  # [P * seg, out]
+    rows_out.add_(deltas.index_select(0, s.place))
 
 
 class LoRAWeightPool:
@@ -249,10 +263,9 @@ class SharedLoRA:
         self.weights = weights
         self.b_all = weights[0].b.new_zeros(0, shared.width)  # block-diagonal over members
         self.b_packed: torch.Tensor | None = None  # b_all^T in oneDNN's layout, if packed
-        # The dense expand, measured per decoder layer (AMD EPYC, batch 16 and 64, tiny and
-        # SmolLM2 shapes): in bfloat16 one oneDNN GEMM with the block-diagonal B packed beats
-        # torch's addmm_ (132 vs 183 us, 202 vs 262 us); in float32 MKL's addmm_ per member
-        # beats both (136 vs 215 us, 253 vs 340 us).
+        # The dense expand (bench/fused.py, results/fused.md): in bfloat16 one oneDNN GEMM
+        # with the block-diagonal B packed beats torch's addmm_; in float32 torch's addmm_
+        # per member beats both.
         b = weights[0].b
         on_onednn = b.device.type == "cpu" and torch.backends.mkldnn.is_available()
         self._packs_b = on_onednn and b.dtype == torch.bfloat16
