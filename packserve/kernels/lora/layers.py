@@ -338,10 +338,12 @@ class LoRAPool:
         for shared, members in on_shared.values():
             assert len(members) == len(shared.out_features)  # SHARED_INPUTS are all targets
             self.shared.append(SharedLoRA(shared, self.step, [members[i] for i in sorted(members)]))
-        self._rebuild()
+        self._stale = True  # the shared GEMMs lack the pool's current weights
 
     def begin(self, slot_ids: Sequence[int], tile_rows: int | None) -> None:
         """Set up a forward: each token's slot (see `LoRAStep.begin`)."""
+        if self._stale:  # slots written since the last forward: one rebuild for all of them
+            self._rebuild()
         self.step.begin(slot_ids, tile_rows, self._like)
 
     def write(self, slot: int, weights: LoRAWeights) -> None:
@@ -352,15 +354,15 @@ class LoRAPool:
         if unknown:
             raise AdapterError(f"the model has no module {unknown[0]} (of {len(unknown)})")
         self.slot_ranks[slot] = weights.max_rank
-        try:
-            for name, layer in self.layers.items():
-                layer.write(slot, weights.modules.get(name))
-        finally:
-            self._rebuild()
+        self._stale = True
+        for name, layer in self.layers.items():
+            layer.write(slot, weights.modules.get(name))
 
     def _rebuild(self) -> None:
+        """Give the shared GEMMs the pool's current weights (repacking them)."""
         for shared in self.shared:
             shared.rebuild(max(self.slot_ranks))
+        self._stale = False
 
 
 def token_slots(
