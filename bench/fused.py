@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from bench.grammar_engines import cpu_model
+from bench.packing_window import machine_info
 from packserve.kernels.linear import MIN_WEIGHT_ELEMENTS, pack_weight, packed_linear
 from packserve.models.model_maker import default_model_dir
 from packserve.models.smollm2 import default_model_dir as smollm2_model_dir
@@ -141,10 +141,7 @@ def main() -> None:
                     rows.append({"model": model, "dtype": dtype, "rows": n, **result})
                     print(rows[-1], flush=True)
     machine = {
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
+        **machine_info(),
         "load_average": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -153,8 +150,9 @@ def main() -> None:
     lines = [
         "# Stacked GEMMs per decoder layer (kernels/fused.py, LoRA expand)",
         "",
-        f"CPU: {machine['cpu']} ({machine['cores']} cores, {machine['threads']} threads), "
-        f"torch {machine['torch']}, {machine['date']}, load average "
+        f"CPU: {machine['cpu_model']} ({machine['cpu_cores']} cores, "
+        f"{machine['torch_threads']} threads), torch {machine['torch_version']}, "
+        f"{machine['date']}, load average "
         f"{machine['load_average'][0]:.2f}. Microseconds per decoder layer, a different weight "
         f"per layer; LoRA rank {RANK}, {SLOTS} slots. `python -m bench.fused`.",
         "",
