@@ -16,7 +16,7 @@ contiguous [r * max_loras, in] block (A_all), and of its B one [r * max_loras, o
   shared GEMM, added to all their columns at once).
 - Expand, large forwards (prefills): each token's own r columns of h gathered, its adapter's
   tokens cut into pieces of `seg` rows, `h_pieces [P, seg, r] @ B[piece slots] [P, r, out]` as
-  one `torch.bmm`, the real rows index-added into the output.
+  one `torch.bmm`, the deltas gathered back in row order and added to the output.
 - Batch-invariant mode: the runner tiles every projection (kernels/invariant.py), so a wrapper
   sees one fixed tile of rows per call, in order; for each adapter present in the tile the
   delta is computed on the whole tile with the other rows zeroed (`where`, exact), so its
@@ -90,7 +90,7 @@ class LoRAStep:
         ids = torch.tensor(slot_ids, device=device)  # [N]
         num_slots = len(self.slot_ranks)
         if tile_rows is None and len(slot_ids) <= DENSE_MAX_ROWS:
-            columns = torch.arange(self.rank * num_slots, device=device) % num_slots
+            columns = torch.arange(self.width, device=device) % num_slots
             self.masks[1] = (ids[:, None] == columns[None, :]).to(like.dtype)  # [N, r * slots]
         elif tile_rows is None:
             self.segments = _segments(slot_ids, self.rank, num_slots, like)
@@ -106,14 +106,18 @@ class LoRAStep:
             self.masks[copies] = self.masks[1].repeat(1, copies)
         return self.masks[copies]
 
+    @property
+    def width(self) -> int:
+        """Columns of one projection's h: every slot's first `rank` ranks."""
+        return self.rank * len(self.slot_ranks)
+
     def segment_columns(self, copies: int) -> torch.Tensor:
         """Each token's own columns of the h of `copies` projections side by side,
         [N, copies * r]."""
         assert self.segments is not None
         if copies not in self.columns:
-            width = self.rank * len(self.slot_ranks)  # h columns of one projection
             own = self.segments.columns
-            self.columns[copies] = torch.cat([own + i * width for i in range(copies)], dim=1)
+            self.columns[copies] = torch.cat([own + i * self.width for i in range(copies)], 1)
         return self.columns[copies]
 
 
@@ -292,7 +296,7 @@ class SharedLoRA:
             if self.b_packed is not None:
                 rows[:, : shared.width].add_(packed_linear(masked, self.b_packed))
                 return
-            width = h.shape[1] // len(self.weights)
+            width = step.width
             for i, (w, start) in enumerate(zip(self.weights, shared.offsets, strict=True)):
                 rows[:, start : start + w.out_features].addmm_(
                     masked[:, i * width : (i + 1) * width], w.b_all(step.rank)
