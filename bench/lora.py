@@ -7,7 +7,9 @@ adapters, --max-loras 8) and `lora64` (64 adapters registered, --max-loras 8: ad
 evicted and read again while requests wait for them). The adapters are random rank-8 LoRA on
 all seven projections (q/k/v/o, gate/up/down), written in PEFT's folder format. Each workload
 (2 x c streamed completions, corpus prompts, ignore_eos, output lengths uniform in 16..128) runs
-at c=16 and c=64 against each server: `base` with the base model, `lora8` with request i on
+at c=16 and c=64 against each server (after a warm-up request on each adapter of the first
+8, so the runs start with the slots full: lora8 measures the steady state, lora64 keeps loading
+adapters throughout): `base` with the base model, `lora8` with request i on
 adapter i % 8, `lora64` with adapter i % 64. The runs are interleaved (base, lora8, lora64, then
 the reverse order) so load from other processes falls on all alike; a ratio is the adapters'
 output tok/s over the base's, over both repeats (goal >= 0.8). Every request must succeed.
@@ -124,8 +126,10 @@ def bench_model(name: str, model_dir: Path, threads: int | None) -> dict[str, An
     try:
         for server in servers.values():
             server.start()
-        for kind, server in servers.items():  # a warm-up each (the lora ones load adapters)
-            serve.warmup(serve.Target(server.url, "base" if kind == "base" else "a0"), 2)
+        for kind, server in servers.items():  # a warm-up each, every slot filled
+            names = ["base"] if kind == "base" else [f"a{i}" for i in range(MAX_LORAS)]
+            for model in names:
+                serve.warmup(serve.Target(server.url, model), 2)
         for c in CONCURRENCIES:
             prompts = serve.synthetic_prompts(
                 tokenizer, 2 * c, seed=c, median=100, sigma=0.5, max_len=400, out_min=16,

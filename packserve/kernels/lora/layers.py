@@ -74,24 +74,31 @@ class LoRAStep:
         self.columns: dict[int, torch.Tensor] = {}  # `segment_columns` by copies
         # Tiled forwards, per tile in call order: (slot, bool [T, 1] rows using it).
         self.tiles: list[list[tuple[int, torch.Tensor]]] = []
+        self._masks_key: tuple[tuple[int, ...], int] | None = None  # what `masks` was built for
 
     def begin(self, slot_ids: Sequence[int], tile_rows: int | None, like: torch.Tensor) -> None:
         """Group the forward's tokens (flat [R * L] order, -1 for the base and for pads) by
         slot; `tile_rows`: the tile height the projections run on, None if untiled; `like`:
         a tensor of the pool's dtype and device."""
         self.version += 1
+        rank = max(self.slot_ranks)
+        dense = tile_rows is None and len(slot_ids) <= DENSE_MAX_ROWS
+        key = (tuple(slot_ids), rank)
+        if dense and self.masks and key == self._masks_key:
+            return  # decode steps of one batch: the same slots, the same masks
         self.masks, self.segments, self.columns, self.tiles = {}, None, {}, []
         present = {s for s in slot_ids if s >= 0}
         self.active = bool(present)
-        self.rank = max(self.slot_ranks)
+        self.rank = rank
         if not present:
             return
         device = like.device
         ids = torch.tensor(slot_ids, device=device)  # [N]
         num_slots = len(self.slot_ranks)
-        if tile_rows is None and len(slot_ids) <= DENSE_MAX_ROWS:
+        if dense:
             columns = torch.arange(self.width, device=device) % num_slots
             self.masks[1] = (ids[:, None] == columns[None, :]).to(like.dtype)  # [N, r * slots]
+            self._masks_key = key
         elif tile_rows is None:
             self.segments = _segments(slot_ids, self.rank, num_slots, like)
         else:
