@@ -29,10 +29,15 @@ from .stats import EngineInfo
 
 log = logging.getLogger("packserve.engine")
 JOIN_TIMEOUT_S = 10.0  # a stopping child finishes its step and exits; then it is killed
-# The child's OpenMP threads sleep when idle instead of spinning (unless the operator chose):
-# the server's event loop shares the cores, and spinning workers starve it (SmolLM2 float32
-# at c=64 on 2 cores: 39 output tok/s spinning, 128 sleeping).
-CHILD_ENV = {"OMP_WAIT_POLICY": "PASSIVE"}
+# How the child's OpenMP threads wait between parallel regions, unless the operator set
+# either variable: spin a bounded while (libgomp, which torch's CPU wheels use), then sleep.
+# A step is hundreds of regions a few microseconds apart: sleeping after each one
+# (OMP_WAIT_POLICY=PASSIVE) pays a wake-up per region, spinning without bound (libgomp's
+# default, 300,000 spins) starves the server's event loop between steps. Measured on 2 cores,
+# bench/omp_wait.py (results/omp_wait.md): 30,000 spins over passive, output tok/s SmolLM2
+# c=16 1.29x, c=64 1.19x, tiny c=16 1.26x, c=64 0.99x (100,000: the same within noise);
+# 300,000 spins gave SmolLM2 float32 c=64 39 tok/s where passive gave 128.
+CHILD_ENV = {"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "30000"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +99,9 @@ def _child(
 
 @contextlib.contextmanager
 def _child_environment(defaults: dict[str, str]) -> Iterator[None]:
-    """Variables a spawned child starts with (it copies this process's environment), each
-    unless already set; this process's environment is as before afterwards."""
-    added = [k for k in defaults if k not in os.environ]
+    """Variables a spawned child starts with (it copies this process's environment), all of
+    them unless any is already set; this process's environment is as before afterwards."""
+    added = [] if any(k in os.environ for k in defaults) else list(defaults)
     os.environ.update({k: defaults[k] for k in added})
     try:
         yield

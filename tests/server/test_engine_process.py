@@ -116,10 +116,12 @@ def environment(pid: int) -> dict[str, str]:
     return dict(p.decode().split("=", 1) for p in pairs if b"=" in p)
 
 
-def test_the_engine_process_threads_sleep_when_idle_unless_told(server, launch_server) -> None:
-    assert environment(engine_child(server)).get("OMP_WAIT_POLICY") == "PASSIVE"
-    told = launch_server(env={"OMP_WAIT_POLICY": "ACTIVE"})
+def test_the_engine_process_threads_spin_a_bounded_while_unless_told(server, launch_server) -> None:
+    child = environment(engine_child(server))
+    assert (child.get("OMP_WAIT_POLICY"), child.get("GOMP_SPINCOUNT")) == ("ACTIVE", "30000")
+    told = launch_server(env={"OMP_WAIT_POLICY": "PASSIVE"})  # the operator's choice stands
     try:
-        assert environment(engine_child(told))["OMP_WAIT_POLICY"] == "ACTIVE"
+        child = environment(engine_child(told))
+        assert child["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in child
     finally:
         told.stop()
