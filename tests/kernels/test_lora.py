@@ -370,3 +370,35 @@ def test_segments_place_every_token(slot_ids):
         else:
             assert real[place[row]] == 0
     assert len(gather) <= 2 * len(adapter_rows) + s.seg
+
+
+def test_decode_steps_follow_slot_writes_between_them():
+    """Forwards with the same slots back to back (decode steps reuse their masks) follow
+    each write between them: a new adapter of the same rank in a slot, then one of a higher
+    rank (the pool's rank grows, and with it every mask's width)."""
+    import copy
+
+    from packserve.kernels.fused import fuse_shared_inputs
+    from packserve.kernels.lora import LoRAPool, LoRAWeights
+
+    torch.manual_seed(0)
+    layer = toy_decoder_layer()
+    plain_q = copy.deepcopy(layer.self_attn.q_proj)
+    fuse_shared_inputs(layer, pack=False)
+    pool = LoRAPool(layer, max_loras=2, max_rank=8, merge=True)
+    q = layer.get_submodule("self_attn.q_proj")
+    slot_ids = [0, -1, 1, 0]
+    delta = {s: torch.zeros(16, 24, dtype=torch.float64) for s in (0, 1)}  # B @ A per slot
+    for slot, rank in ((0, 2), (1, 2), (0, 2), (1, 8)):
+        a = torch.randn(rank, 24, dtype=torch.float64)
+        b = torch.randn(16, rank, dtype=torch.float64)
+        pool.write(slot, LoRAWeights({"self_attn.q_proj": (a, b)}))
+        delta[slot] = b @ a
+        pool.begin(slot_ids, None)
+        x = torch.randn(len(slot_ids), 24, dtype=torch.float64)  # each forward's own input
+        got = q(x)
+        expected = plain_q(x) + torch.stack(
+            [x[i] @ delta[s].T if s >= 0 else torch.zeros(16, dtype=torch.float64)
+             for i, s in enumerate(slot_ids)]
+        )  # fmt: skip
+        torch.testing.assert_close(got, expected, msg=f"after writing slot {slot} (rank {rank})")
