@@ -22,10 +22,7 @@ Writes bench/results/lora.{json,md}.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +30,6 @@ import torch
 from safetensors.torch import save_file
 
 from bench import serve
-from bench.grammar_engines import cpu_model
 from packserve.kernels.lora.adapter import TARGET_MODULES
 from packserve.models.model_maker import default_model_dir
 from packserve.models.smollm2 import default_model_dir as smollm2_model_dir
@@ -90,18 +86,6 @@ def make_adapters(model_dir: Path, folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def run(
-    targets: list[serve.Target], prompts: list[serve.Prompt], concurrency: int, tokenizer: Any
-) -> dict[str, Any]:
-    load_before = os.getloadavg()[0]
-    records, duration = asyncio.run(serve.run_each(targets, prompts, concurrency))
-    serve.check(records, tokenizer)
-    summary = serve.summarize(records, duration)
-    summary["loadavg_before"] = load_before
-    summary["loadavg_after"] = os.getloadavg()[0]
-    return summary
-
-
 def bench_model(name: str, model_dir: Path, threads: int | None) -> dict[str, Any]:
     tokenizer = serve.load_tokenizer(str(model_dir))
     adapters = make_adapters(model_dir, RESULTS / "raw" / "lora-adapters" / name, NUM_ADAPTERS)
@@ -122,7 +106,6 @@ def bench_model(name: str, model_dir: Path, threads: int | None) -> dict[str, An
         )
         for kind, extra in flags.items()
     }
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     try:
         for server in servers.values():
             server.start()
@@ -130,31 +113,23 @@ def bench_model(name: str, model_dir: Path, threads: int | None) -> dict[str, An
             names = ["base"] if kind == "base" else [f"a{i}" for i in range(MAX_LORAS)]
             for model in names:
                 serve.warmup(serve.Target(server.url, model), 2)
-        for c in CONCURRENCIES:
-            prompts = serve.synthetic_prompts(
-                tokenizer, 2 * c, seed=c, median=100, sigma=0.5, max_len=400, out_min=16,
-                out_max=128,
-            )  # fmt: skip
-            order = list(servers)
-            runs[str(c)] = {kind: [] for kind in order}
-            for kinds in (order, order[::-1]):
-                for kind in kinds:
-                    url = servers[kind].url
-                    span = {"base": 0, "lora8": MAX_LORAS, "lora64": NUM_ADAPTERS}[kind]
-                    targets = [
-                        serve.Target(url, f"a{i % span}" if span else "base")
-                        for i in range(len(prompts))
-                    ]
-                    summary = run(targets, prompts, c, tokenizer)
-                    runs[str(c)][kind].append(summary)
-                    print(
-                        f"{name} c={c} {kind}: {summary['output_throughput']:.1f} tok/s, "
-                        f"{summary['failed']} failed, load {summary['loadavg_after']:.2f}",
-                        flush=True,
-                    )
+        spans = {"base": 0, "lora8": MAX_LORAS, "lora64": NUM_ADAPTERS}
+
+        def targets_of(kind: str, url: str, n: int) -> list[serve.Target]:
+            span = spans[kind]
+            return [serve.Target(url, f"a{i % span}" if span else "base") for i in range(n)]
+
+        measured = serve.interleaved(
+            name, {kind: s.url for kind, s in servers.items()}, targets_of, tokenizer,
+            CONCURRENCIES,
+        )  # fmt: skip
     finally:
         for server in servers.values():
             server.stop()
+    runs = {
+        c: {kind: [summary for summary, _ in repeats] for kind, repeats in kinds.items()}
+        for c, kinds in measured.items()
+    }
     return {"model": name, "runs": runs, "ratios": ratios(runs)}
 
 
@@ -191,24 +166,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="server OMP threads")
     args = parser.parse_args()
     dirs = {"tiny": lambda: default_model_dir("tiny"), "smollm2": smollm2_model_dir}
-    uptime_start = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    uptime_start = serve.uptime()
     results = [bench_model(m, dirs[m](), args.threads) for m in args.models.split(",")]
     result = {
-        "cpu": cpu_model(),
-        "num_cpus": os.cpu_count(),
-        "uptime_start": uptime_start,
-        "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
+        **serve.machine(uptime_start),
         "threads": args.threads,
         "rank": RANK,
         "num_adapters": NUM_ADAPTERS,
         "max_loras": MAX_LORAS,
         "models": results,
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "lora.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (RESULTS / "lora.md").write_text(md)
-    print(md)
+    serve.save_results("lora", result, markdown(result))
 
 
 def markdown(r: dict[str, Any]) -> str:

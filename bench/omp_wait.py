@@ -17,21 +17,15 @@ Writes bench/results/omp_wait.{json,md}.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import json
-import os
 import statistics
-import subprocess
 from pathlib import Path
 from typing import Any
 
 from bench import serve
-from bench.grammar_engines import cpu_model
 from packserve.models.model_maker import default_model_dir
 from packserve.models.smollm2 import default_model_dir as smollm2_model_dir
 from packserve.server.launcher import ServerProcess
 
-RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
 CONCURRENCIES = (16, 64)
 
@@ -59,37 +53,29 @@ def bench_model(name: str, model_dir: Path, spins: list[int]) -> dict[str, Any]:
         )
         for label, env in settings(spins).items()
     }
-    runs: dict[str, dict[str, list[dict[str, Any]]]] = {}
     try:
         for server in servers.values():
             server.start()
         for server in servers.values():
             serve.warmup(serve.Target(server.url, "m"), 2)
-        for c in CONCURRENCIES:
-            prompts = serve.synthetic_prompts(
-                tokenizer, 2 * c, seed=c, median=100, sigma=0.5, max_len=400, out_min=16,
-                out_max=128,
-            )  # fmt: skip
-            order = list(servers)
-            runs[str(c)] = {label: [] for label in order}
-            for labels in (order, order[::-1]):
-                for label in labels:
-                    target = serve.Target(servers[label].url, "m")
-                    records, duration = asyncio.run(
-                        serve.run_each([target] * len(prompts), prompts, c)
-                    )
-                    serve.check(records, tokenizer)
-                    summary = serve.summarize(records, duration)
-                    summary["ttfts"] = [r.ttft for r in records if r.ttft is not None]
-                    runs[str(c)][label].append(summary)
-                    print(
-                        f"{name} c={c} {label}: {summary['output_throughput']:.1f} tok/s, "
-                        f"{summary['failed']} failed",
-                        flush=True,
-                    )
+        measured = serve.interleaved(
+            name,
+            {label: server.url for label, server in servers.items()},
+            lambda label, url, n: [serve.Target(url, "m")] * n,
+            tokenizer,
+            CONCURRENCIES,
+        )
     finally:
         for server in servers.values():
             server.stop()
+    runs = {
+        c: {
+            label: [{**summary, "ttfts": [r.ttft for r in records if r.ttft is not None]}
+                    for summary, records in repeats]
+            for label, repeats in labels.items()
+        }
+        for c, labels in measured.items()
+    }  # fmt: skip
     return {"model": name, "runs": runs, "table": table(runs)}
 
 
@@ -124,26 +110,15 @@ def main() -> None:
     args = parser.parse_args()
     spins = [int(x) for x in args.spins.split(",")]
     dirs = {"tiny": lambda: default_model_dir("tiny"), "smollm2": smollm2_model_dir}
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    uptime_start = serve.uptime()
     results = [bench_model(m, dirs[m](), spins) for m in args.models.split(",")]
     for m in results:  # per-request TTFTs stay out of the committed summary
         for labels in m["runs"].values():
             for summaries in labels.values():
                 for s in summaries:
                     del s["ttfts"]
-    result = {
-        "cpu": cpu_model(),
-        "num_cpus": os.cpu_count(),
-        "uptime_start": uptime,
-        "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-        "spins": spins,
-        "models": results,
-    }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "omp_wait.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (RESULTS / "omp_wait.md").write_text(md)
-    print(md)
+    result = {**serve.machine(uptime_start), "spins": spins, "models": results}
+    serve.save_results("omp_wait", result, markdown(result))
 
 
 def markdown(r: dict[str, Any]) -> str:

@@ -29,8 +29,9 @@ import json
 import math
 import os
 import random
+import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -440,6 +441,77 @@ async def _probe(target: Target) -> None:
         await send(client, target, prompt, rec)
     if rec.error:
         raise RuntimeError(f"warm-up request failed: {rec.error}")
+
+
+def measure(
+    targets: Sequence[Target], prompts: Sequence[Prompt], concurrency: int, tokenizer: Any
+) -> tuple[dict[str, Any], list[Record]]:
+    """One checked run: its summary (with the 1-minute load average before and after) and
+    its records."""
+    load_before = os.getloadavg()[0]
+    records, duration = asyncio.run(run_each(targets, prompts, concurrency))
+    check(records, tokenizer)
+    summary = summarize(records, duration)
+    summary["loadavg_before"] = load_before
+    summary["loadavg_after"] = os.getloadavg()[0]
+    return summary, records
+
+
+def interleaved(
+    name: str,
+    urls: dict[str, str],
+    targets_of: Callable[[str, str, int], list[Target]],
+    tokenizer: Any,
+    concurrencies: Sequence[int],
+) -> dict[str, dict[str, list[tuple[dict[str, Any], list[Record]]]]]:
+    """Servers side by side on one workload per concurrency c (2 x c corpus prompts, median
+    100 tokens, output 16..128): every server (label -> URL) in turn, then in reverse, so
+    load from elsewhere falls on all alike. `targets_of(label, url, n)`: the n requests'
+    targets. Per c and label, each repeat's (summary, records)."""
+    runs: dict[str, dict[str, list[tuple[dict[str, Any], list[Record]]]]] = {}
+    for c in concurrencies:
+        prompts = synthetic_prompts(
+            tokenizer, 2 * c, seed=c, median=100, sigma=0.5, max_len=400, out_min=16,
+            out_max=128,
+        )  # fmt: skip
+        order = list(urls)
+        runs[str(c)] = {label: [] for label in order}
+        for labels in (order, order[::-1]):
+            for label in labels:
+                targets = targets_of(label, urls[label], len(prompts))
+                summary, records = measure(targets, prompts, c, tokenizer)
+                runs[str(c)][label].append((summary, records))
+                print(
+                    f"{name} c={c} {label}: {summary['output_throughput']:.1f} tok/s, "
+                    f"{summary['failed']} failed, load {summary['loadavg_after']:.2f}",
+                    flush=True,
+                )
+    return runs
+
+
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+
+def machine(uptime_start: str) -> dict[str, Any]:
+    """The machine a benchmark ran on: CPU, cores, `uptime` at its start and now."""
+    from bench.grammar_engines import cpu_model
+
+    return {
+        "cpu": cpu_model(),
+        "num_cpus": os.cpu_count(),
+        "uptime_start": uptime_start,
+        "uptime_end": uptime(),
+    }
+
+
+def save_results(stem: str, result: dict[str, Any], markdown: str) -> None:
+    """bench/results/<stem>.json and <stem>.md; prints the markdown."""
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    (results / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (results / f"{stem}.md").write_text(markdown)
+    print(markdown)
 
 
 def warmup(target: Target, n: int = 1) -> None:
