@@ -9,7 +9,7 @@ workload (2 x c streamed completions, corpus prompts, ignore_eos, output lengths
 and then in reverse, so load from other processes falls on all alike. Output tok/s over
 both repeats, and TTFT p50/p99, against the `passive` server.
 
-    PYTHONPATH=$PWD .venv/bin/python -m bench.omp_wait [--models tiny] [--spins 30000,100000]
+    PYTHONPATH=$PWD .venv/bin/python -m bench.omp_wait [--models tiny,smollm2] [--spins N,...]
 
 Writes bench/results/omp_wait.{json,md}.
 """
@@ -69,27 +69,26 @@ def bench_model(name: str, model_dir: Path, spins: list[int]) -> dict[str, Any]:
         for server in servers.values():
             server.stop()
     runs = {
-        c: {
-            label: [{**summary, "ttfts": [r.ttft for r in records if r.ttft is not None]}
-                    for summary, records in repeats]
-            for label, repeats in labels.items()
-        }
+        c: {label: [summary for summary, _ in repeats] for label, repeats in labels.items()}
         for c, labels in measured.items()
-    }  # fmt: skip
-    return {"model": name, "runs": runs, "table": table(runs)}
+    }
+    return {"model": name, "runs": runs, "table": table(measured)}
 
 
-def table(runs: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, dict[str, Any]]:
+def table(
+    measured: dict[str, dict[str, list[tuple[dict[str, Any], list[serve.Record]]]]],
+) -> dict[str, dict[str, Any]]:
     """Per concurrency and setting: output tok/s over both repeats, TTFT p50/p99 over all
     requests, failures; tok/s relative to `passive`."""
     out: dict[str, dict[str, Any]] = {}
-    for c, labels in runs.items():
+    for c, labels in measured.items():
         rows = {}
-        for label, summaries in labels.items():
+        for label, repeats in labels.items():
+            summaries = [summary for summary, _ in repeats]
             tokps = sum(s["output_tokens"] for s in summaries) / sum(
                 s["duration_s"] for s in summaries
             )
-            ttfts = [t for s in summaries for t in s["ttfts"]]
+            ttfts = [r.ttft for _, records in repeats for r in records if r.ttft is not None]
             rows[label] = {
                 "tokps": round(tokps, 1),
                 "per_repeat": [round(s["output_throughput"], 1) for s in summaries],
@@ -112,11 +111,6 @@ def main() -> None:
     dirs = {"tiny": lambda: default_model_dir("tiny"), "smollm2": smollm2_model_dir}
     uptime_start = serve.uptime()
     results = [bench_model(m, dirs[m](), spins) for m in args.models.split(",")]
-    for m in results:  # per-request TTFTs stay out of the committed summary
-        for labels in m["runs"].values():
-            for summaries in labels.values():
-                for s in summaries:
-                    del s["ttfts"]
     result = {**serve.machine(uptime_start), "spins": spins, "models": results}
     serve.save_results("omp_wait", result, markdown(result))
 
