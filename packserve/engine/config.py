@@ -82,7 +82,9 @@ class EngineConfig:
         32, "inputs per int4 scale (32, 64, 128, 256); layers it does not divide stay unquantized"
     )
     prefill_mode: PrefillMode = knob("packed", "packed: FFD rows; padded: one prompt per row")
-    block_size: int = knob(16, "tokens per KV block")
+    # 8: a prompt seen before recomputes its last partial block, up to 7 tokens instead of 15
+    # (bench/results/scheduling_block8.md: repeat/fresh TTFT p99 at c=16 0.13 vs 0.26).
+    block_size: int = knob(8, "tokens per KV block (the prefix cache's unit)")
     max_num_seqs: int = knob(64, "most sequences running at once")
     max_num_batched_tokens: int = knob(
         512,
@@ -90,7 +92,7 @@ class EngineConfig:
         "prefilled in chunks",
     )
     max_prefill_tokens_while_decoding: int = knob(
-        160,
+        128,
         "prefill tokens a step may hold per prompt it could serve while sequences decode, a "
         "token after c cached ones counting 1 + c/1024: bounds the gap between a stream's "
         "tokens when a prompt arrives (batch-invariant mode: at least its chunk, tokens "

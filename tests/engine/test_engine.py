@@ -18,7 +18,7 @@ def test_info_states_the_engine_that_was_built(engine: Engine) -> None:
     info = engine.info
     assert info.max_model_len == 256
     assert info.vocab_size == engine.model.config.vocab_size
-    assert info.num_kv_blocks == 64 and info.block_size == 16 and info.max_num_seqs == 4
+    assert info.num_kv_blocks == 64 and info.block_size == 8 and info.max_num_seqs == 4
     assert info.max_num_batched_tokens == 512  # the default budget; rows may span it
     assert info.row_capacity == 512 and info.prefill_mode == "packed"
     assert info.prefix_caching
@@ -51,8 +51,8 @@ def test_load_and_stats_follow_each_step(engine: Engine) -> None:
     assert [r.request_id for r in load.running] == [ids[3], ids[1], ids[2], ids[0]]
     assert [r.num_prompt_tokens for r in load.running] == [10, 20, 30, 40]
     assert all(r.num_output_tokens == 1 for r in load.running)
-    # the prompts' 40, 20, 30 and 10 tokens, in blocks of 16
-    assert load.num_kv_blocks_used == 3 + 2 + 2 + 1
+    # the prompts' 40, 20, 30 and 10 tokens, in blocks of 8
+    assert load.num_kv_blocks_used == 5 + 3 + 4 + 2
     assert load.kv_cache_usage == load.num_kv_blocks_used / 64
 
     engine.step()

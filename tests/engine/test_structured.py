@@ -151,7 +151,7 @@ def test_preempted_constrained_requests_replay_without_double_advancing(make_eng
         return run(engine, [(p, params) for p in prompts]), engine
 
     roomy, _ = generate()
-    cramped, engine = generate(num_kv_blocks=12)  # 192 slots for 8 sequences of ~100
+    cramped, engine = generate(num_kv_blocks=24)  # 192 slots for 8 sequences of ~100
     assert engine.scheduler.num_preemptions_total > 0
     assert cramped == roomy
     for tokens, reason in cramped:

@@ -218,7 +218,7 @@ def test_seeded_penalized_sampling_is_unchanged_by_preemption(make_engine):
         return [list(c.token_ids) for c in engine.generate(prompts, params)], engine
 
     roomy, _ = generate()
-    cramped, engine = generate(num_kv_blocks=16)  # 256 slots for 8 sequences of up to 124
+    cramped, engine = generate(block_size=16, num_kv_blocks=16)  # 256 slots, 8 sequences to 124
     assert engine.scheduler.num_preemptions_total > 0
     assert cramped == roomy
 
