@@ -15,6 +15,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 from packserve.kernels.choices import (
     INT4_GROUP_SIZES,
     AttentionBackend,
+    DecodeKernelChoice,
     DtypeChoice,
     LinearBackendChoice,
     Quantization,
@@ -68,6 +69,12 @@ class EngineConfig:
         None, f"context length (default: the model's, at most {DEFAULT_MAX_MODEL_LEN})"
     )
     attention_backend: AttentionBackend = knob("varlen", "attention kernel")
+    decode_attention: DecodeKernelChoice = knob(
+        "auto",
+        "decode attention over the paged contexts: sdpa (torch's fused kernel), matmul (grouped "
+        "matmuls, float32 softmax) or auto: the faster on this machine for this model's heads "
+        "and dtype, timed once and cached (CPU; sdpa elsewhere and in batch-invariant mode)",
+    )
     linear_backend: LinearBackendChoice = knob(
         "auto",
         "onednn: prepacked weights (CPU); torch: the model's nn.Linear as is; auto: the faster "

@@ -80,6 +80,7 @@ class Engine:
             prefix_caching=config.enable_prefix_caching,
             dtype=dtype,
             linear_backend=self.runner.linear.backend,
+            decode_attention=self.runner.decode.kernel,
             quantization=config.quantization,
             max_loras=scheduler_config.max_loras,
         )
@@ -355,6 +356,7 @@ def _runner_config(
     return RunnerConfig(
         attention_backend=config.attention_backend,
         linear_backend=config.linear_backend,
+        decode_attention=config.decode_attention,
         quantization=config.quantization,
         int4_group_size=config.int4_group_size,
         kernel_cache_dir=kernel_cache_dir(),

@@ -29,6 +29,7 @@ class EngineInfo:
     prefix_caching: bool
     dtype: str  # what --dtype resolved to (auto: from the machine)
     linear_backend: str  # what --linear-backend resolved to (auto: measured)
+    decode_attention: str  # what --decode-attention resolved to (auto: measured)
     quantization: str  # none, int8 or int4 (weight-only)
     max_loras: int = 0  # LoRA adapters resident at once; 0: LoRA off
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
+from .choices import DecodeKernel
 from .kv_cache import KVCache
 
 ATTENTION_NAME = "packserve"
@@ -39,6 +40,44 @@ class DecodeBucket:
     mask: torch.Tensor | None
 
 
+def sdpa_decode(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """One token per sequence through torch's fused kernel. q [b, H, D]; keys and values
+    [b, Hkv, L, D]; mask [b, 1, 1, L] additive or None -> [b, H, D]."""
+    attended = F.scaled_dot_product_attention(
+        q[:, :, None], keys, values, attn_mask=mask, scale=scale, enable_gqa=True
+    )  # [b, H, 1, D]
+    return attended[:, :, 0]
+
+
+def matmul_decode(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """The same as `sdpa_decode` in two batched matmuls: the query heads that share a K/V
+    head are that head's rows (no K/V expanded), scores and softmax in float32. On a CPU
+    torch's fused kernel runs one token against a context slowly in bfloat16 (measured:
+    3-4x these matmuls on an AMD EPYC); `auto` times both (kernels/autotune.py)."""
+    b, kv_heads, _, dim = keys.shape
+    grouped = q.reshape(b, kv_heads, -1, dim)  # [b, Hkv, H / Hkv, D]
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float().mul_(scale)  # [b, Hkv, g, L]
+    if mask is not None:
+        scores.add_(mask)  # [b, 1, 1, L] broadcasts over the heads
+    probs = torch.softmax(scores, dim=-1).to(values.dtype)
+    return torch.matmul(probs, values).reshape(b, -1, dim)  # [b, H, D]
+
+
+DECODE_KERNELS = {"sdpa": sdpa_decode, "matmul": matmul_decode}
+
+
 @dataclass(frozen=True, slots=True)
 class DecodeAttention:
     """Every single-token segment of a step; each attends to its own cached tokens. Ordered
@@ -51,6 +90,7 @@ class DecodeAttention:
     # a sequence's rounding with the number of sequences beside it (measured, torch 2.13);
     # on one thread every call takes the same path.
     single_thread: bool
+    kernel: DecodeKernel = "sdpa"
 
     def attend(
         self, kv_cache: KVCache, layer: int, q: torch.Tensor, out: torch.Tensor, scale: float
@@ -68,17 +108,11 @@ class DecodeAttention:
     def _attend(
         self, kv_cache: KVCache, layer: int, q: torch.Tensor, out: torch.Tensor, scale: float
     ) -> None:
+        kernel = DECODE_KERNELS[self.kernel]
         for bucket in self.buckets:
             keys, values = kv_cache.gather(layer, bucket.context_slots)  # [b, Hkv, L, D]
-            attended = F.scaled_dot_product_attention(
-                q.index_select(0, bucket.index)[:, :, None],  # [b, H, 1, D]
-                keys,
-                values,
-                attn_mask=bucket.mask,
-                scale=scale,
-                enable_gqa=True,
-            )  # [b, H, 1, D]
-            out.index_copy_(0, bucket.index, attended[:, :, 0])
+            attended = kernel(q.index_select(0, bucket.index), keys, values, bucket.mask, scale)
+            out.index_copy_(0, bucket.index, attended)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,5 @@
-"""`--linear-backend auto`: the faster linear backend for this model on this machine, measured.
+"""`--linear-backend auto` and `--decode-attention auto`: the faster kernel for this model on
+this machine, measured.
 
 Which GEMM wins depends on the CPU (oneDNN with a prepacked weight was 2.4x MKL's float32 on
 an AMD EPYC, no faster on an Intel Xeon with AMX), the dtype and the shapes. So the choice
@@ -11,6 +12,11 @@ the sampled rows alone). Each (shape, rows) is run torch then oneDNN, alternatel
 until a time budget is spent; a shape's time is its best run (a shared machine's other jobs
 only ever add time). The score of oneDNN is the geometric mean over row counts of its
 summed time over torch's; below 1 it wins.
+
+Decode attention is timed the same way: gathering a bucket of contexts from a KV pool of the
+model's heads and attending one token each, through torch's fused SDPA kernel and through
+grouped matmuls (`attention.matmul_decode`), at a few (sequences, context) sizes. Only on a
+CPU: other devices keep the fused kernel.
 """
 
 from __future__ import annotations
@@ -32,17 +38,23 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from .choices import LinearBackend
+from .attention import DECODE_KERNELS
+from .choices import DecodeKernel, LinearBackend
+from .kv_cache import KVCacheSpec
 from .linear import MIN_WEIGHT_ELEMENTS, can_pack, pack_weight, packed_linear
 from .machine import cpu_model
 
 DECODE_ROWS = (16, 64)
 PREFILL_ROWS = 512
+DECODE_ATTENTION_SIZES = ((64, 256), (16, 1024), (4, 2048))  # (sequences, context tokens)
 BUDGET_S = 1.5  # timing rounds stop once this is spent (at least MIN_ROUNDS)
 MIN_ROUNDS, MAX_ROUNDS = 3, 20
 CACHE_VERSION = 1  # bump when the measurement changes, so older choices are not reused
 
 ChoiceSource = Literal["flag", "measured", "cached", "unpackable"]
+# flag: given; measured / cached: as above; fixed: not timed off the CPU, nor in batch-invariant
+# mode (whose bitwise contract holds for the fused kernel on one thread)
+DecodeChoiceSource = Literal["flag", "measured", "cached", "fixed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +67,16 @@ class LinearChoice:
     source: ChoiceSource
     onednn_over_torch: float | None  # the measured score (measured / cached only)
     cache_path: Path | None  # where the choice is cached (measured / cached only)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeChoice:
+    """The decode attention kernel a runner uses and how it was decided."""
+
+    kernel: DecodeKernel
+    source: DecodeChoiceSource
+    matmul_over_sdpa: float | None  # the measured score (measured / cached only)
+    cache_path: Path | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,17 +118,80 @@ def choose_linear_backend(model: PreTrainedModel, cache_dir: Path | None) -> Lin
         "threads": torch.get_num_threads(),
         "shapes": [[w.out_features, w.in_features, w.count, list(w.rows)] for w in workload],
     }
-    path = None
-    if cache_dir is not None:
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
-        path = cache_dir / f"linear-{digest[:16]}.json"
-        cached = _read(path, key)
-        if cached is not None:
-            return LinearChoice(_winner(cached), "cached", cached, path)
+    path = _cache_path(cache_dir, "linear", key)
+    cached = _read(path, key, "onednn_over_torch")
+    if cached is not None:
+        return LinearChoice(_winner(cached), "cached", cached, path)
     score = time_onednn_over_torch(model, workload)
-    if path is not None:
-        _write(path, {**key, "onednn_over_torch": score})
+    _write(path, {**key, "onednn_over_torch": score})
     return LinearChoice(_winner(score), "measured", score, path)
+
+
+def choose_decode_kernel(
+    spec: KVCacheSpec, num_heads: int, device: torch.device, cache_dir: Path | None
+) -> DecodeChoice:
+    """The cached decode attention kernel for these heads on this machine, else a timed one
+    (cached into `cache_dir` when given). Off the CPU: the fused kernel, untimed."""
+    if device.type != "cpu":
+        return DecodeChoice("sdpa", "fixed", None, None)
+    key = {
+        "version": CACHE_VERSION,
+        "cpu": cpu_model(),
+        "torch": torch.__version__,
+        "dtype": str(spec.dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "heads": [num_heads, spec.num_kv_heads, spec.head_dim],
+        "sizes": [list(size) for size in DECODE_ATTENTION_SIZES],
+    }
+    path = _cache_path(cache_dir, "decode-attention", key)
+    cached = _read(path, key, "matmul_over_sdpa")
+    if cached is None:
+        score = time_matmul_over_sdpa(spec, num_heads)
+        _write(path, {**key, "matmul_over_sdpa": score})
+        source: DecodeChoiceSource = "measured"
+    else:
+        score, source = cached, "cached"
+    return DecodeChoice("matmul" if score < 1 else "sdpa", source, score, path)
+
+
+def time_matmul_over_sdpa(spec: KVCacheSpec, num_heads: int) -> float:
+    """The grouped matmuls' time over the fused kernel's, gathering included: the geometric
+    mean over `DECODE_ATTENTION_SIZES` of each one's best time."""
+    generator = torch.Generator().manual_seed(0)
+    cases: list[tuple[int, int, list[Callable[[], object]]]] = []
+    for sequences, context in DECODE_ATTENTION_SIZES:
+        slots = sequences * context
+        pool = torch.randn(2, slots, spec.num_kv_heads, spec.head_dim, generator=generator)
+        pool = pool.to(spec.dtype)
+        index = torch.randperm(slots, generator=generator)  # scattered, as a pool's blocks are
+        q = torch.randn(sequences, num_heads, spec.head_dim, generator=generator).to(spec.dtype)
+        mask = torch.zeros(sequences, 1, 1, context, dtype=spec.dtype)
+        mask[sequences // 2 :, ..., context // 2 :] = float("-inf")  # half of them shorter
+        calls: list[Callable[[], object]] = [
+            partial(_gather_and_attend, DECODE_KERNELS[name], pool, index, q, mask)
+            for name in ("sdpa", "matmul")
+        ]
+        cases.append((sequences, 1, calls))
+    best = _best_times(cases)
+    ratios = [matmul / sdpa for sdpa, matmul in best]
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+def _gather_and_attend(
+    kernel: Callable[..., torch.Tensor],
+    pool: torch.Tensor,
+    index: torch.Tensor,
+    q: torch.Tensor,
+    mask: torch.Tensor,
+) -> torch.Tensor:
+    """A decode bucket as `DecodeAttention` runs it: K/V gathered from the pool, then one
+    token per sequence attends (pool [2, slots, Hkv, D]; q [b, H, D])."""
+    b = q.shape[0]
+    keys, values = (
+        pool[i].index_select(0, index).view(b, -1, *pool.shape[2:]).transpose(1, 2)
+        for i in range(2)
+    )
+    return kernel(q, keys, values, mask, q.shape[-1] ** -0.5)
 
 
 def time_onednn_over_torch(model: nn.Module, workload: list[Workload]) -> float:
@@ -128,7 +213,20 @@ def time_onednn_over_torch(model: nn.Module, workload: list[Workload]) -> float:
                 partial(packed_linear, x, packed),
             ]
             cases.append((rows, w.count, calls))
-    best = [[math.inf, math.inf] for _ in cases]
+    best = _best_times(cases)
+    totals: dict[int, list[float]] = {}  # rows -> [torch, onednn] summed over layers
+    for (rows, count, _), times in zip(cases, best, strict=True):
+        total = totals.setdefault(rows, [0.0, 0.0])
+        total[0] += count * times[0]
+        total[1] += count * times[1]
+    ratios = [dnn / torch_time for torch_time, dnn in totals.values()]
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+def _best_times(cases: list[tuple[int, int, list[Callable[[], object]]]]) -> list[list[float]]:
+    """Each case's calls, alternately, in rounds until the budget is spent: every call's best
+    time (a shared machine's other jobs only ever add time)."""
+    best = [[math.inf] * len(calls) for _, _, calls in cases]
     with torch.inference_mode():
         for _, _, calls in cases:  # warm up: first calls allocate and pick kernels
             for call in calls:
@@ -142,37 +240,42 @@ def time_onednn_over_torch(model: nn.Module, workload: list[Workload]) -> float:
                     start = time.perf_counter()
                     call()
                     times[i] = min(times[i], time.perf_counter() - start)
-    totals: dict[int, list[float]] = {}  # rows -> [torch, onednn] summed over layers
-    for (rows, count, _), times in zip(cases, best, strict=True):
-        total = totals.setdefault(rows, [0.0, 0.0])
-        total[0] += count * times[0]
-        total[1] += count * times[1]
-    ratios = [dnn / torch_time for torch_time, dnn in totals.values()]
-    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+    return best
 
 
 def _winner(onednn_over_torch: float) -> LinearBackend:
     return "onednn" if onednn_over_torch < 1 else "torch"
 
 
-def _read(path: Path, key: dict[str, object]) -> float | None:
-    """The cached score for `key`, or None (no file, unreadable, another key)."""
+def _cache_path(cache_dir: Path | None, kind: str, key: dict[str, object]) -> Path | None:
+    if cache_dir is None:
+        return None
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+    return cache_dir / f"{kind}-{digest[:16]}.json"
+
+
+def _read(path: Path | None, key: dict[str, object], field: str) -> float | None:
+    """The cached score `field` for `key`, or None (no cache, unreadable, another key)."""
+    if path is None:
+        return None
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     if not isinstance(record, dict) or any(record.get(k) != v for k, v in key.items()):
         return None
-    score = record.get("onednn_over_torch")
+    score = record.get(field)
     return float(score) if isinstance(score, int | float) and score > 0 else None
 
 
-def _write(path: Path, record: dict[str, object]) -> None:
+def _write(path: Path | None, record: dict[str, object]) -> None:
     """Write atomically (servers starting at once may race); a cache that cannot be written
     only costs the next start its timing."""
+    if path is None:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".linear-", suffix=".json")
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
     except OSError:
         return
     try:

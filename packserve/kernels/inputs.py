@@ -10,7 +10,7 @@ import torch
 from packserve.scheduler import ScheduledSequence
 
 from .attention import ChunkAttention, DecodeAttention, DecodeBucket, StepMetadata
-from .choices import AttentionBackend
+from .choices import AttentionBackend, DecodeKernel
 from .kv_cache import KVCache
 
 
@@ -39,6 +39,7 @@ def step_inputs(
     backend: AttentionBackend,
     dtype: torch.dtype,
     invariant_pad: int = 0,
+    kernel: DecodeKernel = "sdpa",
 ) -> ModelInputs:
     """Packed rows: segments back to back, each at its own positions (restarting at its
     `start_pos`), rows padded to the longest row; pads write nothing and attend only to
@@ -49,7 +50,7 @@ def step_inputs(
     - a piece after cached tokens (a chunk, the rest of a prefix hit): to its request's
       cached tokens and causally to itself, read back from the KV pool;
     - a single token (a decode, a one-token piece): to its cached context, batched with the
-      other single tokens in length buckets (`decode_attention`).
+      other single tokens in length buckets (`decode_attention`), through `kernel`.
     Sampling reads the last token of every segment whose `sample` is set, in row order."""
     block_size = kv_cache.spec.block_size
     device = kv_cache.k.device
@@ -98,7 +99,7 @@ def step_inputs(
         fresh=tuple(fresh),
         mask=mask,
         chunks=tuple(chunks),
-        decode=decode_attention(singles, block_tables, kv_cache, dtype, invariant_pad)
+        decode=decode_attention(singles, block_tables, kv_cache, dtype, invariant_pad, kernel)
         if singles
         else None,
     )
@@ -160,6 +161,7 @@ def decode_attention(
     kv_cache: KVCache,
     dtype: torch.dtype,
     invariant_pad: int = 0,
+    kernel: DecodeKernel = "sdpa",
 ) -> DecodeAttention:
     """Attention of single-token segments (flat index, segment): longest context first, cut
     into length buckets, each bucket one batched call over its contexts' cached tokens.
@@ -201,4 +203,4 @@ def decode_attention(
             mask.masked_fill_(past, float("-inf"))
         slots = tables[start:end, pos // block_size] * block_size + pos % block_size  # [b, L]
         buckets.append(DecodeBucket(flat[start:end], slots, mask))
-    return DecodeAttention(buckets=tuple(buckets), single_thread=padded_buckets)
+    return DecodeAttention(buckets=tuple(buckets), single_thread=padded_buckets, kernel=kernel)

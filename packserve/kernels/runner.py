@@ -18,8 +18,8 @@ from packserve.scheduler import (
     SchedulerOutput,
 )
 
-from .autotune import LinearChoice, choose_linear_backend
-from .choices import AttentionBackend, LinearBackendChoice, Quantization
+from .autotune import DecodeChoice, LinearChoice, choose_decode_kernel, choose_linear_backend
+from .choices import AttentionBackend, DecodeKernelChoice, LinearBackendChoice, Quantization
 from .fused import fuse_shared_inputs
 from .inputs import ModelInputs, step_inputs
 from .invariant import (
@@ -43,9 +43,10 @@ class RunnerConfig:
 
     attention_backend: AttentionBackend
     linear_backend: LinearBackendChoice  # "torch": leave the model's nn.Linear as is
+    decode_attention: DecodeKernelChoice  # decode buckets: fused SDPA or grouped matmuls
     quantization: Quantization  # weight-only int8 / int4 for the decoder's linear layers
     int4_group_size: int  # inputs per int4 scale and zero
-    kernel_cache_dir: Path | None  # where `linear_backend="auto"` caches its timing
+    kernel_cache_dir: Path | None  # where the `auto` kernel choices cache their timings
     block_size: int
     kv_cache_memory_bytes: int  # the pool's size; the block count follows from it
     num_kv_blocks: int | None  # overrides the memory budget when set
@@ -72,6 +73,10 @@ class RunnerConfig:
             raise ValueError("tile sizes, decode_context_pad and max_model_len must be positive")
         if self.linear_backend not in get_args(LinearBackendChoice):
             raise ValueError(f"unknown linear backend {self.linear_backend!r}")
+        if self.decode_attention not in get_args(DecodeKernelChoice):
+            raise ValueError(f"unknown decode attention kernel {self.decode_attention!r}")
+        if self.batch_invariant and self.decode_attention == "matmul":
+            raise ValueError("batch-invariant mode attends through the fused kernel (sdpa)")
         if self.quantization not in get_args(Quantization):
             raise ValueError(f"unknown quantization {self.quantization!r}")
         if self.batch_invariant and self.quantization != "none":
@@ -170,6 +175,15 @@ class Runner:
         spec = kv_cache_spec(model, config.block_size)
         num_blocks = config.num_kv_blocks or spec.num_blocks_for(config.kv_cache_memory_bytes)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
+        self.decode: DecodeChoice = (
+            DecodeChoice("sdpa", "fixed", None, None)
+            if config.batch_invariant
+            else choose_decode_kernel(
+                spec, model.config.num_attention_heads, self.device, config.kernel_cache_dir
+            )
+            if config.decode_attention == "auto"
+            else DecodeChoice(config.decode_attention, "flag", None, None)
+        )
         self.generator = torch.Generator(device=self.device)
         if config.seed is not None:
             self.generator.manual_seed(config.seed)
@@ -198,7 +212,9 @@ class Runner:
             if not rows:
                 continue
             backend = self.config.attention_backend
-            inputs = step_inputs(rows, tables, self.kv_cache, backend, self.model.dtype, pad)
+            inputs = step_inputs(
+                rows, tables, self.kv_cache, backend, self.model.dtype, pad, self.decode.kernel
+            )
             if self.lora is not None:
                 slots = token_slots(rows, {r: s.lora_slot for r, s in self.requests.items()})
                 tile_rows = self._tile_rows(decode_only) if self.tiles is not None else None

@@ -328,6 +328,7 @@ async def _start_engine(state: ServerState, link: ProcessLink | None) -> None:
                 "max_num_seqs": info.max_num_seqs,
                 "attention": settings.engine.attention_backend,
                 "linear": info.linear_backend,
+                "decode_attention": info.decode_attention,
                 "quantization": info.quantization,
                 "batch_invariant": info.batch_invariant,
                 "engine": "process" if settings.engine_process else "thread",

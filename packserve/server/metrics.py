@@ -101,8 +101,8 @@ class Metrics:
         # An info metric (value 1): the kernels this server runs, as resolved at start-up.
         self.kernel_info = Gauge(
             PREFIX + "kernel_info",
-            "Kernels in use (value 1): dtype, linear backend, weight quantization.",
-            [*labels, "dtype", "linear_backend", "quantization"],
+            "Kernels in use (value 1): dtype, linear backend, decode attention, quantization.",
+            [*labels, "dtype", "linear_backend", "decode_attention", "quantization"],
             registry=r,
         )
         # vLLM's LoRA info metric: one series, its labels the adapters in use now, its value
@@ -162,7 +162,11 @@ class Metrics:
     def set_kernel_info(self, info: EngineInfo) -> None:
         """Called once the engine is loaded: what its `auto` choices resolved to."""
         self.kernel_info.labels(
-            self.model_name, info.dtype, info.linear_backend, info.quantization
+            self.model_name,
+            info.dtype,
+            info.linear_backend,
+            info.decode_attention,
+            info.quantization,
         ).set(1)
         self._max_loras = info.max_loras
 

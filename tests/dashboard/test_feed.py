@@ -150,6 +150,7 @@ def test_running_table_and_config_follow_the_engine() -> None:
             prefix_caching=True,
             dtype="bfloat16",
             linear_backend="onednn",
+            decode_attention="sdpa",
             quantization="none",
         )
     )
@@ -276,7 +277,7 @@ def test_live_feed_shape_and_no_prompt_text(dash_server, load, wait_for) -> None
     )
     # The only strings anywhere: the model name, the config's choices (prefill mode, resolved
     # kernels) and internal request ids.
-    kernels = ("prefill_mode", "dtype", "linear_backend", "quantization")
+    kernels = ("prefill_mode", "dtype", "linear_backend", "decode_attention", "quantization")
     allowed = {feed["model"], *(feed["config"][key] for key in kernels)}
     for s in _strings(feed):
         assert s in allowed or REQUEST_ID.match(s), f"unexpected string in the feed: {s!r}"

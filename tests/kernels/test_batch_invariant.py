@@ -140,7 +140,7 @@ def test_logits_batched_and_packed_equal_alone_bitwise(
 def test_logits_bitwise_under_preemption(make_engine, prompts_128, alone_128, monkeypatch):
     # 120 blocks of 16 tokens: long prompts fill the pool, so running sequences are preempted
     # and replayed; the replay must reproduce their K/V bit for bit.
-    engine = make_engine(batch_invariant=True, num_kv_blocks=120, max_model_len=1024)
+    engine = make_engine(batch_invariant=True, block_size=16, num_kv_blocks=120, max_model_len=1024)
     chosen = list(range(0, 128, 4))
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     alone = logits_alone(engine, [prompts_128[i] for i in chosen], params, monkeypatch)
@@ -271,12 +271,13 @@ def test_smollm2_logits_batched_and_preempted_equal_alone_bitwise(smollm2_dir, m
         ids = run_together(engine, prompts, params)
     assert_bitwise(alone, rows, ids)
     # Admission keeps the blocks a prompt's prefill needs, so only decodes growing into a
-    # full pool preempt: 72 blocks do (the schedule, not the model, decides where).
+    # full pool preempt: 72 blocks of 16 do (the schedule, not the model, decides where).
     small = Engine(
         EngineConfig(
             model=str(smollm2_dir),
             dtype="float32",
             batch_invariant=True,
+            block_size=16,
             num_kv_blocks=72,
             max_model_len=1024,
         )

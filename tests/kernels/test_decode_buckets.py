@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from packserve.kernels.attention import matmul_decode, sdpa_decode
 from packserve.kernels.inputs import length_buckets, step_inputs
 from packserve.scheduler import ScheduledSequence, blocks_for
 
@@ -26,9 +28,11 @@ def test_length_buckets_cover_the_batch_with_bounded_padding(lengths, slack, min
         assert lengths[start] - lengths[nxt] > max(min_slack, slack * lengths[start])
 
 
-def test_bucketed_decode_logits_match_alone(make_engine, reference_model, mixed_workload):
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
+def test_bucketed_decode_logits_match_alone(make_engine, reference_model, mixed_workload, kernel):
     """Prefill 16 prompts of 1..300 tokens, then decode one token each in one ragged batch, in
-    the scheduler's (unsorted) order: each sequence's logits equal the model run alone."""
+    the scheduler's (unsorted) order, through either decode kernel: each sequence's logits
+    equal the model run alone."""
     engine = make_engine()
     kv = engine.runner.kv_cache
     block_size = engine.config.block_size
@@ -42,8 +46,8 @@ def test_bucketed_decode_logits_match_alone(make_engine, reference_model, mixed_
         next_block += n
         prefills.append(ScheduledSequence(str(i), tuple(prompt), 0, (), False, True))
         decodes.append(ScheduledSequence(str(i), (first,), len(prompt), (), True, True))
-    inputs = step_inputs((tuple(decodes),), tables, kv, "varlen", torch.float32)
-    assert inputs.meta.decode is not None
+    inputs = step_inputs((tuple(decodes),), tables, kv, "varlen", torch.float32, 0, kernel)
+    assert inputs.meta.decode is not None and inputs.meta.decode.kernel == kernel
     assert len(inputs.meta.decode.buckets) > 2  # lengths 1..300 really take several buckets
     with torch.inference_mode():
         prefill = step_inputs((tuple(prefills),), tables, kv, "varlen", torch.float32)
@@ -52,3 +56,28 @@ def test_bucketed_decode_logits_match_alone(make_engine, reference_model, mixed_
         for i, (prompt, first) in enumerate(cases):
             alone = reference_model(torch.tensor([prompt + [first]])).logits[0, -1]
             torch.testing.assert_close(logits[i], alone, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_decode_equals_the_fused_kernel_and_ignores_masked_keys(dtype):
+    """Grouped matmuls (query heads that share a K/V head as its rows) compute what SDPA with
+    GQA computes, to the dtype's rounding; keys past a sequence's length change nothing."""
+    g = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, length, dim = 6, 9, 3, 40, 16
+    q = torch.randn(b, heads, dim, generator=g).to(dtype)
+    keys = torch.randn(b, kv_heads, length, dim, generator=g).to(dtype)
+    values = torch.randn(b, kv_heads, length, dim, generator=g).to(dtype)
+    lengths = torch.tensor([40, 33, 17, 9, 2, 1])
+    mask = torch.zeros(b, 1, 1, length, dtype=dtype)
+    mask.masked_fill_((torch.arange(length) >= lengths[:, None])[:, None, None], float("-inf"))
+    got = matmul_decode(q, keys, values, mask, dim**-0.5)
+    assert got.shape == (b, heads, dim) and got.dtype == dtype
+    want = sdpa_decode(q.float(), keys.float(), values.float(), mask.float(), dim**-0.5)
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, atol=tolerance, rtol=tolerance)
+    past = torch.arange(length) >= lengths[:, None]  # [b, L]
+    noisy_keys, noisy_values = keys.clone(), values.clone()
+    noisy_keys.masked_fill_(past[:, None, :, None], 100.0)
+    noisy_values.masked_fill_(past[:, None, :, None], -100.0)
+    again = matmul_decode(q, noisy_keys, noisy_values, mask, dim**-0.5)
+    assert torch.equal(again, got)

@@ -14,6 +14,8 @@ CONFIGS = [
     pytest.param({"attention_backend": "varlen"}, id="packed-varlen"),
     pytest.param({"attention_backend": "dense"}, id="packed-dense"),
     pytest.param({"attention_backend": "varlen", "linear_backend": "torch"}, id="torch-linear"),
+    pytest.param({"attention_backend": "varlen", "decode_attention": "matmul"}, id="matmul-decode"),
+    pytest.param({"attention_backend": "varlen", "decode_attention": "sdpa"}, id="sdpa-decode"),
     pytest.param({"attention_backend": "varlen", "prefill_mode": "padded"}, id="padded-varlen"),
     pytest.param({"attention_backend": "dense", "prefill_mode": "padded"}, id="padded-dense"),
     # Small rows and budget: many rows per step and prompts arriving over several steps.
@@ -53,7 +55,9 @@ def test_greedy_equals_generate_alone(make_engine, mixed_workload, greedy_refere
 def test_greedy_exact_under_preemption(make_engine, mixed_workload, greedy_reference, backend):
     _, assert_matches = greedy_reference
     # 40 blocks of 16 = 640 slots: a few long prompts fill it, so decodes must preempt.
-    engine = make_engine(attention_backend=backend, num_kv_blocks=40, max_model_len=512)
+    engine = make_engine(
+        attention_backend=backend, block_size=16, num_kv_blocks=40, max_model_len=512
+    )
     outputs = run(engine, mixed_workload)
     assert engine.scheduler.num_preemptions_total > 0
     for (prompt, _, expected), got in zip(mixed_workload, outputs, strict=True):
@@ -104,7 +108,7 @@ def test_seeded_sampling_ignores_batch_neighbours(make_engine, mixed_workload):
     alone = sample_with([])
     crowded = sample_with([p for p, _, _ in mixed_workload[:10]])
     preempted = sample_with(
-        [p for p, _, _ in mixed_workload[:10]], num_kv_blocks=40, max_model_len=512
+        [p for p, _, _ in mixed_workload[:10]], block_size=16, num_kv_blocks=40, max_model_len=512
     )
     assert len(alone) == 24
     assert alone == crowded == preempted

@@ -161,6 +161,42 @@ def test_linear_backend_auto_is_timed_once_then_read_from_the_cache(
 
 def test_a_given_linear_backend_is_not_timed(make_engine, tmp_path, monkeypatch):
     monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
-    choice = make_engine(linear_backend="torch").runner.linear
+    choice = make_engine(linear_backend="torch", decode_attention="sdpa").runner.linear
     assert (choice.backend, choice.source, choice.cache_path) == ("torch", "flag", None)
     assert not any(tmp_path.iterdir())
+
+
+def test_decode_attention_auto_is_timed_once_then_read_from_the_cache(
+    make_engine, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
+    first = make_engine(dtype="bfloat16", decode_attention="auto").runner.decode
+    assert first.source == "measured" and first.kernel in ("sdpa", "matmul")
+    assert first.matmul_over_sdpa is not None and first.matmul_over_sdpa > 0
+    assert (first.kernel == "matmul") == (first.matmul_over_sdpa < 1)
+    assert first.cache_path is not None and first.cache_path.is_file()
+    assert first.cache_path.is_relative_to(tmp_path)
+    again = make_engine(dtype="bfloat16", decode_attention="auto")
+    second = again.runner.decode
+    assert second.source == "cached"  # no timing run: the choice came from the file
+    assert (second.kernel, second.cache_path) == (first.kernel, first.cache_path)
+    assert again.info.decode_attention == first.kernel
+    # Another dtype is another key: timed, and cached in a file of its own.
+    other = make_engine(dtype="float32", decode_attention="auto").runner.decode
+    assert other.source == "measured" and other.cache_path != first.cache_path
+    assert len(list(first.cache_path.parent.glob("decode-attention-*.json"))) == 2
+
+
+def test_a_given_decode_kernel_is_used_untimed_and_batch_invariant_mode_keeps_sdpa(
+    make_engine, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
+    engine = make_engine(decode_attention="matmul", linear_backend="torch")
+    choice = engine.runner.decode
+    assert (choice.kernel, choice.source, choice.cache_path) == ("matmul", "flag", None)
+    assert engine.info.decode_attention == "matmul"
+    invariant = make_engine(batch_invariant=True, linear_backend="torch").runner.decode
+    assert (invariant.kernel, invariant.source) == ("sdpa", "fixed")
+    assert not any(tmp_path.iterdir())  # nothing was timed
+    with pytest.raises(ValueError, match="batch-invariant mode attends through the fused"):
+        make_engine(batch_invariant=True, decode_attention="matmul")

@@ -30,7 +30,7 @@ def check_runner_follows_scheduler(engine: Engine, ended: set[str]) -> None:
 def test_runner_state_follows_the_scheduler(make_engine, mixed_workload, overrides):
     # 40 blocks of 16: long prompts fill the pool, so running requests are preempted (and,
     # in batch-invariant mode, replayed); two requests are aborted along the way.
-    engine = make_engine(num_kv_blocks=40, max_model_len=512, **overrides)
+    engine = make_engine(block_size=16, num_kv_blocks=40, max_model_len=512, **overrides)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
     ids = [engine.add_request(p, params) for p, _, _ in mixed_workload[:12]]
     aborts = {3: ids[1], 8: ids[6]}  # step -> request aborted after it

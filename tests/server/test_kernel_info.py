@@ -30,6 +30,7 @@ def test_startup_summary_and_kernel_info_metric_name_the_resolved_kernels(
     assert ready["dtype"] == "float32"  # launch_server pins it: what the offline engine uses
     assert ready["quantization"] == "int8"
     assert ready["linear"] in ("onednn", "torch")  # resolved, never "auto"
+    assert ready["decode_attention"] in ("sdpa", "matmul")
     families = {f.name: f for f in text_string_to_metric_families(metrics)}
     (sample,) = families["packserve:kernel_info"].samples
     assert sample.value == 1
@@ -37,5 +38,6 @@ def test_startup_summary_and_kernel_info_metric_name_the_resolved_kernels(
         "model_name": model_name,
         "dtype": "float32",
         "linear_backend": ready["linear"],
+        "decode_attention": ready["decode_attention"],
         "quantization": "int8",
     }
