@@ -33,7 +33,8 @@ from bench.compare_servers import DEFAULT_PROMPTS
 from bench.gemm import best_rate
 from bench.grammar_engines import cpu_model
 from packserve.engine import Engine, EngineConfig
-from packserve.kernels.linear import pack_weight, packed_linear
+from packserve.kernels.fused import ProjectionSlice
+from packserve.kernels.linear import PackedLinear, pack_weight, packed_linear
 from packserve.models.model_maker import default_model_dir
 from packserve.models.smollm2 import default_model_dir as smollm2_model_dir
 from packserve.scheduler import SamplingParams
@@ -52,6 +53,25 @@ def machine_floors(dtype: torch.dtype) -> dict[str, float]:
         "onednn_gflops": best_rate(lambda: packed_linear(a, packed), flops),
         "copy_gbps": best_rate(lambda: dst.copy_(src), 2 * src.numel() * 4),
     }
+
+
+def gemm_weights(model: torch.nn.Module) -> int:
+    """Weights a token's GEMMs read: the decoder's projections (fused groups counted once,
+    their LoRA rows left out) and the LM head (tied or not); not the embedding's gather."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():
+        if isinstance(module, ProjectionSlice):
+            weight = module.shared.weight[: module.shared.width]
+        elif isinstance(module, torch.nn.Linear | PackedLinear):
+            weight = module.weight
+        else:
+            continue
+        if weight.data_ptr() not in seen:
+            seen.add(weight.data_ptr())
+            total += weight.numel()
+    head = model.get_output_embeddings().weight
+    return total + (head.numel() if head.data_ptr() not in seen else 0)
 
 
 def run_level(engine: Engine, prompts: list[serve.Prompt], level: int) -> list[dict[str, Any]]:
@@ -254,12 +274,8 @@ def main() -> None:
     )
     engine.generate(["warm up"], SamplingParams(max_tokens=4))
     model = engine.runner.model
-    # The GEMMs' weights: the decoder's and the LM head's (tied or not), not the embedding's
-    # gather; the weights read: every parameter once.
-    embedding = model.get_input_embeddings().weight.numel()
-    params = sum(p.numel() for p in model.parameters()) - embedding
-    params += model.get_output_embeddings().weight.numel()
-    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    params = gemm_weights(model)
+    weight_bytes = params * model.get_output_embeddings().weight.element_size()
     kv = engine.runner.kv_cache.spec
     kv_bytes_per_token = kv.bytes_per_block // kv.block_size
     load_start = os.getloadavg()
