@@ -208,7 +208,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{m.get('cpu', '')}, {m['cores']} cores, torch {m['torch']}; model "
         f"`{result['size']}` ({result['params'] / 1e6:.0f}M params, "
         f"{result['weight_bytes'] / 2**20:.0f} MiB of weights), engine dtype "
-        f"{result['dtype']}, linear backend {result['linear_backend']}; load average "
+        f"{result['dtype']}, linear backend {result['linear_backend']}, decode attention "
+        f"{result['decode_attention']}; load average "
         f"{m['loadavg_start'][0]:.2f} at start, {m['loadavg_end'][0]:.2f} at end. Matmul peak "
         f"in {result['dtype']}: torch.mm {f['matmul_gflops']:.0f}, oneDNN "
         f"{f['onednn_gflops']:.0f} GFLOP/s (the floor uses the higher), memory copy "
@@ -262,6 +263,9 @@ def main() -> None:
     parser.add_argument("--levels", default="16,64")
     parser.add_argument("--dtype", default="auto", help="the engine's --dtype")
     parser.add_argument("--linear-backend", default="auto", help="the engine's --linear-backend")
+    parser.add_argument(
+        "--decode-attention", default="auto", help="the engine's --decode-attention"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--stem", default="profile_engine", help="output file names")
@@ -270,7 +274,12 @@ def main() -> None:
     model_dir = str(smollm2_model_dir() if args.size == "smollm2" else default_model_dir(args.size))
     tokenizer = serve.load_tokenizer(model_dir)
     engine = Engine(
-        EngineConfig(model=model_dir, dtype=args.dtype, linear_backend=args.linear_backend)
+        EngineConfig(
+            model=model_dir,
+            dtype=args.dtype,
+            linear_backend=args.linear_backend,
+            decode_attention=args.decode_attention,
+        )
     )
     engine.generate(["warm up"], SamplingParams(max_tokens=4))
     model = engine.runner.model
@@ -300,6 +309,7 @@ def main() -> None:
         "size": args.size,
         "dtype": engine.info.dtype,
         "linear_backend": engine.info.linear_backend,
+        "decode_attention": engine.info.decode_attention,
         "command": "python -m bench.profile_engine " + " ".join(sys.argv[1:]),
         "params": params,
         "weight_bytes": weight_bytes,
