@@ -62,17 +62,29 @@ def matmul_decode(
     mask: torch.Tensor | None,
     scale: float,
 ) -> torch.Tensor:
-    """The same as `sdpa_decode` in two batched matmuls: the query heads that share a K/V
-    head are that head's rows (no K/V expanded), scores and softmax in float32. On a CPU
-    torch's fused kernel runs one token against a context slowly in bfloat16 (measured:
-    3-4x these matmuls on an AMD EPYC); `auto` times both (kernels/autotune.py)."""
-    b, kv_heads, _, dim = keys.shape
-    grouped = q.reshape(b, kv_heads, -1, dim)  # [b, Hkv, H / Hkv, D]
-    scores = torch.matmul(grouped, keys.transpose(-1, -2)).float().mul_(scale)  # [b, Hkv, g, L]
+    """The same as `sdpa_decode` in two batched matmuls over each sequence's K/V rows as the
+    pool stores them ([L, Hkv * D], no copy of the gathered context): every query head is
+    spread over all K/V heads' columns, zero outside its own, so one [H, Hkv * D] x
+    [Hkv * D, L] product gives every head's scores (Hkv times the FLOPs of a grouped product,
+    but these are few; what costs is reading K/V, once here), and the output keeps each
+    head's own block. Scores and softmax in float32. On a CPU torch's fused kernel runs one
+    bfloat16 token against a context slowly (3-4x these matmuls on an AMD EPYC); `auto` times
+    both (kernels/autotune.py)."""
+    b, kv_heads, length, dim = keys.shape
+    heads = q.shape[1]
+    group = heads // kv_heads
+    own = torch.arange(kv_heads, device=q.device)
+    spread = q.new_zeros(b, kv_heads, group, kv_heads, dim)  # [b, Hkv, g, Hkv, D]
+    spread[:, own, :, own] = q.view(b, kv_heads, group, dim).transpose(0, 1)
+    rows_k = keys.transpose(1, 2).reshape(b, length, kv_heads * dim)  # a view of the gather
+    rows_v = values.transpose(1, 2).reshape(b, length, kv_heads * dim)
+    scores = torch.bmm(spread.view(b, heads, -1), rows_k.transpose(1, 2))  # [b, H, L]
+    scores = scores.float().mul_(scale)
     if mask is not None:
-        scores.add_(mask)  # [b, 1, 1, L] broadcasts over the heads
+        scores.add_(mask.view(b, 1, length))
     probs = torch.softmax(scores, dim=-1).to(values.dtype)
-    return torch.matmul(probs, values).reshape(b, -1, dim)  # [b, H, D]
+    out = torch.bmm(probs, rows_v).view(b, kv_heads, group, kv_heads, dim)
+    return out[:, own, :, own].transpose(0, 1).reshape(b, heads, dim)  # [b, H, D]
 
 
 DECODE_KERNELS = {"sdpa": sdpa_decode, "matmul": matmul_decode}
