@@ -355,6 +355,7 @@ def runner_config(backend: str, num_blocks: int, seed: int | None) -> RunnerConf
     return RunnerConfig(
         attention_backend=backend,  # type: ignore[arg-type]
         linear_backend=engine.linear_backend,
+        decode_attention=engine.decode_attention,
         quantization=engine.quantization,
         int4_group_size=engine.int4_group_size,
         kernel_cache_dir=kernel_cache_dir(),
