@@ -140,23 +140,53 @@ def test_dtype_auto_follows_the_cpu_bf16_flags(make_engine):
     assert next(engine.model.parameters()).dtype == getattr(torch, expected)
 
 
-def test_linear_backend_auto_is_timed_once_then_read_from_the_cache(
-    make_engine, tmp_path, monkeypatch
+# (flag, the runner's choice, its kernel field, its score field and the kernel a score < 1
+# picks, the cache files' prefix)
+AUTO_CHOICES = [
+    pytest.param(
+        "linear_backend",
+        "linear",
+        "backend",
+        ("onednn_over_torch", "onednn", "torch"),
+        "linear",
+        id="linear-backend",
+    ),
+    pytest.param(
+        "decode_attention",
+        "decode",
+        "kernel",
+        ("matmul_over_sdpa", "matmul", "sdpa"),
+        "decode-attention",
+        id="decode-attention",
+    ),
+]
+
+
+@pytest.mark.parametrize(("flag", "attr", "field", "score", "prefix"), AUTO_CHOICES)
+def test_an_auto_kernel_choice_is_timed_once_then_read_from_the_cache(
+    make_engine, tmp_path, monkeypatch, flag, attr, field, score, prefix
 ):
     monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
-    first = make_engine(dtype="bfloat16", linear_backend="auto").runner.linear
-    assert first.source == "measured" and first.backend in ("onednn", "torch")
+    score_field, below_one, otherwise = score
+
+    def choose(dtype):
+        engine = make_engine(dtype=dtype, **{flag: "auto"})
+        return engine, getattr(engine.runner, attr)
+
+    _, first = choose("bfloat16")
+    measured = getattr(first, score_field)
+    assert first.source == "measured" and measured is not None and measured > 0
+    assert getattr(first, field) == (below_one if measured < 1 else otherwise)
     assert first.cache_path is not None and first.cache_path.is_file()
     assert first.cache_path.is_relative_to(tmp_path)
-    second_engine = make_engine(dtype="bfloat16", linear_backend="auto")
-    second = second_engine.runner.linear
+    again, second = choose("bfloat16")
     assert second.source == "cached"  # no timing run: the choice came from the file
-    assert (second.backend, second.cache_path) == (first.backend, first.cache_path)
-    assert second_engine.info.linear_backend == first.backend
+    assert (getattr(second, field), second.cache_path) == (getattr(first, field), first.cache_path)
+    assert getattr(again.info, flag) == getattr(first, field)
     # Another dtype is another key: timed, and cached in a file of its own.
-    other = make_engine(dtype="float32", linear_backend="auto").runner.linear
+    _, other = choose("float32")
     assert other.source == "measured" and other.cache_path != first.cache_path
-    assert len(list(first.cache_path.parent.glob("linear-*.json"))) == 2
+    assert len(list(first.cache_path.parent.glob(f"{prefix}-*.json"))) == 2
 
 
 def test_a_given_linear_backend_is_not_timed(make_engine, tmp_path, monkeypatch):
@@ -164,27 +194,6 @@ def test_a_given_linear_backend_is_not_timed(make_engine, tmp_path, monkeypatch)
     choice = make_engine(linear_backend="torch", decode_attention="sdpa").runner.linear
     assert (choice.backend, choice.source, choice.cache_path) == ("torch", "flag", None)
     assert not any(tmp_path.iterdir())
-
-
-def test_decode_attention_auto_is_timed_once_then_read_from_the_cache(
-    make_engine, tmp_path, monkeypatch
-):
-    monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
-    first = make_engine(dtype="bfloat16", decode_attention="auto").runner.decode
-    assert first.source == "measured" and first.kernel in ("sdpa", "matmul")
-    assert first.matmul_over_sdpa is not None and first.matmul_over_sdpa > 0
-    assert (first.kernel == "matmul") == (first.matmul_over_sdpa < 1)
-    assert first.cache_path is not None and first.cache_path.is_file()
-    assert first.cache_path.is_relative_to(tmp_path)
-    again = make_engine(dtype="bfloat16", decode_attention="auto")
-    second = again.runner.decode
-    assert second.source == "cached"  # no timing run: the choice came from the file
-    assert (second.kernel, second.cache_path) == (first.kernel, first.cache_path)
-    assert again.info.decode_attention == first.kernel
-    # Another dtype is another key: timed, and cached in a file of its own.
-    other = make_engine(dtype="float32", decode_attention="auto").runner.decode
-    assert other.source == "measured" and other.cache_path != first.cache_path
-    assert len(list(first.cache_path.parent.glob("decode-attention-*.json"))) == 2
 
 
 def test_a_given_decode_kernel_is_used_untimed_and_batch_invariant_mode_keeps_sdpa(
