@@ -71,9 +71,10 @@ class EngineConfig:
     attention_backend: AttentionBackend = knob("varlen", "attention kernel")
     decode_attention: DecodeKernelChoice = knob(
         "auto",
-        "decode attention over the paged contexts: sdpa (torch's fused kernel), matmul (grouped "
-        "matmuls, float32 softmax) or auto: the faster on this machine for this model's heads "
-        "and dtype, timed once and cached (CPU; sdpa elsewhere and in batch-invariant mode)",
+        "decode attention over the paged contexts: sdpa (torch's fused kernel), matmul (two "
+        "batched matmuls over the gathered K/V rows, float32 softmax) or auto: the faster on "
+        "this machine for this model's heads and dtype, timed once and cached (CPU; sdpa "
+        "elsewhere and in batch-invariant mode)",
     )
     linear_backend: LinearBackendChoice = knob(
         "auto",

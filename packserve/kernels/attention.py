@@ -102,7 +102,7 @@ class DecodeAttention:
     # a sequence's rounding with the number of sequences beside it (measured, torch 2.13);
     # on one thread every call takes the same path.
     single_thread: bool
-    kernel: DecodeKernel = "sdpa"
+    kernel: DecodeKernel
 
     def attend(
         self, kv_cache: KVCache, layer: int, q: torch.Tensor, out: torch.Tensor, scale: float

@@ -14,9 +14,9 @@ only ever add time). The score of oneDNN is the geometric mean over row counts o
 summed time over torch's; below 1 it wins.
 
 Decode attention is timed the same way: gathering a bucket of contexts from a KV pool of the
-model's heads and attending one token each, through torch's fused SDPA kernel and through
-grouped matmuls (`attention.matmul_decode`), at a few (sequences, context) sizes. Only on a
-CPU: other devices keep the fused kernel.
+model's heads (`KVCache.gather`) and attending one token each, through torch's fused SDPA
+kernel and through two batched matmuls (`attention.matmul_decode`), at a few (sequences,
+context) sizes. Only on a CPU: other devices keep the fused kernel.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -40,7 +40,7 @@ from transformers import PreTrainedModel
 
 from .attention import DECODE_KERNELS
 from .choices import DecodeKernel, LinearBackend
-from .kv_cache import KVCacheSpec
+from .kv_cache import KVCache, KVCacheSpec
 from .linear import MIN_WEIGHT_ELEMENTS, can_pack, pack_weight, packed_linear
 from .machine import cpu_model
 
@@ -155,42 +155,40 @@ def choose_decode_kernel(
 
 
 def time_matmul_over_sdpa(spec: KVCacheSpec, num_heads: int) -> float:
-    """The grouped matmuls' time over the fused kernel's, gathering included: the geometric
+    """The batched matmuls' time over the fused kernel's, gathering included: the geometric
     mean over `DECODE_ATTENTION_SIZES` of each one's best time."""
     generator = torch.Generator().manual_seed(0)
-    cases: list[tuple[int, int, list[Callable[[], object]]]] = []
+    cases: list[list[Callable[[], object]]] = []
     for sequences, context in DECODE_ATTENTION_SIZES:
         slots = sequences * context
-        pool = torch.randn(2, slots, spec.num_kv_heads, spec.head_dim, generator=generator)
-        pool = pool.to(spec.dtype)
-        index = torch.randperm(slots, generator=generator)  # scattered, as a pool's blocks are
+        pool = KVCache(replace(spec, num_layers=1, block_size=1), slots, torch.device("cpu"))
+        pool.k.copy_(torch.randn(pool.k.shape, generator=generator))
+        pool.v.copy_(torch.randn(pool.v.shape, generator=generator))
+        # scattered slots, as a pool's blocks are
+        index = torch.randperm(slots, generator=generator).view(sequences, context)
         q = torch.randn(sequences, num_heads, spec.head_dim, generator=generator).to(spec.dtype)
         mask = torch.zeros(sequences, 1, 1, context, dtype=spec.dtype)
         mask[sequences // 2 :, ..., context // 2 :] = float("-inf")  # half of them shorter
-        calls: list[Callable[[], object]] = [
-            partial(_gather_and_attend, DECODE_KERNELS[name], pool, index, q, mask)
-            for name in ("sdpa", "matmul")
-        ]
-        cases.append((sequences, 1, calls))
-    best = _best_times(cases)
-    ratios = [matmul / sdpa for sdpa, matmul in best]
+        cases.append(
+            [
+                partial(_gather_and_attend, DECODE_KERNELS[name], pool, index, q, mask)
+                for name in ("sdpa", "matmul")
+            ]
+        )
+    ratios = [matmul / sdpa for sdpa, matmul in _best_times(cases)]
     return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
 
 def _gather_and_attend(
     kernel: Callable[..., torch.Tensor],
-    pool: torch.Tensor,
+    pool: KVCache,
     index: torch.Tensor,
     q: torch.Tensor,
     mask: torch.Tensor,
 ) -> torch.Tensor:
-    """A decode bucket as `DecodeAttention` runs it: K/V gathered from the pool, then one
-    token per sequence attends (pool [2, slots, Hkv, D]; q [b, H, D])."""
-    b = q.shape[0]
-    keys, values = (
-        pool[i].index_select(0, index).view(b, -1, *pool.shape[2:]).transpose(1, 2)
-        for i in range(2)
-    )
+    """A decode bucket as `DecodeAttention` runs it: K/V of `index` [b, L] gathered from the
+    pool, then one token per sequence (q [b, H, D]) attends."""
+    keys, values = pool.gather(0, index)  # [b, Hkv, L, D]
     return kernel(q, keys, values, mask, q.shape[-1] ** -0.5)
 
 
@@ -213,7 +211,7 @@ def time_onednn_over_torch(model: nn.Module, workload: list[Workload]) -> float:
                 partial(packed_linear, x, packed),
             ]
             cases.append((rows, w.count, calls))
-    best = _best_times(cases)
+    best = _best_times([calls for _, _, calls in cases])
     totals: dict[int, list[float]] = {}  # rows -> [torch, onednn] summed over layers
     for (rows, count, _), times in zip(cases, best, strict=True):
         total = totals.setdefault(rows, [0.0, 0.0])
@@ -223,19 +221,19 @@ def time_onednn_over_torch(model: nn.Module, workload: list[Workload]) -> float:
     return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
 
-def _best_times(cases: list[tuple[int, int, list[Callable[[], object]]]]) -> list[list[float]]:
+def _best_times(cases: list[list[Callable[[], object]]]) -> list[list[float]]:
     """Each case's calls, alternately, in rounds until the budget is spent: every call's best
     time (a shared machine's other jobs only ever add time)."""
-    best = [[math.inf] * len(calls) for _, _, calls in cases]
+    best = [[math.inf] * len(calls) for calls in cases]
     with torch.inference_mode():
-        for _, _, calls in cases:  # warm up: first calls allocate and pick kernels
+        for calls in cases:  # warm up: first calls allocate and pick kernels
             for call in calls:
                 call()
         deadline = time.perf_counter() + BUDGET_S
         for round_index in range(MAX_ROUNDS):
             if round_index >= MIN_ROUNDS and time.perf_counter() > deadline:
                 break
-            for (_, _, calls), times in zip(cases, best, strict=True):
+            for calls, times in zip(cases, best, strict=True):
                 for i, call in enumerate(calls):
                     start = time.perf_counter()
                     call()

@@ -8,7 +8,7 @@ AttentionBackend = Literal["dense", "varlen"]  # block-diagonal masked SDPA, or 
 LinearBackend = Literal["onednn", "torch"]  # prepacked weights (CPU), or the model's nn.Linear
 # "auto": the faster of the two for this model's shapes on this machine (kernels/autotune.py)
 LinearBackendChoice = Literal["auto", "onednn", "torch"]
-# Decode attention over a bucket of gathered contexts: torch's fused SDPA kernel, or grouped
+# Decode attention over a bucket of gathered contexts: torch's fused SDPA kernel, or two batched
 # matmuls with a float32 softmax ("auto": the faster here, timed at start-up, kernels/autotune.py)
 DecodeKernel = Literal["sdpa", "matmul"]
 DecodeKernelChoice = Literal["auto", "sdpa", "matmul"]

@@ -43,7 +43,7 @@ class RunnerConfig:
 
     attention_backend: AttentionBackend
     linear_backend: LinearBackendChoice  # "torch": leave the model's nn.Linear as is
-    decode_attention: DecodeKernelChoice  # decode buckets: fused SDPA or grouped matmuls
+    decode_attention: DecodeKernelChoice  # decode buckets: fused SDPA or batched matmuls
     quantization: Quantization  # weight-only int8 / int4 for the decoder's linear layers
     int4_group_size: int  # inputs per int4 scale and zero
     kernel_cache_dir: Path | None  # where the `auto` kernel choices cache their timings
@@ -175,15 +175,14 @@ class Runner:
         spec = kv_cache_spec(model, config.block_size)
         num_blocks = config.num_kv_blocks or spec.num_blocks_for(config.kv_cache_memory_bytes)
         self.kv_cache = KVCache(spec, num_blocks, self.device)
-        self.decode: DecodeChoice = (
-            DecodeChoice("sdpa", "fixed", None, None)
-            if config.batch_invariant
-            else choose_decode_kernel(
-                spec, model.config.num_attention_heads, self.device, config.kernel_cache_dir
-            )
-            if config.decode_attention == "auto"
-            else DecodeChoice(config.decode_attention, "flag", None, None)
-        )
+        self.decode: DecodeChoice
+        if config.batch_invariant:
+            self.decode = DecodeChoice("sdpa", "fixed", None, None)
+        elif config.decode_attention == "auto":
+            heads = model.config.num_attention_heads
+            self.decode = choose_decode_kernel(spec, heads, self.device, config.kernel_cache_dir)
+        else:
+            self.decode = DecodeChoice(config.decode_attention, "flag", None, None)
         self.generator = torch.Generator(device=self.device)
         if config.seed is not None:
             self.generator.manual_seed(config.seed)
