@@ -72,9 +72,10 @@ class EngineConfig:
     decode_attention: DecodeKernelChoice = knob(
         "auto",
         "decode attention over the paged contexts: sdpa (torch's fused kernel), matmul (two "
-        "batched matmuls over the gathered K/V rows, float32 softmax) or auto: the faster on "
-        "this machine for this model's heads and dtype, timed once and cached (CPU; sdpa "
-        "elsewhere and in batch-invariant mode)",
+        "batched matmuls over the gathered K/V rows, float32 softmax), paged (a C++ kernel "
+        "reading the pool in place, compiled for this CPU on first use; needs a C++ "
+        "compiler) or auto: the fastest on this machine for this model's heads and dtype, "
+        "timed once and cached (CPU; sdpa elsewhere and in batch-invariant mode)",
     )
     linear_backend: LinearBackendChoice = knob(
         "auto",

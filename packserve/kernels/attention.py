@@ -13,8 +13,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 
-from .choices import DecodeKernel
+from .choices import BucketKernel
 from .kv_cache import KVCache
+from .paged import PagedKernel
 
 ATTENTION_NAME = "packserve"
 
@@ -87,7 +88,7 @@ def matmul_decode(
     return out[:, own, :, own].transpose(0, 1).reshape(b, heads, dim)  # [b, H, D]
 
 
-DECODE_KERNELS = {"sdpa": sdpa_decode, "matmul": matmul_decode}
+BUCKET_KERNELS = {"sdpa": sdpa_decode, "matmul": matmul_decode}
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +103,7 @@ class DecodeAttention:
     # a sequence's rounding with the number of sequences beside it (measured, torch 2.13);
     # on one thread every call takes the same path.
     single_thread: bool
-    kernel: DecodeKernel
+    kernel: BucketKernel
 
     def attend(
         self, kv_cache: KVCache, layer: int, q: torch.Tensor, out: torch.Tensor, scale: float
@@ -120,11 +121,37 @@ class DecodeAttention:
     def _attend(
         self, kv_cache: KVCache, layer: int, q: torch.Tensor, out: torch.Tensor, scale: float
     ) -> None:
-        kernel = DECODE_KERNELS[self.kernel]
+        kernel = BUCKET_KERNELS[self.kernel]
         for bucket in self.buckets:
             keys, values = kv_cache.gather(layer, bucket.context_slots)  # [b, Hkv, L, D]
             attended = kernel(q.index_select(0, bucket.index), keys, values, bucket.mask, scale)
             out.index_copy_(0, bucket.index, attended)
+
+
+@dataclass(frozen=True, slots=True)
+class PagedDecode:
+    """Every single-token segment of a step through the paged kernel (kernels/paged.py): each
+    reads its own cached tokens from the pool by its block table, all in one call a layer."""
+
+    index: torch.Tensor  # [B] flat index (row * row_len + col) of each token
+    tables: torch.Tensor  # [B, max blocks] int32 block ids, padded with 0
+    lengths: torch.Tensor  # [B] int32 tokens each attends to
+    kernel: PagedKernel
+
+    def attend(
+        self, kv_cache: KVCache, layer: int, q: torch.Tensor, out: torch.Tensor, scale: float
+    ) -> None:
+        """q: [R*L, H, D] every token's query; writes the decodes' rows of out [R*L, H, D]."""
+        attended = self.kernel(
+            q.index_select(0, self.index),
+            kv_cache.k[layer],
+            kv_cache.v[layer],
+            self.tables,
+            self.lengths,
+            kv_cache.spec.block_size,
+            scale,
+        )
+        out.index_copy_(0, self.index, attended)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +164,7 @@ class StepMetadata:
     fresh: tuple[tuple[int, int, int], ...]  # (row, start, end) of each prompt from position 0
     mask: torch.Tensor | None  # [R, 1, L, L] block-diagonal causal mask (dense backend only)
     chunks: tuple[ChunkAttention, ...]
-    decode: DecodeAttention | None
+    decode: DecodeAttention | PagedDecode | None
 
     def attend(
         self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float

@@ -13,10 +13,11 @@ until a time budget is spent; a shape's time is its best run (a shared machine's
 only ever add time). The score of oneDNN is the geometric mean over row counts of its
 summed time over torch's; below 1 it wins.
 
-Decode attention is timed the same way: gathering a bucket of contexts from a KV pool of the
-model's heads (`KVCache.gather`) and attending one token each, through torch's fused SDPA
-kernel and through two batched matmuls (`attention.matmul_decode`), at a few (sequences,
-context) sizes. Only on a CPU: other devices keep the fused kernel.
+Decode attention is timed the same way at a few (sequences, context) sizes over a KV pool of
+the model's heads: gathering buckets of contexts (`KVCache.gather`) and attending one token
+each through torch's fused SDPA kernel and through two batched matmuls
+(`attention.matmul_decode`), and the paged kernel reading the pool in place (kernels/paged.py)
+where it builds. Only on a CPU: other devices keep the fused kernel.
 """
 
 from __future__ import annotations
@@ -38,18 +39,20 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from .attention import DECODE_KERNELS
+from .attention import BUCKET_KERNELS
 from .choices import DecodeKernel, LinearBackend
 from .kv_cache import KVCache, KVCacheSpec
 from .linear import MIN_WEIGHT_ELEMENTS, can_pack, pack_weight, packed_linear
 from .machine import cpu_model
+from .paged import build as build_paged
+from .paged import extension_name
 
 DECODE_ROWS = (16, 64)
 PREFILL_ROWS = 512
 DECODE_ATTENTION_SIZES = ((64, 256), (16, 1024), (4, 2048))  # (sequences, context tokens)
 BUDGET_S = 1.5  # timing rounds stop once this is spent (at least MIN_ROUNDS)
 MIN_ROUNDS, MAX_ROUNDS = 3, 20
-CACHE_VERSION = 1  # bump when the measurement changes, so older choices are not reused
+CACHE_VERSION = 2  # bump when the measurement changes, so older choices are not reused
 
 ChoiceSource = Literal["flag", "measured", "cached", "unpackable"]
 # flag: given; measured / cached: as above; fixed: not timed off the CPU, nor in batch-invariant
@@ -75,7 +78,8 @@ class DecodeChoice:
 
     kernel: DecodeKernel
     source: DecodeChoiceSource
-    matmul_over_sdpa: float | None  # the measured score (measured / cached only)
+    # each timed kernel's time over the fused kernel's (measured / cached only)
+    over_sdpa: dict[str, float] | None
     cache_path: Path | None
 
 
@@ -119,7 +123,7 @@ def choose_linear_backend(model: PreTrainedModel, cache_dir: Path | None) -> Lin
         "shapes": [[w.out_features, w.in_features, w.count, list(w.rows)] for w in workload],
     }
     path = _cache_path(cache_dir, "linear", key)
-    cached = _read(path, key, "onednn_over_torch")
+    cached = _score(_read(path, key, "onednn_over_torch"))
     if cached is not None:
         return LinearChoice(_winner(cached), "cached", cached, path)
     score = time_onednn_over_torch(model, workload)
@@ -131,9 +135,12 @@ def choose_decode_kernel(
     spec: KVCacheSpec, num_heads: int, device: torch.device, cache_dir: Path | None
 ) -> DecodeChoice:
     """The cached decode attention kernel for these heads on this machine, else a timed one
-    (cached into `cache_dir` when given). Off the CPU: the fused kernel, untimed."""
+    (cached into `cache_dir` when given). Off the CPU: the fused kernel, untimed. The paged
+    kernel is timed where it builds (kernels/paged.py)."""
     if device.type != "cpu":
         return DecodeChoice("sdpa", "fixed", None, None)
+    paged = build_paged()
+    kernels: list[DecodeKernel] = ["matmul", "paged"] if paged.kernel else ["matmul"]
     key = {
         "version": CACHE_VERSION,
         "cpu": cpu_model(),
@@ -141,55 +148,79 @@ def choose_decode_kernel(
         "dtype": str(spec.dtype).removeprefix("torch."),
         "threads": torch.get_num_threads(),
         "heads": [num_heads, spec.num_kv_heads, spec.head_dim],
+        "block_size": spec.block_size,
         "sizes": [list(size) for size in DECODE_ATTENTION_SIZES],
+        "kernels": kernels,
+        "paged_build": extension_name() if paged.kernel else None,
     }
     path = _cache_path(cache_dir, "decode-attention", key)
-    cached = _read(path, key, "matmul_over_sdpa")
-    if cached is None:
-        score = time_matmul_over_sdpa(spec, num_heads)
-        _write(path, {**key, "matmul_over_sdpa": score})
-        source: DecodeChoiceSource = "measured"
-    else:
-        score, source = cached, "cached"
-    return DecodeChoice("matmul" if score < 1 else "sdpa", source, score, path)
+    record = _read(path, key, "over_sdpa")
+    cached = (
+        {name: _score(record.get(name)) for name in kernels} if isinstance(record, dict) else {}
+    )
+    over_sdpa: dict[str, float] = {n: score for n, score in cached.items() if score is not None}
+    source: DecodeChoiceSource = "cached"
+    if len(over_sdpa) < len(kernels):
+        over_sdpa = time_decode_kernels(spec, num_heads, kernels)
+        _write(path, {**key, "over_sdpa": over_sdpa})
+        source = "measured"
+    fastest = min(kernels, key=over_sdpa.__getitem__)
+    kernel: DecodeKernel = fastest if over_sdpa[fastest] < 1 else "sdpa"
+    return DecodeChoice(kernel, source, over_sdpa, path)
 
 
-def time_matmul_over_sdpa(spec: KVCacheSpec, num_heads: int) -> float:
-    """The batched matmuls' time over the fused kernel's, gathering included: the geometric
-    mean over `DECODE_ATTENTION_SIZES` of each one's best time."""
+def time_decode_kernels(
+    spec: KVCacheSpec, num_heads: int, kernels: list[DecodeKernel]
+) -> dict[str, float]:
+    """Each kernel's time over the fused kernel's, gathering included: the geometric mean over
+    `DECODE_ATTENTION_SIZES` of each one's best time. Half the sequences of a size attend to
+    half its context; the bucketed kernels take them as a second bucket, as the engine would."""
     generator = torch.Generator().manual_seed(0)
+    block = spec.block_size
+    names: list[DecodeKernel] = ["sdpa", *kernels]
     cases: list[list[Callable[[], object]]] = []
     for sequences, context in DECODE_ATTENTION_SIZES:
-        slots = sequences * context
-        pool = KVCache(replace(spec, num_layers=1, block_size=1), slots, torch.device("cpu"))
+        width = -(-context // block)
+        pool = KVCache(replace(spec, num_layers=1), sequences * width, torch.device("cpu"))
         pool.k.copy_(torch.randn(pool.k.shape, generator=generator))
         pool.v.copy_(torch.randn(pool.v.shape, generator=generator))
-        # scattered slots, as a pool's blocks are
-        index = torch.randperm(slots, generator=generator).view(sequences, context)
+        # scattered blocks, as a pool's are
+        tables = torch.randperm(sequences * width, generator=generator).view(sequences, width)
         q = torch.randn(sequences, num_heads, spec.head_dim, generator=generator).to(spec.dtype)
-        mask = torch.zeros(sequences, 1, 1, context, dtype=spec.dtype)
-        mask[sequences // 2 :, ..., context // 2 :] = float("-inf")  # half of them shorter
-        cases.append(
-            [
-                partial(_gather_and_attend, DECODE_KERNELS[name], pool, index, q, mask)
-                for name in ("sdpa", "matmul")
-            ]
-        )
-    ratios = [matmul / sdpa for sdpa, matmul in _best_times(cases)]
-    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+        half = sequences // 2
+        lengths = torch.tensor([context] * half + [context // 2] * (sequences - half))
+        buckets = []
+        for rows, length in ((slice(0, half), context), (slice(half, sequences), context // 2)):
+            pos = torch.arange(length)
+            slots = tables[rows, pos // block] * block + pos % block  # [b, length]
+            buckets.append((slots, q[rows]))
+        calls: list[Callable[[], object]] = []
+        for name in names:
+            if name == "paged":
+                kernel = build_paged().kernel
+                assert kernel is not None
+                args = (pool.k[0], pool.v[0], tables.int(), lengths.int(), block, 1.0)
+                calls.append(partial(kernel, q, *args))
+            else:
+                calls.append(partial(_gather_and_attend, BUCKET_KERNELS[name], pool, buckets))
+        cases.append(calls)
+    times = _best_times(cases)
+    return {
+        name: math.exp(sum(math.log(t[i + 1] / t[0]) for t in times) / len(times))
+        for i, name in enumerate(kernels)
+    }
 
 
 def _gather_and_attend(
     kernel: Callable[..., torch.Tensor],
     pool: KVCache,
-    index: torch.Tensor,
-    q: torch.Tensor,
-    mask: torch.Tensor,
-) -> torch.Tensor:
-    """A decode bucket as `DecodeAttention` runs it: K/V of `index` [b, L] gathered from the
-    pool, then one token per sequence (q [b, H, D]) attends."""
-    keys, values = pool.gather(0, index)  # [b, Hkv, L, D]
-    return kernel(q, keys, values, mask, q.shape[-1] ** -0.5)
+    buckets: list[tuple[torch.Tensor, torch.Tensor]],
+) -> None:
+    """Decode buckets as `DecodeAttention` runs them: for each, K/V of its slots [b, L]
+    gathered from the pool, then one token per sequence (q [b, H, D]) attends."""
+    for slots, q in buckets:
+        keys, values = pool.gather(0, slots)  # [b, Hkv, L, D]
+        kernel(q, keys, values, None, q.shape[-1] ** -0.5)
 
 
 def time_onednn_over_torch(model: nn.Module, workload: list[Workload]) -> float:
@@ -252,8 +283,8 @@ def _cache_path(cache_dir: Path | None, kind: str, key: dict[str, object]) -> Pa
     return cache_dir / f"{kind}-{digest[:16]}.json"
 
 
-def _read(path: Path | None, key: dict[str, object], field: str) -> float | None:
-    """The cached score `field` for `key`, or None (no cache, unreadable, another key)."""
+def _read(path: Path | None, key: dict[str, object], field: str) -> object:
+    """The cached `field` for `key`, or None (no cache, unreadable, another key)."""
     if path is None:
         return None
     try:
@@ -262,8 +293,12 @@ def _read(path: Path | None, key: dict[str, object], field: str) -> float | None
         return None
     if not isinstance(record, dict) or any(record.get(k) != v for k, v in key.items()):
         return None
-    score = record.get(field)
-    return float(score) if isinstance(score, int | float) and score > 0 else None
+    return record.get(field)
+
+
+def _score(value: object) -> float | None:
+    """A cached score: a positive number, else None."""
+    return float(value) if isinstance(value, int | float) and value > 0 else None
 
 
 def _write(path: Path | None, record: dict[str, object]) -> None:

@@ -9,9 +9,12 @@ LinearBackend = Literal["onednn", "torch"]  # prepacked weights (CPU), or the mo
 # "auto": the faster of the two for this model's shapes on this machine (kernels/autotune.py)
 LinearBackendChoice = Literal["auto", "onednn", "torch"]
 # Decode attention over a bucket of gathered contexts: torch's fused SDPA kernel, or two batched
-# matmuls with a float32 softmax ("auto": the faster here, timed at start-up, kernels/autotune.py)
-DecodeKernel = Literal["sdpa", "matmul"]
-DecodeKernelChoice = Literal["auto", "sdpa", "matmul"]
+# matmuls with a float32 softmax
+BucketKernel = Literal["sdpa", "matmul"]
+# ... or, on a CPU, a compiled kernel that reads the paged pool in place (kernels/paged.py).
+# "auto": the fastest here, timed at start-up (kernels/autotune.py)
+DecodeKernel = Literal["sdpa", "matmul", "paged"]
+DecodeKernelChoice = Literal["auto", "sdpa", "matmul", "paged"]
 Dtype = Literal["float32", "bfloat16", "float16"]
 # "auto": bfloat16 where the device computes it natively, else float32 (kernels/machine.py)
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]

@@ -9,9 +9,10 @@ import torch
 
 from packserve.scheduler import ScheduledSequence
 
-from .attention import ChunkAttention, DecodeAttention, DecodeBucket, StepMetadata
-from .choices import AttentionBackend, DecodeKernel
+from .attention import ChunkAttention, DecodeAttention, DecodeBucket, PagedDecode, StepMetadata
+from .choices import AttentionBackend, BucketKernel, DecodeKernel
 from .kv_cache import KVCache
+from .paged import build as build_paged
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,8 +50,9 @@ def step_inputs(
       all of them in one masked call (block-diagonal causal mask per row), else one call each;
     - a piece after cached tokens (a chunk, the rest of a prefix hit): to its request's
       cached tokens and causally to itself, read back from the KV pool;
-    - a single token (a decode, a one-token piece): to its cached context, batched with the
-      other single tokens in length buckets (`decode_attention`), through `kernel`.
+    - a single token (a decode, a one-token piece): to its cached context, with the other
+      single tokens: through the paged kernel in one call (`paged_decode`), or batched in
+      length buckets (`decode_attention`) through `kernel`.
     Sampling reads the last token of every segment whose `sample` is set, in row order."""
     block_size = kv_cache.spec.block_size
     device = kv_cache.k.device
@@ -92,6 +94,11 @@ def step_inputs(
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         mask.masked_fill_(~allowed, float("-inf"))
         mask = mask[:, None]  # [R, 1, L, L]
+    decode: DecodeAttention | PagedDecode | None = None
+    if singles and kernel == "paged":
+        decode = paged_decode(singles, block_tables, kv_cache)
+    elif singles and kernel != "paged":
+        decode = decode_attention(singles, block_tables, kv_cache, dtype, invariant_pad, kernel)
     meta = StepMetadata(
         kv_cache=kv_cache,
         token_index=torch.tensor(token_index, device=device),
@@ -99,9 +106,7 @@ def step_inputs(
         fresh=tuple(fresh),
         mask=mask,
         chunks=tuple(chunks),
-        decode=decode_attention(singles, block_tables, kv_cache, dtype, invariant_pad, kernel)
-        if singles
-        else None,
+        decode=decode,
     )
     return ModelInputs(
         input_ids=torch.tensor(ids, device=device),
@@ -155,13 +160,40 @@ def chunk_attention(
     return ChunkAttention(row, start, start + seq.num_tokens, context, allowed[None, None])
 
 
+def paged_decode(
+    singles: Sequence[tuple[int, ScheduledSequence]],
+    block_tables: BlockTables,
+    kv_cache: KVCache,
+) -> PagedDecode:
+    """Attention of single-token segments (flat index, segment) through the paged kernel:
+    each sequence's block table, as far as its context goes, and its context length."""
+    kernel = build_paged().kernel
+    if kernel is None:
+        raise RuntimeError("the paged decode kernel is not built on this machine")
+    block_size = kv_cache.spec.block_size
+    device = kv_cache.k.device
+    lengths = [seq.end_pos for _, seq in singles]
+    width = -(-max(lengths) // block_size)
+    tables = [list(block_tables[seq.request_id][:width]) for _, seq in singles]
+    return PagedDecode(
+        index=torch.tensor([index for index, _ in singles], device=device),
+        tables=torch.tensor(
+            [table + [0] * (width - len(table)) for table in tables],
+            dtype=torch.int32,
+            device=device,
+        ),
+        lengths=torch.tensor(lengths, dtype=torch.int32, device=device),
+        kernel=kernel,
+    )
+
+
 def decode_attention(
     singles: Sequence[tuple[int, ScheduledSequence]],
     block_tables: BlockTables,
     kv_cache: KVCache,
     dtype: torch.dtype,
     invariant_pad: int = 0,
-    kernel: DecodeKernel = "sdpa",
+    kernel: BucketKernel = "sdpa",
 ) -> DecodeAttention:
     """Attention of single-token segments (flat index, segment): longest context first, cut
     into length buckets, each bucket one batched call over its contexts' cached tokens.

@@ -32,6 +32,7 @@ from .invariant import (
 from .kv_cache import KVCache, KVCacheSpec
 from .linear import can_pack, pack_linears
 from .lora import LoRAPool, LoRAWeights, token_slots
+from .paged import build as build_paged
 from .quant import QuantizationReport, quantize_linears
 from .sampler import sample
 
@@ -43,7 +44,7 @@ class RunnerConfig:
 
     attention_backend: AttentionBackend
     linear_backend: LinearBackendChoice  # "torch": leave the model's nn.Linear as is
-    decode_attention: DecodeKernelChoice  # decode buckets: fused SDPA or batched matmuls
+    decode_attention: DecodeKernelChoice  # fused SDPA or batched matmuls, or the paged kernel
     quantization: Quantization  # weight-only int8 / int4 for the decoder's linear layers
     int4_group_size: int  # inputs per int4 scale and zero
     kernel_cache_dir: Path | None  # where the `auto` kernel choices cache their timings
@@ -75,7 +76,7 @@ class RunnerConfig:
             raise ValueError(f"unknown linear backend {self.linear_backend!r}")
         if self.decode_attention not in get_args(DecodeKernelChoice):
             raise ValueError(f"unknown decode attention kernel {self.decode_attention!r}")
-        if self.batch_invariant and self.decode_attention == "matmul":
+        if self.batch_invariant and self.decode_attention in ("matmul", "paged"):
             raise ValueError("batch-invariant mode attends through the fused kernel (sdpa)")
         if self.quantization not in get_args(Quantization):
             raise ValueError(f"unknown quantization {self.quantization!r}")
@@ -183,6 +184,12 @@ class Runner:
             self.decode = choose_decode_kernel(spec, heads, self.device, config.kernel_cache_dir)
         else:
             self.decode = DecodeChoice(config.decode_attention, "flag", None, None)
+        if self.decode.kernel == "paged":
+            if self.device.type != "cpu":
+                raise ValueError("the paged decode kernel runs on a CPU only")
+            error = build_paged().error
+            if error is not None:
+                raise RuntimeError(f"the paged decode kernel could not be built: {error}")
         self.generator = torch.Generator(device=self.device)
         if config.seed is not None:
             self.generator.manual_seed(config.seed)

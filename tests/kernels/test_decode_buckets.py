@@ -7,8 +7,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from packserve.kernels.attention import matmul_decode, sdpa_decode
+from packserve.kernels.attention import DecodeAttention, PagedDecode, matmul_decode, sdpa_decode
 from packserve.kernels.inputs import length_buckets, step_inputs
+from packserve.kernels.paged import build as build_paged
 from packserve.scheduler import ScheduledSequence, blocks_for
 
 
@@ -28,11 +29,14 @@ def test_length_buckets_cover_the_batch_with_bounded_padding(lengths, slack, min
         assert lengths[start] - lengths[nxt] > max(min_slack, slack * lengths[start])
 
 
-@pytest.mark.parametrize("kernel", ["sdpa", "matmul"])
-def test_bucketed_decode_logits_match_alone(make_engine, reference_model, mixed_workload, kernel):
+@pytest.mark.parametrize("kernel", ["sdpa", "matmul", "paged"])
+def test_ragged_decode_logits_match_alone(make_engine, reference_model, mixed_workload, kernel):
     """Prefill 16 prompts of 1..300 tokens, then decode one token each in one ragged batch, in
-    the scheduler's (unsorted) order, through either decode kernel: each sequence's logits
-    equal the model run alone."""
+    the scheduler's (unsorted) order, through each decode kernel (the bucketed ones in several
+    length buckets, the paged one reading the pool in place): each sequence's logits equal the
+    model run alone."""
+    if kernel == "paged" and build_paged().kernel is None:
+        pytest.skip(f"the paged kernel does not build here: {build_paged().error}")
     engine = make_engine()
     kv = engine.runner.kv_cache
     block_size = engine.config.block_size
@@ -47,8 +51,14 @@ def test_bucketed_decode_logits_match_alone(make_engine, reference_model, mixed_
         prefills.append(ScheduledSequence(str(i), tuple(prompt), 0, (), False, True))
         decodes.append(ScheduledSequence(str(i), (first,), len(prompt), (), True, True))
     inputs = step_inputs((tuple(decodes),), tables, kv, "varlen", torch.float32, 0, kernel)
-    assert inputs.meta.decode is not None and inputs.meta.decode.kernel == kernel
-    assert len(inputs.meta.decode.buckets) > 2  # lengths 1..300 really take several buckets
+    decode = inputs.meta.decode
+    if kernel == "paged":
+        assert isinstance(decode, PagedDecode) and decode.lengths.tolist() == [
+            len(prompt) + 1 for prompt, _ in cases
+        ]
+    else:
+        assert isinstance(decode, DecodeAttention) and decode.kernel == kernel
+        assert len(decode.buckets) > 2  # lengths 1..300 really take several buckets
     with torch.inference_mode():
         prefill = step_inputs((tuple(prefills),), tables, kv, "varlen", torch.float32)
         engine.runner.forward(prefill)

@@ -16,6 +16,7 @@ CONFIGS = [
     pytest.param({"attention_backend": "varlen", "linear_backend": "torch"}, id="torch-linear"),
     pytest.param({"attention_backend": "varlen", "decode_attention": "matmul"}, id="matmul-decode"),
     pytest.param({"attention_backend": "varlen", "decode_attention": "sdpa"}, id="sdpa-decode"),
+    pytest.param({"attention_backend": "varlen", "decode_attention": "paged"}, id="paged-decode"),
     pytest.param({"attention_backend": "varlen", "prefill_mode": "padded"}, id="padded-varlen"),
     pytest.param({"attention_backend": "dense", "prefill_mode": "padded"}, id="padded-dense"),
     # Small rows and budget: many rows per step and prompts arriving over several steps.

@@ -3,8 +3,8 @@
 - int8 / int4 linear layers stay within their quantization step of the float layer;
 - engines with --quantization int8 / int4 generate, deterministically; int4 leaves the layers
   its kernel cannot hold unquantized and says which;
-- --dtype auto follows the CPU's bf16 flags; --linear-backend auto is timed once, cached, and
-  read back by the next start.
+- --dtype auto follows the CPU's bf16 flags; --linear-backend auto and --decode-attention auto
+  are timed once, cached, and read back by the next start.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch import nn
 
 from packserve.engine.engine import EngineConfig
 from packserve.kernels.machine import resolve_dtype
+from packserve.kernels.paged import build as build_paged
 from packserve.kernels.quant import Int4Linear, Int8Linear, quantize_linears
 from packserve.scheduler import SamplingParams
 
@@ -140,53 +141,57 @@ def test_dtype_auto_follows_the_cpu_bf16_flags(make_engine):
     assert next(engine.model.parameters()).dtype == getattr(torch, expected)
 
 
-# (flag, the runner's choice, its kernel field, its score field and the kernel a score < 1
-# picks, the cache files' prefix)
-AUTO_CHOICES = [
-    pytest.param(
-        "linear_backend",
-        "linear",
-        "backend",
-        ("onednn_over_torch", "onednn", "torch"),
-        "linear",
-        id="linear-backend",
-    ),
-    pytest.param(
-        "decode_attention",
-        "decode",
-        "kernel",
-        ("matmul_over_sdpa", "matmul", "sdpa"),
-        "decode-attention",
-        id="decode-attention",
-    ),
-]
-
-
-@pytest.mark.parametrize(("flag", "attr", "field", "score", "prefix"), AUTO_CHOICES)
-def test_an_auto_kernel_choice_is_timed_once_then_read_from_the_cache(
-    make_engine, tmp_path, monkeypatch, flag, attr, field, score, prefix
+def test_an_auto_linear_backend_is_timed_once_then_read_from_the_cache(
+    make_engine, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
-    score_field, below_one, otherwise = score
 
     def choose(dtype):
-        engine = make_engine(dtype=dtype, **{flag: "auto"})
-        return engine, getattr(engine.runner, attr)
+        engine = make_engine(dtype=dtype, linear_backend="auto", decode_attention="sdpa")
+        return engine, engine.runner.linear
 
     _, first = choose("bfloat16")
-    measured = getattr(first, score_field)
-    assert first.source == "measured" and measured is not None and measured > 0
-    assert getattr(first, field) == (below_one if measured < 1 else otherwise)
+    score = first.onednn_over_torch
+    assert first.source == "measured" and score is not None and score > 0
+    assert first.backend == ("onednn" if score < 1 else "torch")
     assert first.cache_path is not None and first.cache_path.is_file()
     assert first.cache_path.is_relative_to(tmp_path)
     again, second = choose("bfloat16")
     assert second.source == "cached"  # no timing run: the choice came from the file
-    assert (getattr(second, field), second.cache_path) == (getattr(first, field), first.cache_path)
-    assert getattr(again.info, flag) == getattr(first, field)
+    assert (second.backend, second.cache_path) == (first.backend, first.cache_path)
+    assert again.info.linear_backend == first.backend
     # Another dtype is another key: timed, and cached in a file of its own.
     _, other = choose("float32")
     assert other.source == "measured" and other.cache_path != first.cache_path
-    assert len(list(first.cache_path.parent.glob(f"{prefix}-*.json"))) == 2
+    assert len(list(first.cache_path.parent.glob("linear-*.json"))) == 2
+
+
+def test_an_auto_decode_kernel_is_the_fastest_timed_once_then_read_from_the_cache(
+    make_engine, tmp_path, monkeypatch
+):
+    """Every kernel this machine has is timed against the fused one (the paged kernel where
+    it builds); the fastest is used if it beats the fused kernel, and the choice is cached."""
+    monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
+    timed = ["matmul", "paged"] if build_paged().kernel else ["matmul"]
+
+    def choose(dtype):
+        engine = make_engine(dtype=dtype, decode_attention="auto", linear_backend="torch")
+        return engine, engine.runner.decode
+
+    _, first = choose("bfloat16")
+    scores = first.over_sdpa
+    assert first.source == "measured" and scores is not None and sorted(scores) == timed
+    assert all(score > 0 for score in scores.values())
+    fastest = min(scores, key=scores.__getitem__)
+    assert first.kernel == (fastest if scores[fastest] < 1 else "sdpa")
+    assert first.cache_path is not None and first.cache_path.is_relative_to(tmp_path)
+    again, second = choose("bfloat16")
+    assert second.source == "cached"
+    assert (second.kernel, second.over_sdpa) == (first.kernel, first.over_sdpa)
+    assert again.info.decode_attention == first.kernel
+    _, other = choose("float32")
+    assert other.source == "measured" and other.cache_path != first.cache_path
+    assert len(list(first.cache_path.parent.glob("decode-attention-*.json"))) == 2
 
 
 def test_a_given_linear_backend_is_not_timed(make_engine, tmp_path, monkeypatch):
@@ -196,16 +201,19 @@ def test_a_given_linear_backend_is_not_timed(make_engine, tmp_path, monkeypatch)
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("kernel", ["matmul", "paged"])
 def test_a_given_decode_kernel_is_used_untimed_and_batch_invariant_mode_keeps_sdpa(
-    make_engine, tmp_path, monkeypatch
+    make_engine, tmp_path, monkeypatch, kernel
 ):
+    if kernel == "paged" and build_paged().kernel is None:
+        pytest.skip(f"the paged kernel does not build here: {build_paged().error}")
     monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
-    engine = make_engine(decode_attention="matmul", linear_backend="torch")
+    engine = make_engine(decode_attention=kernel, linear_backend="torch")
     choice = engine.runner.decode
-    assert (choice.kernel, choice.source, choice.cache_path) == ("matmul", "flag", None)
-    assert engine.info.decode_attention == "matmul"
+    assert (choice.kernel, choice.source, choice.cache_path) == (kernel, "flag", None)
+    assert engine.info.decode_attention == kernel
     invariant = make_engine(batch_invariant=True, linear_backend="torch").runner.decode
     assert (invariant.kernel, invariant.source) == ("sdpa", "fixed")
     assert not any(tmp_path.iterdir())  # nothing was timed
     with pytest.raises(ValueError, match="batch-invariant mode attends through the fused"):
-        make_engine(batch_invariant=True, decode_attention="matmul")
+        make_engine(batch_invariant=True, decode_attention=kernel)

@@ -30,7 +30,7 @@ def test_startup_summary_and_kernel_info_metric_name_the_resolved_kernels(
     assert ready["dtype"] == "float32"  # launch_server pins it: what the offline engine uses
     assert ready["quantization"] == "int8"
     assert ready["linear"] in ("onednn", "torch")  # resolved, never "auto"
-    assert ready["decode_attention"] in ("sdpa", "matmul")
+    assert ready["decode_attention"] in ("sdpa", "matmul", "paged")
     families = {f.name: f for f in text_string_to_metric_families(metrics)}
     (sample,) = families["packserve:kernel_info"].samples
     assert sample.value == 1
