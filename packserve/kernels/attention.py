@@ -142,8 +142,13 @@ class PagedDecode:
         self, kv_cache: KVCache, layer: int, q: torch.Tensor, out: torch.Tensor, scale: float
     ) -> None:
         """q: [R*L, H, D] every token's query; writes the decodes' rows of out [R*L, H, D]."""
-        attended = self.kernel(
-            q.index_select(0, self.index),
+        attended = self.run(kv_cache, layer, q.index_select(0, self.index), scale)
+        out.index_copy_(0, self.index, attended)
+
+    def run(self, kv_cache: KVCache, layer: int, q: torch.Tensor, scale: float) -> torch.Tensor:
+        """q: [B, H, D] the decodes' queries, in order -> their attention [B, H, D]."""
+        return self.kernel(
+            q.contiguous(),
             kv_cache.k[layer],
             kv_cache.v[layer],
             self.tables,
@@ -151,7 +156,6 @@ class PagedDecode:
             kv_cache.spec.block_size,
             scale,
         )
-        out.index_copy_(0, self.index, attended)
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,9 +177,14 @@ class StepMetadata:
         rows, heads, row_len, dim = q.shape
         flat_k = k.transpose(1, 2).reshape(rows * row_len, k.shape[1], dim)  # [R*L, Hkv, D]
         flat_v = v.transpose(1, 2).reshape(rows * row_len, v.shape[1], dim)
-        self.kv_cache.write(  # [N, Hkv, D] each
-            layer, self.slot_mapping, flat_k[self.token_index], flat_v[self.token_index]
-        )
+        if len(self.token_index) < rows * row_len:  # else no pads: every position, in order
+            flat_k, flat_v = flat_k[self.token_index], flat_v[self.token_index]
+        self.kv_cache.write(layer, self.slot_mapping, flat_k, flat_v)  # [N, Hkv, D] each
+        decode = self.decode
+        if isinstance(decode, PagedDecode) and len(decode.index) == rows * row_len:
+            # every position a decode, in order (a decode-only step): no scatter back
+            flat_q = q.transpose(1, 2).reshape(rows * row_len, heads, dim)
+            return decode.run(self.kv_cache, layer, flat_q, scale).view(rows, row_len, heads, dim)
         if self.mask is not None:
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=self.mask, scale=scale, enable_gqa=True

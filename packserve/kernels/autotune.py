@@ -13,11 +13,12 @@ until a time budget is spent; a shape's time is its best run (a shared machine's
 only ever add time). The score of oneDNN is the geometric mean over row counts of its
 summed time over torch's; below 1 it wins.
 
-Decode attention is timed the same way at a few (sequences, context) sizes over a KV pool of
-the model's heads: gathering buckets of contexts (`KVCache.gather`) and attending one token
-each through torch's fused SDPA kernel and through two batched matmuls
-(`attention.matmul_decode`), and the paged kernel reading the pool in place (kernels/paged.py)
-where it builds. Only on a CPU: other devices keep the fused kernel.
+Decode attention is timed the same way on a few decode batches over a KV pool of the model's
+heads, as the engine runs them: in length buckets, gathering each bucket's contexts
+(`KVCache.gather`) and attending one token each through torch's fused SDPA kernel or through
+two batched matmuls (`attention.matmul_decode`), and through the paged kernel reading the
+pool in place (kernels/paged.py) where it builds. Only on a CPU: other devices keep the fused
+kernel.
 """
 
 from __future__ import annotations
@@ -39,8 +40,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from .attention import BUCKET_KERNELS
+from packserve.scheduler import ScheduledSequence
+
+from .attention import DecodeAttention, PagedDecode
 from .choices import DecodeKernel, LinearBackend
+from .inputs import decode_attention, paged_decode
 from .kv_cache import KVCache, KVCacheSpec
 from .linear import MIN_WEIGHT_ELEMENTS, can_pack, pack_weight, packed_linear
 from .machine import cpu_model
@@ -49,7 +53,8 @@ from .paged import extension_name
 
 DECODE_ROWS = (16, 64)
 PREFILL_ROWS = 512
-DECODE_ATTENTION_SIZES = ((64, 256), (16, 1024), (4, 2048))  # (sequences, context tokens)
+# (sequences, longest context): each a decode batch, contexts spread down to an eighth of it
+DECODE_ATTENTION_SIZES = ((64, 512), (16, 2048), (4, 4096))
 BUDGET_S = 1.5  # timing rounds stop once this is spent (at least MIN_ROUNDS)
 MIN_ROUNDS, MAX_ROUNDS = 3, 20
 CACHE_VERSION = 2  # bump when the measurement changes, so older choices are not reused
@@ -172,55 +177,43 @@ def choose_decode_kernel(
 def time_decode_kernels(
     spec: KVCacheSpec, num_heads: int, kernels: list[DecodeKernel]
 ) -> dict[str, float]:
-    """Each kernel's time over the fused kernel's, gathering included: the geometric mean over
-    `DECODE_ATTENTION_SIZES` of each one's best time. Half the sequences of a size attend to
-    half its context; the bucketed kernels take them as a second bucket, as the engine would."""
+    """Each kernel's time over the fused kernel's: the geometric mean over
+    `DECODE_ATTENTION_SIZES` of each one's best time. A size is a decode batch whose contexts
+    spread evenly from its context length down to an eighth of it, in blocks scattered
+    through a pool, attended as the engine attends it (`inputs.paged_decode`, or
+    `inputs.decode_attention`'s length buckets, gathering included)."""
     generator = torch.Generator().manual_seed(0)
     block = spec.block_size
-    names: list[DecodeKernel] = ["sdpa", *kernels]
     cases: list[list[Callable[[], object]]] = []
     for sequences, context in DECODE_ATTENTION_SIZES:
-        width = -(-context // block)
-        pool = KVCache(replace(spec, num_layers=1), sequences * width, torch.device("cpu"))
+        lengths = torch.linspace(context, context // 8, sequences).long().tolist()
+        widths = [-(-n // block) for n in lengths]
+        pool = KVCache(replace(spec, num_layers=1), sum(widths), torch.device("cpu"))
         pool.k.copy_(torch.randn(pool.k.shape, generator=generator))
         pool.v.copy_(torch.randn(pool.v.shape, generator=generator))
-        # scattered blocks, as a pool's are
-        tables = torch.randperm(sequences * width, generator=generator).view(sequences, width)
+        order = torch.randperm(sum(widths), generator=generator).tolist()  # scattered blocks
+        tables = {str(i): order[sum(widths[:i]) : sum(widths[: i + 1])] for i in range(sequences)}
+        singles = [
+            (i, ScheduledSequence(str(i), (0,), n - 1, (), True, True))
+            for i, n in enumerate(lengths)
+        ]
         q = torch.randn(sequences, num_heads, spec.head_dim, generator=generator).to(spec.dtype)
-        half = sequences // 2
-        lengths = torch.tensor([context] * half + [context // 2] * (sequences - half))
-        buckets = []
-        for rows, length in ((slice(0, half), context), (slice(half, sequences), context // 2)):
-            pos = torch.arange(length)
-            slots = tables[rows, pos // block] * block + pos % block  # [b, length]
-            buckets.append((slots, q[rows]))
-        calls: list[Callable[[], object]] = []
-        for name in names:
+        out = torch.empty_like(q)
+        decodes: list[DecodeAttention | PagedDecode] = [
+            decode_attention(singles, tables, pool, spec.dtype, 0, "sdpa")
+        ]
+        for name in kernels:
             if name == "paged":
-                kernel = build_paged().kernel
-                assert kernel is not None
-                args = (pool.k[0], pool.v[0], tables.int(), lengths.int(), block, 1.0)
-                calls.append(partial(kernel, q, *args))
+                decodes.append(paged_decode(singles, tables, pool))
             else:
-                calls.append(partial(_gather_and_attend, BUCKET_KERNELS[name], pool, buckets))
-        cases.append(calls)
+                decodes.append(decode_attention(singles, tables, pool, spec.dtype, 0, name))
+        scale = spec.head_dim**-0.5
+        cases.append([partial(decode.attend, pool, 0, q, out, scale) for decode in decodes])
     times = _best_times(cases)
     return {
         name: math.exp(sum(math.log(t[i + 1] / t[0]) for t in times) / len(times))
         for i, name in enumerate(kernels)
     }
-
-
-def _gather_and_attend(
-    kernel: Callable[..., torch.Tensor],
-    pool: KVCache,
-    buckets: list[tuple[torch.Tensor, torch.Tensor]],
-) -> None:
-    """Decode buckets as `DecodeAttention` runs them: for each, K/V of its slots [b, L]
-    gathered from the pool, then one token per sequence (q [b, H, D]) attends."""
-    for slots, q in buckets:
-        keys, values = pool.gather(0, slots)  # [b, Hkv, L, D]
-        kernel(q, keys, values, None, q.shape[-1] ** -0.5)
 
 
 def time_onednn_over_torch(model: nn.Module, workload: list[Workload]) -> float:

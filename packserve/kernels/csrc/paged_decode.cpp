@@ -185,9 +185,17 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int32_t* tables,
             int64_t dim_rt, int64_t max_blocks, int64_t block_size, float scale) {
   const int64_t dim = DIM > 0 ? DIM : dim_rt;
   const int64_t group = heads / kv_heads;
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  // Longest first, dealt round-robin to the threads: each gets about the same work.
+  std::vector<int64_t> order(batch);
+  for (int64_t b = 0; b < batch; ++b) order[b] = b;
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int64_t x, int64_t y) { return lengths[x] > lengths[y]; });
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), batch);
+  at::parallel_for(0, threads, 1, [&](int64_t first_thread, int64_t last_thread) {
     std::vector<float> query(heads * dim), scores;
-    for (int64_t b = begin; b < end; ++b) {
+    for (int64_t next = 0; next < batch; ++next) {
+      if (next % threads < first_thread || next % threads >= last_thread) continue;
+      const int64_t b = order[next];
       const Context ctx{tables + b * max_blocks, lengths[b], block_size, kv_heads * dim};
       scores.resize(kMaxGroup * ctx.length);
       for (int64_t i = 0; i < heads * dim; ++i) query[i] = float(q[b * heads * dim + i]) * scale;
