@@ -196,6 +196,9 @@ class Runner:
         else:
             self.generator.seed()
         self.requests: dict[str, RequestState] = {}  # every request the scheduler runs, by id
+        # The step's logits in float32, kept across steps: a fresh [64, 49152] each step cost
+        # ~3 ms of page faults on a CPU (SmolLM2, profiled), the copy into this ~0.2 ms.
+        self.logits_room = torch.empty(0, device=self.device)
 
     @torch.inference_mode()
     def execute(
@@ -232,8 +235,13 @@ class Runner:
         states = [self.requests[seq.request_id] for seq in seqs]
         eos = self.config.eos_token_ids
         masks = [allowed.get(seq.request_id) for seq in seqs] if allowed else None
-        tokens, logprobs = sample(
-            torch.cat(logits).float(), states, self.generator, eos_token_ids=eos, masks=masks
+        tokens, logprobs = sample(  # the step's own logits, read no more: processed in place
+            self._float_logits(logits),
+            states,
+            self.generator,
+            eos_token_ids=eos,
+            masks=masks,
+            in_place=True,
         )
         for state, token in zip(states, tokens, strict=True):
             state.output_token_ids.append(token)
@@ -265,6 +273,18 @@ class Runner:
     def _tile_rows(self, decode_only: bool) -> int:
         """Batch-invariant tile height of a forward: by its phase, never its size."""
         return self.config.decode_tile_rows if decode_only else self.config.prefill_tile_rows
+
+    def _float_logits(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        """`parts` [n_i, V] stacked as float32 [sum n_i, V], in `logits_room`."""
+        rows = sum(len(part) for part in parts)
+        if self.logits_room.numel() < rows * parts[0].shape[1]:
+            self.logits_room = torch.empty(rows * parts[0].shape[1], device=self.device)
+        out = self.logits_room[: rows * parts[0].shape[1]].view(rows, -1)
+        start = 0
+        for part in parts:
+            out[start : start + len(part)].copy_(part)
+            start += len(part)
+        return out
 
     def forward(self, inputs: ModelInputs, decode_only: bool = False) -> torch.Tensor:
         """Logits [num_sampled, V] at each sampling segment's last token; the lm head runs

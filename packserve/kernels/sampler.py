@@ -60,16 +60,19 @@ def sample(
     *,
     eos_token_ids: Iterable[int] = (),
     masks: Sequence[torch.Tensor | None] | None = None,
+    in_place: bool = False,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """One token per row of logits [N, V] (float32), drawn by `rows[i]`'s parameters;
     `generator` serves unseeded requests; `eos_token_ids` end a request (min_tokens masks
     them). `masks[i]`, when given, is row i's grammar: bool [V], the tokens it may sample;
     the others are cut before any other processing, in that row only. Logprobs are the
-    model's, before any processing."""
+    model's, before any processing. `in_place`: process `logits` itself, not a copy (the
+    caller's own, read no more)."""
     raw_logprobs = None
     if any(row.params.logprobs is not None for row in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V] before any processing
-    logits = logits.clone()
+    if not in_place:
+        logits = logits.clone()
     for i, mask in enumerate(masks or ()):
         if mask is not None:
             logits[i].masked_fill_(~mask, float("-inf"))
