@@ -403,12 +403,13 @@ def computed_tokens(steps: list[Bins]) -> int:
     return sum(len(b) * max(sum(s.num_tokens for s in row) for row in b) for b in steps)
 
 
-def model_flops(model: PreTrainedModel, lengths: Sequence[int]) -> float:
-    """FLOPs of the useful work: 2 x non-embedding params per real token, causal attention of
-    each prompt on itself (QK^T and PV), and the lm head at the one sampled position each."""
+def model_flops(model: PreTrainedModel, params: int, lengths: Sequence[int]) -> float:
+    """FLOPs of the useful work: 2 x non-embedding params (`params`, counted as loaded: a
+    Runner stacks sibling projections into weights that are no parameters) per real token,
+    causal attention of each prompt on itself (QK^T and PV), and the lm head at the one
+    sampled position each."""
     cfg = model.config
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    params = non_embedding_params(model)
     linear = 2 * params * sum(lengths)
     attention = sum(2 * n * (n + 1) * cfg.num_attention_heads * head_dim for n in lengths)
     head = 2 * cfg.hidden_size * cfg.vocab_size * len(lengths)
@@ -416,6 +417,7 @@ def model_flops(model: PreTrainedModel, lengths: Sequence[int]) -> float:
 
 
 def non_embedding_params(model: PreTrainedModel) -> int:
+    """Of the model as loaded (before a Runner fuses its projections)."""
     skip = {id(model.get_input_embeddings().weight), id(model.get_output_embeddings().weight)}
     return sum(p.numel() for p in model.parameters() if id(p) not in skip)
 
@@ -571,7 +573,9 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
                     )
             loads[-1]["end"] = os.getloadavg()
             loads[-1]["seconds"] = time.perf_counter() - block_start
-            results += summarize(model, dtype, dist, seqs, settings, timings)
+            results += summarize(
+                model, model_info["non_embedding_params"], dtype, dist, seqs, settings, timings
+            )
             del runners
             gc.unfreeze()
             gc.collect()
@@ -652,6 +656,7 @@ def run_benchmark(settings: Settings, out_dir: Path) -> dict[str, Any]:
 
 def summarize(
     model: PreTrainedModel,
+    params: int,
     dtype: str,
     dist: str,
     seqs: list[ScheduledSequence],
@@ -660,7 +665,7 @@ def summarize(
 ) -> list[dict[str, Any]]:
     lengths = [s.num_tokens for s in seqs]
     real = sum(lengths)
-    flops = model_flops(model, lengths)
+    flops = model_flops(model, params, lengths)
     rows = []
     for batch_size in settings.batch_sizes:
         padded = timings[(batch_size, "padded")]
@@ -908,6 +913,7 @@ def run_profile(settings: Settings, out_dir: Path) -> None:
     out = [f"load average at start {os.getloadavg()}\n"]
     for dtype, dist in PROFILE_CASES:
         model, tokenizer = load_model(str(model_dir), dtype=dtype)
+        params = non_embedding_params(model)
         docs = corpus_token_windows(tokenizer)
         prompts = seeded_prompts(docs, tokenizer, settings, dist)
         seqs, requests, num_blocks = make_sequences(prompts)
@@ -940,11 +946,11 @@ def run_profile(settings: Settings, out_dir: Path) -> None:
                 per_cat[cat] = per_cat.get(cat, 0.0) + ev.self_cpu_time_total / 1e6
             total = sum(per_cat.values())
             lengths = [s.num_tokens for row in bins for s in row]
-            flops = model_flops(model, lengths)
+            flops = model_flops(model, params, lengths)
             rows = len(bins)
             row_len = max(sum(s.num_tokens for s in row) for row in bins)
             # GEMM work actually done: every computed (padded) token, plus the lm head.
-            gemm_flops = 2 * non_embedding_params(model) * rows * row_len
+            gemm_flops = 2 * params * rows * row_len
             gemm_flops += 2 * cfg.hidden_size * cfg.vocab_size * len(lengths)
             gemm_s = per_cat.get("gemm", 0.0)
             out.append(
