@@ -15,7 +15,7 @@ from transformers import AttentionInterface
 
 from .choices import BucketKernel
 from .kv_cache import KVCache
-from .paged import PagedKernel
+from .native import PagedKernel
 
 ATTENTION_NAME = "packserve"
 
@@ -130,7 +130,7 @@ class DecodeAttention:
 
 @dataclass(frozen=True, slots=True)
 class PagedDecode:
-    """Every single-token segment of a step through the paged kernel (kernels/paged.py): each
+    """Every single-token segment of a step through the paged kernel (kernels/native.py): each
     reads its own cached tokens from the pool by its block table, all in one call a layer."""
 
     index: torch.Tensor  # [B] flat index (row * row_len + col) of each token

@@ -17,7 +17,7 @@ Decode attention is timed the same way on a few decode batches over a KV pool of
 heads, as the engine runs them: in length buckets, gathering each bucket's contexts
 (`KVCache.gather`) and attending one token each through torch's fused SDPA kernel or through
 two batched matmuls (`attention.matmul_decode`), and through the paged kernel reading the
-pool in place (kernels/paged.py) where it builds. Only on a CPU: other devices keep the fused
+pool in place (kernels/native.py) where it builds. Only on a CPU: other devices keep the fused
 kernel.
 """
 
@@ -48,8 +48,8 @@ from .inputs import decode_attention, paged_decode
 from .kv_cache import KVCache, KVCacheSpec
 from .linear import MIN_WEIGHT_ELEMENTS, can_pack, pack_weight, packed_linear
 from .machine import cpu_model
-from .paged import build as build_paged
-from .paged import extension_name
+from .native import build as build_native
+from .native import extension_name
 
 DECODE_ROWS = (16, 64)
 PREFILL_ROWS = 512
@@ -141,11 +141,11 @@ def choose_decode_kernel(
 ) -> DecodeChoice:
     """The cached decode attention kernel for these heads on this machine, else a timed one
     (cached into `cache_dir` when given). Off the CPU: the fused kernel, untimed. The paged
-    kernel is timed where it builds (kernels/paged.py)."""
+    kernel is timed where it builds (kernels/native.py)."""
     if device.type != "cpu":
         return DecodeChoice("sdpa", "fixed", None, None)
-    paged = build_paged()
-    kernels: list[DecodeKernel] = ["matmul", "paged"] if paged.kernel else ["matmul"]
+    native = build_native()
+    kernels: list[DecodeKernel] = ["matmul", "paged"] if native.kernels else ["matmul"]
     key = {
         "version": CACHE_VERSION,
         "cpu": cpu_model(),
@@ -156,7 +156,7 @@ def choose_decode_kernel(
         "block_size": spec.block_size,
         "sizes": [list(size) for size in DECODE_ATTENTION_SIZES],
         "kernels": kernels,
-        "paged_build": extension_name() if paged.kernel else None,
+        "native_build": extension_name() if native.kernels else None,
     }
     path = _cache_path(cache_dir, "decode-attention", key)
     record = _read(path, key, "over_sdpa")

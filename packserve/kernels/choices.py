@@ -11,7 +11,7 @@ LinearBackendChoice = Literal["auto", "onednn", "torch"]
 # Decode attention over a bucket of gathered contexts: torch's fused SDPA kernel, or two batched
 # matmuls with a float32 softmax
 BucketKernel = Literal["sdpa", "matmul"]
-# ... or, on a CPU, a compiled kernel that reads the paged pool in place (kernels/paged.py).
+# ... or, on a CPU, a compiled kernel that reads the paged pool in place (kernels/native.py).
 # "auto": the fastest here, timed at start-up (kernels/autotune.py)
 DecodeKernel = Literal["sdpa", "matmul", "paged"]
 DecodeKernelChoice = Literal["auto", "sdpa", "matmul", "paged"]

@@ -12,7 +12,7 @@ from packserve.scheduler import ScheduledSequence
 from .attention import ChunkAttention, DecodeAttention, DecodeBucket, PagedDecode, StepMetadata
 from .choices import AttentionBackend, BucketKernel, DecodeKernel
 from .kv_cache import KVCache
-from .paged import build as build_paged
+from .native import build as build_native
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +167,8 @@ def paged_decode(
 ) -> PagedDecode:
     """Attention of single-token segments (flat index, segment) through the paged kernel:
     each sequence's block table, as far as its context goes, and its context length."""
-    kernel = build_paged().kernel
-    if kernel is None:
+    native = build_native().kernels
+    if native is None:
         raise RuntimeError("the paged decode kernel is not built on this machine")
     block_size = kv_cache.spec.block_size
     device = kv_cache.k.device
@@ -183,7 +183,7 @@ def paged_decode(
             device=device,
         ),
         lengths=torch.tensor(lengths, dtype=torch.int32, device=device),
-        kernel=kernel,
+        kernel=native.paged_decode,
     )
 
 

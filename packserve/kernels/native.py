@@ -1,14 +1,17 @@
-"""The paged decode attention kernel (csrc/paged_decode.cpp): built once per machine, loaded.
+"""packserve's C++ kernels (csrc/): built once per machine, loaded.
 
-torch has no CPU kernel that attends through a block table, so decode attention otherwise
-gathers each context's K/V out of the pool first (`KVCache.gather`) and attends over the copy,
-in length buckets padded to their longest member. This kernel reads the pool in place: one
-call per layer for the whole decode batch, no copy, no padding.
+- `paged_decode` (csrc/paged_decode.cpp): decode attention that reads the paged KV pool in
+  place. torch has no CPU kernel that attends through a block table, so decode attention
+  otherwise gathers each context's K/V out of the pool first (`KVCache.gather`) and attends
+  over the copy, in length buckets padded to their longest member; this kernel takes the
+  whole decode batch in one call per layer, no copy, no padding.
+- `rms_norm` (csrc/rms_norm.cpp): transformers' Llama-family RMSNorm in one pass per row
+  instead of eight operators (kernels/norms.py swaps it in).
 
-It is compiled for this CPU (`-march=native`) by torch's extension builder on first use, which
-needs a C++ compiler and ninja; the build is cached under torch's extensions folder, named by a
-digest of the source, the flags, the CPU and torch, so another CPU or torch builds its own.
-Where it cannot be built, `--decode-attention auto` goes on without it and says why.
+They are compiled for this CPU (`-march=native`) by torch's extension builder on first use,
+which needs a C++ compiler and ninja; the build is cached under torch's extensions folder,
+named by a digest of the sources, the flags, the CPU and torch, so another CPU or torch builds
+its own. Where they cannot be built, the engine goes on without them and says why.
 """
 
 from __future__ import annotations
@@ -30,9 +33,12 @@ from .machine import cpu_flags, cpu_model
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.cpp"
+SOURCES = tuple(
+    Path(__file__).with_name("csrc") / name
+    for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp")
+)
 # -ffast-math lets the compiler vectorize the float32 sums and exp; the order of operations
-# within a sequence is still fixed by the code, the same in every batch.
+# within a sequence (or a row) is still fixed by the code, the same in every batch.
 FLAGS = ("-O3", "-march=native", "-ffast-math")
 
 # q [B, H, D], k_pool and v_pool [slots, Hkv, D], tables [B, blocks] int32, lengths [B] int32,
@@ -41,13 +47,20 @@ PagedKernel = Callable[
     [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float],
     torch.Tensor,
 ]
+RMSNormKernel = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # x, weight, eps
 
 
 @dataclass(frozen=True, slots=True)
-class PagedBuild:
-    """The loaded kernel, or why there is none."""
+class NativeKernels:
+    paged_decode: PagedKernel
+    rms_norm: RMSNormKernel
 
-    kernel: PagedKernel | None
+
+@dataclass(frozen=True, slots=True)
+class NativeBuild:
+    """The loaded kernels, or why there are none."""
+
+    kernels: NativeKernels | None
     error: str | None
 
 
@@ -55,37 +68,37 @@ def extension_name() -> str:
     """The build's name: a digest of everything the compiled code depends on."""
     key = "\n".join(
         (
-            SOURCE.read_text(),
+            *(source.read_text() for source in SOURCES),
             " ".join(FLAGS),
             cpu_model(),
             " ".join(sorted(cpu_flags() or ())),
             torch.__version__,
         )
     )
-    return f"packserve_paged_decode_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+    return f"packserve_native_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
 @cache
-def build() -> PagedBuild:
-    """Compile (first time on this machine, ~20-30 s) or load the kernel."""
+def build() -> NativeBuild:
+    """Compile (first time on this machine, ~30-40 s) or load the kernels."""
     from torch.utils.cpp_extension import load
 
     if shutil.which("ninja") is None:
         # torch runs `ninja` from PATH; the one this package installs sits beside the
         # interpreter (a virtualenv's bin/), which a venv that is not activated leaves off it.
         os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
-    log.info("loading the paged decode kernel (compiled on first use on this machine, ~30 s)")
+    log.info("loading the C++ kernels (compiled on first use on this machine, ~40 s)")
     start = time.perf_counter()
     try:
         module = load(
             name=extension_name(),
-            sources=[str(SOURCE)],
+            sources=[str(source) for source in SOURCES],
             extra_cflags=list(FLAGS),
             verbose=False,
         )
-    except Exception as error:  # no compiler or ninja, a failed compile: all mean no kernel
+    except Exception as error:  # no compiler or ninja, a failed compile: all mean no kernels
         lines = str(error).strip().splitlines() or [type(error).__name__]
-        log.warning("paged decode kernel unavailable: %s", lines[-1])
-        return PagedBuild(None, lines[-1])
-    log.info("paged decode kernel ready in %.1f s", time.perf_counter() - start)
-    return PagedBuild(module.paged_decode, None)
+        log.warning("C++ kernels unavailable: %s", lines[-1])
+        return NativeBuild(None, lines[-1])
+    log.info("C++ kernels ready in %.1f s", time.perf_counter() - start)
+    return NativeBuild(NativeKernels(module.paged_decode, module.rms_norm), None)

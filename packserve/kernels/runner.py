@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,9 +33,12 @@ from .invariant import (
 from .kv_cache import KVCache, KVCacheSpec
 from .linear import can_pack, pack_linears
 from .lora import LoRAPool, LoRAWeights, token_slots
-from .paged import build as build_paged
+from .native import build as build_native
+from .norms import swap_rms_norms
 from .quant import QuantizationReport, quantize_linears
 from .sampler import sample
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,6 +165,13 @@ class Runner:
         # Batch-invariant mode keeps each projection's GEMM apart (each is tiled alone).
         if not config.batch_invariant:
             fuse_shared_inputs(model.get_decoder(), pack)
+        # Norms in one C++ pass, on a CPU where the kernels build (batch-invariant mode tiles
+        # the model's own).
+        self.native_norms = 0
+        native = build_native().kernels if model.device.type == "cpu" else None
+        if native is not None and not config.batch_invariant:
+            self.native_norms = swap_rms_norms(model, native.rms_norm)
+            log.info("%d RMSNorm modules run the C++ kernel", self.native_norms)
         # Adapters wrap the projections as they now are; batch-invariant tiles wrap them whole.
         self.lora: LoRAPool | None = None
         if config.max_loras:
@@ -187,7 +198,7 @@ class Runner:
         if self.decode.kernel == "paged":
             if self.device.type != "cpu":
                 raise ValueError("the paged decode kernel runs on a CPU only")
-            error = build_paged().error
+            error = build_native().error
             if error is not None:
                 raise RuntimeError(f"the paged decode kernel could not be built: {error}")
         self.generator = torch.Generator(device=self.device)

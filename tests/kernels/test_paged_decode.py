@@ -1,19 +1,19 @@
-"""The paged decode kernel (kernels/paged.py): attention read through block tables, in place."""
+"""The paged decode kernel (kernels/native.py): attention read through block tables, in place."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from packserve.kernels.paged import build
+from packserve.kernels.native import build
 
 
 @pytest.fixture(scope="module")
 def paged():
     built = build()
-    if built.kernel is None:
-        pytest.skip(f"the paged kernel does not build here: {built.error}")
-    return built.kernel
+    if built.kernels is None:
+        pytest.skip(f"the C++ kernels do not build here: {built.error}")
+    return built.kernels.paged_decode
 
 
 def scattered_pool(g, lengths, kv_heads, dim, block_size, dtype):

@@ -17,7 +17,7 @@ from torch import nn
 
 from packserve.engine.engine import EngineConfig
 from packserve.kernels.machine import resolve_dtype
-from packserve.kernels.paged import build as build_paged
+from packserve.kernels.native import build as build_native
 from packserve.kernels.quant import Int4Linear, Int8Linear, quantize_linears
 from packserve.scheduler import SamplingParams
 
@@ -172,7 +172,7 @@ def test_an_auto_decode_kernel_is_the_fastest_timed_once_then_read_from_the_cach
     """Every kernel this machine has is timed against the fused one (the paged kernel where
     it builds); the fastest is used if it beats the fused kernel, and the choice is cached."""
     monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
-    timed = ["matmul", "paged"] if build_paged().kernel else ["matmul"]
+    timed = ["matmul", "paged"] if build_native().kernels else ["matmul"]
 
     def choose(dtype):
         engine = make_engine(dtype=dtype, decode_attention="auto", linear_backend="torch")
@@ -205,8 +205,8 @@ def test_a_given_linear_backend_is_not_timed(make_engine, tmp_path, monkeypatch)
 def test_a_given_decode_kernel_is_used_untimed_and_batch_invariant_mode_keeps_sdpa(
     make_engine, tmp_path, monkeypatch, kernel
 ):
-    if kernel == "paged" and build_paged().kernel is None:
-        pytest.skip(f"the paged kernel does not build here: {build_paged().error}")
+    if kernel == "paged" and build_native().kernels is None:
+        pytest.skip(f"the C++ kernels do not build here: {build_native().error}")
     monkeypatch.setenv("PACKSERVE_CACHE_DIR", str(tmp_path))
     engine = make_engine(decode_attention=kernel, linear_backend="torch")
     choice = engine.runner.decode

@@ -1,4 +1,4 @@
-// Decode attention that reads the paged KV pool in place (packserve/kernels/paged.py builds it).
+// Decode attention that reads the paged KV pool in place (packserve/kernels/native.py builds it).
 //
 // One new token per sequence attends to its own cached tokens, found through its block table:
 // no gathered copy of K/V, no padding to a bucket's length, one call per layer for the whole
@@ -217,6 +217,10 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int32_t* tables,
   });
 }
 
+}  // namespace
+
+namespace packserve {
+
 // q [B, H, D]; k_pool, v_pool [slots, Hkv, D] (one layer); tables [B, max_blocks] int32 block
 // ids; lengths [B] int32 tokens each attends to (>= 1) -> [B, H, D].
 torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_pool,
@@ -244,9 +248,4 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_pool,
   return out;
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("paged_decode", &paged_decode, "decode attention over a paged KV pool",
-        py::call_guard<py::gil_scoped_release>());
-}
+}  // namespace packserve
