@@ -40,6 +40,7 @@ SOURCES = tuple(
 # -ffast-math lets the compiler vectorize the float32 sums and exp; the order of operations
 # within a sequence (or a row) is still fixed by the code, the same in every batch.
 FLAGS = ("-O3", "-march=native", "-ffast-math")
+STALE_LOCK_S = 600.0  # a build takes well under a minute
 
 # q [B, H, D], k_pool and v_pool [slots, Hkv, D], tables [B, blocks] int32, lengths [B] int32,
 # block size, scale -> [B, H, D]
@@ -78,6 +79,25 @@ def extension_name() -> str:
     return f"packserve_native_{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
+def build_directory(name: str) -> Path:
+    """Where torch builds `name` (TORCH_EXTENSIONS_DIR or its default root), without a lock
+    older than `STALE_LOCK_S`: torch's builder waits for its lock file to go away, forever,
+    so one left by a build that was killed would hang every later start."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+    path = root / "packserve" / name
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            lock.unlink()
+            log.warning("removed a stale build lock %s (a killed build left it)", lock)
+    except FileNotFoundError:
+        pass
+    return path
+
+
 @cache
 def build() -> NativeBuild:
     """Compile (first time on this machine, ~30-40 s) or load the kernels."""
@@ -90,10 +110,12 @@ def build() -> NativeBuild:
     log.info("loading the C++ kernels (compiled on first use on this machine, ~40 s)")
     start = time.perf_counter()
     try:
+        name = extension_name()
         module = load(
-            name=extension_name(),
+            name=name,
             sources=[str(source) for source in SOURCES],
             extra_cflags=list(FLAGS),
+            build_directory=str(build_directory(name)),
             verbose=False,
         )
     except Exception as error:  # no compiler or ninja, a failed compile: all mean no kernels

@@ -12,10 +12,19 @@ from .outputs import (
     TokenLogprobs,
 )
 from .packing import pack_ffd, pack_rows, row_cost
-from .request import Request, RequestStatus, SamplingParams, StructuredOutput
+from .request import (
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+    Request,
+    RequestStatus,
+    SamplingParams,
+    StructuredOutput,
+)
 from .scheduler import Scheduler
 
 __all__ = [
+    "MAX_REPETITION_PENALTY",
+    "MIN_REPETITION_PENALTY",
     "BlockAllocator",
     "LoRASlots",
     "NewRequest",

@@ -8,6 +8,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
+# A penalty multiplies or divides float32 logits: outside this range they overflow to +-inf
+# (and a grammar's allowed tokens can all end at -inf), so the API refuses it.
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True, slots=True)
 class StructuredOutput:
@@ -66,8 +71,9 @@ class SamplingParams:
             raise ValueError("logprobs must be in 0..20")
         if not 0 <= self.min_p <= 1:
             raise ValueError("min_p must be in [0, 1]")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            bounds = f"[{MIN_REPETITION_PENALTY}, {MAX_REPETITION_PENALTY}]"
+            raise ValueError(f"repetition_penalty must be in {bounds}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise ValueError("min_tokens must be in 0..max_tokens")
         bias_ids = [t for t, _ in self.logit_bias]
@@ -78,7 +84,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        """Argmax: temperature 0, or one so small that dividing by it overflows (vLLM: 1e-5)."""
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 class RequestStatus(enum.IntEnum):

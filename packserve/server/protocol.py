@@ -7,6 +7,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
+from packserve.scheduler import MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY
+
 from .tool_protocol import Tool, ToolCallIn, ToolChoice
 
 MAX_CHOICES = 256  # n x prompts in one request
@@ -74,7 +76,9 @@ class SamplingFields(BaseModel):
     )
     # vLLM's extensions
     min_p: FiniteFloat = Field(0.0, ge=0, le=1)
-    repetition_penalty: FiniteFloat = Field(1.0, gt=0)
+    repetition_penalty: FiniteFloat = Field(
+        1.0, ge=MIN_REPETITION_PENALTY, le=MAX_REPETITION_PENALTY
+    )
     min_tokens: int = Field(
         0, ge=0, description="no EOS, stop token or stop string before this many tokens"
     )

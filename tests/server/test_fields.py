@@ -107,6 +107,16 @@ def test_repetition_penalty_acts_on_prompt_and_output_tokens(oai, model_name, to
     assert favoured[0] in prompt_ids
 
 
+@pytest.mark.parametrize("penalty", [1e308, 1e39, 0.001, 0])
+def test_a_repetition_penalty_that_would_overflow_the_logits_is_refused(http, penalty):
+    """Past [0.01, 100] a penalty overflows float32 logits to +-inf (a grammar's allowed
+    tokens could all end at -inf): refused with a 400 naming the field."""
+    body = {"prompt": "Hi", "max_tokens": 2, "repetition_penalty": penalty}
+    r = http.post(CMPL, json=body)
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "repetition_penalty"
+
+
 # -- min_tokens -----------------------------------------------------------------------------------
 
 

@@ -1,11 +1,14 @@
-"""RMSNorm through the C++ kernel (kernels/norms.py): the model's norms, one pass each."""
+"""The C++ kernels' build (kernels/native.py) and RMSNorm through them (kernels/norms.py)."""
 
 from __future__ import annotations
+
+import os
+import time
 
 import pytest
 import torch
 
-from packserve.kernels.native import build
+from packserve.kernels.native import STALE_LOCK_S, build, build_directory
 from packserve.kernels.norms import (
     NORM_CLASSES,
     NativeRMSNorm,
@@ -86,3 +89,19 @@ def test_a_norm_the_kernel_does_not_reproduce_keeps_its_forward(kernels):
     model = torch.nn.Sequential(LlamaRMSNorm())
     assert swap_rms_norms(model, kernels.rms_norm) == 0
     assert type(model[0]).__name__ == "LlamaRMSNorm"
+
+
+def test_a_lock_left_by_a_killed_build_is_removed_a_live_one_kept(tmp_path, monkeypatch):
+    """torch's builder waits for its lock file to go away, forever: a lock older than any
+    build would hang every later start, so it goes; a recent one (a build under way in
+    another process) stays."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    folder = build_directory("stale")
+    assert folder.is_dir() and folder.is_relative_to(tmp_path)
+    lock = folder / "lock"
+    lock.touch()
+    old = time.time() - STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert build_directory("stale") == folder and not lock.exists()
+    lock.touch()
+    assert build_directory("stale") == folder and lock.exists()
