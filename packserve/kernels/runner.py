@@ -168,10 +168,11 @@ class Runner:
         # Norms in one C++ pass, on a CPU where the kernels build (batch-invariant mode tiles
         # the model's own).
         self.native_norms = 0
-        native = build_native().kernels if model.device.type == "cpu" else None
-        if native is not None and not config.batch_invariant:
-            self.native_norms = swap_rms_norms(model, native.rms_norm)
-            log.info("%d RMSNorm modules run the C++ kernel", self.native_norms)
+        if model.device.type == "cpu" and not config.batch_invariant:
+            native = build_native().kernels
+            if native is not None:
+                self.native_norms = swap_rms_norms(model, native.rms_norm)
+                log.info("%d RMSNorm modules run the C++ kernel", self.native_norms)
         # Adapters wrap the projections as they now are; batch-invariant tiles wrap them whole.
         self.lora: LoRAPool | None = None
         if config.max_loras:
