@@ -49,7 +49,6 @@ from .kv_cache import KVCache, KVCacheSpec
 from .linear import MIN_WEIGHT_ELEMENTS, can_pack, pack_weight, packed_linear
 from .machine import cpu_model
 from .native import build as build_native
-from .native import extension_name
 
 DECODE_ROWS = (16, 64)
 PREFILL_ROWS = 512
@@ -156,7 +155,7 @@ def choose_decode_kernel(
         "block_size": spec.block_size,
         "sizes": [list(size) for size in DECODE_ATTENTION_SIZES],
         "kernels": kernels,
-        "native_build": extension_name() if native.kernels else None,
+        "native_build": native.name if native.kernels else None,
     }
     path = _cache_path(cache_dir, "decode-attention", key)
     record = _read(path, key, "over_sdpa")

@@ -61,6 +61,7 @@ class NativeKernels:
 class NativeBuild:
     """The loaded kernels, or why there are none."""
 
+    name: str  # the extension's (see `extension_name`; "" where it could not be named)
     kernels: NativeKernels | None
     error: str | None
 
@@ -109,6 +110,7 @@ def build() -> NativeBuild:
         os.environ["PATH"] = os.pathsep.join((str(Path(sys.executable).parent), os.environ["PATH"]))
     log.info("loading the C++ kernels (compiled on first use on this machine, ~40 s)")
     start = time.perf_counter()
+    name = ""  # a source that cannot be read is a failed build too
     try:
         name = extension_name()
         module = load(
@@ -121,6 +123,6 @@ def build() -> NativeBuild:
     except Exception as error:  # no compiler or ninja, a failed compile: all mean no kernels
         lines = str(error).strip().splitlines() or [type(error).__name__]
         log.warning("C++ kernels unavailable: %s", lines[-1])
-        return NativeBuild(None, lines[-1])
+        return NativeBuild(name, None, lines[-1])
     log.info("C++ kernels ready in %.1f s", time.perf_counter() - start)
-    return NativeBuild(NativeKernels(module.paged_decode, module.rms_norm), None)
+    return NativeBuild(name, NativeKernels(module.paged_decode, module.rms_norm), None)

@@ -204,12 +204,12 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int32_t* tables,
           const int64_t first = h * group + g;  // query heads [first, first + n)
           const float* qs = query.data() + first * dim;
           T* os = out + (b * heads + first) * dim;
-          const T* ks = k_pool;
+          float* ss = scores.data();
           switch (std::min(kMaxGroup, group - g)) {
-            case 1: attend_group<T, DIM, 1>(ctx, ks, v_pool, h * dim, qs, dim, scores.data(), os); break;
-            case 2: attend_group<T, DIM, 2>(ctx, ks, v_pool, h * dim, qs, dim, scores.data(), os); break;
-            case 3: attend_group<T, DIM, 3>(ctx, ks, v_pool, h * dim, qs, dim, scores.data(), os); break;
-            default: attend_group<T, DIM, 4>(ctx, ks, v_pool, h * dim, qs, dim, scores.data(), os);
+            case 1: attend_group<T, DIM, 1>(ctx, k_pool, v_pool, h * dim, qs, dim, ss, os); break;
+            case 2: attend_group<T, DIM, 2>(ctx, k_pool, v_pool, h * dim, qs, dim, ss, os); break;
+            case 3: attend_group<T, DIM, 3>(ctx, k_pool, v_pool, h * dim, qs, dim, ss, os); break;
+            default: attend_group<T, DIM, 4>(ctx, k_pool, v_pool, h * dim, qs, dim, ss, os);
           }
         }
       }
@@ -234,7 +234,9 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_pool,
   const int64_t batch = q.size(0), heads = q.size(1), dim = q.size(2), kv_heads = k_pool.size(1);
   TORCH_CHECK(k_pool.size(2) == dim && dim <= kMaxDim && heads % kv_heads == 0);
   TORCH_CHECK(tables.size(0) == batch && lengths.size(0) == batch);
-  TORCH_CHECK(lengths.min().item<int32_t>() >= 1, "every sequence attends to one token at least");
+  const int32_t* length = lengths.data_ptr<int32_t>();  // checked here: no torch op per call
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(length[b] >= 1, "every sequence attends to one token at least");
   auto out = torch::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     auto run = dim == 64 ? attend<scalar_t, 64>
