@@ -7,6 +7,8 @@
   whole decode batch in one call per layer, no copy, no padding.
 - `rms_norm` (csrc/rms_norm.cpp): transformers' Llama-family RMSNorm in one pass per row
   instead of eight operators (kernels/norms.py swaps it in).
+- `int8_linear` (csrc/int8_linear.cpp): the weight-only linear of `--quantization int8` for
+  decode-sized batches, faster than torch's `_weight_int8pack_mm` (kernels/quant.py).
 
 They are compiled for this CPU (`-march=native`) by torch's extension builder on first use,
 which needs a C++ compiler and ninja; the build is cached under torch's extensions folder,
@@ -35,11 +37,15 @@ log = logging.getLogger(__name__)
 
 SOURCES = tuple(
     Path(__file__).with_name("csrc") / name
-    for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp")
+    for name in ("bindings.cpp", "paged_decode.cpp", "rms_norm.cpp", "int8_linear.cpp")
 )
+# at::parallel_for runs its threads only in code compiled with OpenMP, torch's CPU threading
+# (without it every kernel ran on one thread whatever torch.set_num_threads said); the
+# extension then calls the libgomp torch has loaded.
+OPENMP = ("-fopenmp",) if torch.backends.openmp.is_available() else ()
 # -ffast-math lets the compiler vectorize the float32 sums and exp; the order of operations
 # within a sequence (or a row) is still fixed by the code, the same in every batch.
-FLAGS = ("-O3", "-march=native", "-ffast-math")
+FLAGS = ("-O3", "-march=native", "-ffast-math", *OPENMP)
 STALE_LOCK_S = 600.0  # a build takes well under a minute
 
 # q [B, H, D], k_pool and v_pool [slots, Hkv, D], tables [B, blocks] int32, lengths [B] int32,
@@ -49,12 +55,15 @@ PagedKernel = Callable[
     torch.Tensor,
 ]
 RMSNormKernel = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]  # x, weight, eps
+# x [M, K] float32 or bfloat16, q [N, K] int8, scale [N] float32 or x's dtype -> [M, N]
+Int8LinearKernel = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass(frozen=True, slots=True)
 class NativeKernels:
     paged_decode: PagedKernel
     rms_norm: RMSNormKernel
+    int8_linear: Int8LinearKernel
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +126,7 @@ def build() -> NativeBuild:
             name=name,
             sources=[str(source) for source in SOURCES],
             extra_cflags=list(FLAGS),
+            extra_ldflags=list(OPENMP),
             build_directory=str(build_directory(name)),
             verbose=False,
         )
@@ -125,4 +135,6 @@ def build() -> NativeBuild:
         log.warning("C++ kernels unavailable: %s", lines[-1])
         return NativeBuild(name, None, lines[-1])
     log.info("C++ kernels ready in %.1f s", time.perf_counter() - start)
-    return NativeBuild(name, NativeKernels(module.paged_decode, module.rms_norm), None)
+    return NativeBuild(
+        name, NativeKernels(module.paged_decode, module.rms_norm, module.int8_linear), None
+    )

@@ -1,4 +1,4 @@
-"""Weight-only int8 and int4 linear layers on torch's own CPU kernels.
+"""Weight-only int8 and int4 linear layers on CPU kernels.
 
 A decode step of a small model reads every weight once for a few tokens: its time is the
 bytes of the weights more than their FLOPs. Storing them in 8 or 4 bits reads 2x or 4x fewer
@@ -6,6 +6,10 @@ bytes than bfloat16; the activations stay in the model's dtype and the kernels d
 as they go:
 
 - int8: per output channel, symmetric. `w[n, k] ~ q[n, k] * scale[n]`, q in -128..127;
+  out = (x @ q^T) * scale, summed in float32: by packserve's C++ kernel
+  (kernels/csrc/int8_linear.cpp; float32 and bfloat16 activations), or from
+  `DEQUANTIZE_FROM_ROWS` rows, where the dtype's GEMM is native, by that GEMM on q converted
+  to the dtype (exact: |q| <= 128) and then the scale; where the C++ kernels do not build, by
   `torch.ops.aten._weight_int8pack_mm(x, q, scale)`.
 - int4: per group of `group_size` inputs of each output channel, asymmetric. The kernel
   computes `w[n, k] ~ (q[n, k] - 8) * scale[g, n] + zero[g, n]` (g = k // group_size, q in
@@ -25,10 +29,27 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .choices import INT4_GROUP_SIZES, Quantization
+from .machine import has_native_bf16
+from .native import Int8LinearKernel
+from .native import build as build_native
 
 INT4_OUT_MULTIPLE = 16  # the int4 packer's constraint on out_features
+INT8_KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # activations the C++ kernel takes
+# Rows (tokens) of a forward from which Int8Linear dequantizes and runs the dtype's own GEMM
+# instead of the C++ kernel: the GEMM's larger register tiles win once the rows amortize
+# converting the weight. Float32, SmolLM2's six layer shapes, AMD EPYC (Zen 3, AVX2), time
+# per call of the kernel over q -> float32 + F.linear + scale (median, range): 1 thread,
+# 32 rows 0.86 (0.70-1.02), 48 rows 1.04, 64 rows 1.22 (0.97-1.30), 96 rows 1.26; 2 threads,
+# 48 rows 0.76, 64 rows 0.83 (0.74-1.04), 96 rows 1.01, 128 rows 1.14; 256 rows 1.4-1.6.
+# Bfloat16 where the CPU has bf16 dot products should cross over near here too
+# (bench/results/quant.md, Zen 4, 1536x576 at 64 rows: dequantized + oneDNN bf16 690 us,
+# _weight_int8pack_mm 1490 us, which the kernel beats by 1.4x here); without them torch
+# emulates bfloat16 GEMMs through float32, 2-5x slower than the kernel at every row count
+# measured (1-256), so there the kernel runs every forward.
+DEQUANTIZE_FROM_ROWS = 64
 
 
 def quantize_int8(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,10 +76,28 @@ def quantize_int4(
     return q, scale_and_zero  # scale_and_zero: [groups, out, 2]
 
 
-class Int8Linear(nn.Module):
-    """`nn.Linear` with int8 weights (per output channel); activations in the model's dtype."""
+def int8_kernel() -> Int8LinearKernel | None:
+    """packserve's C++ int8 linear, or None where the C++ kernels do not build."""
+    kernels = build_native().kernels
+    return None if kernels is None else kernels.int8_linear
 
-    def __init__(self, linear: nn.Linear) -> None:
+
+def dequantize_from_rows(dtype: torch.dtype) -> int | None:
+    """Rows from which a forward in `dtype` runs the dequantized GEMM instead of the C++
+    kernel; None: never (`DEQUANTIZE_FROM_ROWS`)."""
+    if dtype == torch.bfloat16 and not has_native_bf16("cpu"):
+        return None
+    return DEQUANTIZE_FROM_ROWS
+
+
+class Int8Linear(nn.Module):
+    """`nn.Linear` with int8 weights (per output channel); activations in the model's dtype.
+    `kernel`: the C++ int8 linear (`int8_kernel()`), or None for torch's own op."""
+
+    weight_int8: torch.Tensor  # buffers, registered in __init__
+    scale: torch.Tensor
+
+    def __init__(self, linear: nn.Linear, kernel: Int8LinearKernel | None) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -66,10 +105,18 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_int8", q)  # [out, in]
         self.register_buffer("scale", scale)  # [out]
         self.bias = linear.bias
+        native = linear.weight.device.type == "cpu" and linear.weight.dtype in INT8_KERNEL_DTYPES
+        self.kernel = kernel if native else None
+        self.dequantize_from = dequantize_from_rows(linear.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)  # [M, in]: the kernel takes 2-D inputs only
-        out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)  # [M, out]
+        rows = x.reshape(-1, self.in_features)  # [M, in]: the kernels take 2-D inputs only
+        if self.kernel is None:
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight_int8, self.scale)
+        elif self.dequantize_from is not None and len(rows) >= self.dequantize_from:
+            out = F.linear(rows, self.weight_int8.to(rows.dtype)).mul_(self.scale)  # [M, out]
+        else:
+            out = self.kernel(rows.contiguous(), self.weight_int8, self.scale)  # [M, out]
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
@@ -122,10 +169,11 @@ def quantize_linears(decoder: nn.Module, mode: Quantization, group_size: int) ->
     int4 kernel cannot hold (shape constraints) stays as it is and is named in the report, so
     a model with such layers still serves, with those layers unquantized."""
     if mode != "none" and next(decoder.parameters()).device.type != "cpu":
-        raise ValueError(f"--quantization {mode} runs on torch's CPU kernels: CPU only")
+        raise ValueError(f"--quantization {mode} runs on CPU kernels: CPU only")
     if mode == "int4" and group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"the int4 group size must be one of {INT4_GROUP_SIZES}")
     swaps, kept = [], []
+    kernel = int8_kernel() if mode == "int8" else None
     for parent_name, parent in decoder.named_modules():
         for name, child in parent.named_children():
             if mode == "none" or type(child) is not nn.Linear:
@@ -136,6 +184,6 @@ def quantize_linears(decoder: nn.Module, mode: Quantization, group_size: int) ->
             else:
                 swaps.append((parent, name, child))
     for parent, name, child in swaps:
-        new = Int8Linear(child) if mode == "int8" else Int4Linear(child, group_size)
+        new = Int8Linear(child, kernel) if mode == "int8" else Int4Linear(child, group_size)
         setattr(parent, name, new)
     return QuantizationReport(mode, len(swaps), tuple(kept))

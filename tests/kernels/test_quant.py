@@ -18,7 +18,7 @@ from torch import nn
 from packserve.engine.engine import EngineConfig
 from packserve.kernels.machine import resolve_dtype
 from packserve.kernels.native import build as build_native
-from packserve.kernels.quant import Int4Linear, Int8Linear, quantize_linears
+from packserve.kernels.quant import Int4Linear, Int8Linear, int8_kernel, quantize_linears
 from packserve.scheduler import SamplingParams
 
 # The float32 GEMM's own rounding, relative to sum |x| |w| (far below a quantization step).
@@ -44,7 +44,7 @@ def _inputs(in_features: int) -> torch.Tensor:
 @torch.inference_mode()
 def test_int8_linear_is_within_half_a_step_per_weight(reference_model):
     layer = _layer(reference_model, "model.layers.0.mlp.gate_proj")
-    quantized = Int8Linear(layer)
+    quantized = Int8Linear(layer, int8_kernel())  # the engine's: C++ where it builds
     x = _inputs(layer.in_features)
     got, expected = quantized(x), layer(x)
     assert got.shape == expected.shape
