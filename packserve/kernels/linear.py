@@ -10,6 +10,8 @@ multiplies with its packed copy.
 
 from __future__ import annotations
 
+from functools import cache
+
 import torch
 from torch import nn
 
@@ -21,13 +23,22 @@ MIN_WEIGHT_ELEMENTS = 1 << 18
 
 
 def can_pack(model: nn.Module) -> bool:
-    """oneDNN is built in, and the model lives on the CPU in a dtype it packs."""
+    """oneDNN is built in, and the model lives on the CPU in a dtype it packs on this CPU."""
     param = next(model.parameters())
-    return (
-        torch.backends.mkldnn.is_available()
-        and param.device.type == "cpu"
-        and param.dtype in PACKABLE_DTYPES
-    )
+    return param.device.type == "cpu" and packs(param.dtype)
+
+
+@cache
+def packs(dtype: torch.dtype) -> bool:
+    """Whether oneDNN packs `dtype` weights on this CPU, tried on a small one: its bfloat16
+    path needs AVX512-BW/VL/DQ or AVX-NE-CONVERT (an AVX2-only Zen 3 refuses it)."""
+    if not torch.backends.mkldnn.is_available() or dtype not in PACKABLE_DTYPES:
+        return False
+    try:
+        pack_weight(torch.zeros(16, 16, dtype=dtype))
+    except RuntimeError:
+        return False
+    return True
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:

@@ -1,13 +1,14 @@
 // The Python module of packserve's C++ kernels (packserve/kernels/native.py builds it).
-#include <torch/extension.h>
+#include <ATen/core/Tensor.h>
+// pybind11 with torch's Tensor casters: a fraction of torch/extension.h's compile time.
+#include <torch/csrc/utils/pybind.h>
 
 namespace packserve {
-torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_pool,
-                           const torch::Tensor& v_pool, const torch::Tensor& tables,
-                           const torch::Tensor& lengths, int64_t block_size, double scale);
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps);
-torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& q,
-                          const torch::Tensor& scale);
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                        const at::Tensor& tables, const at::Tensor& lengths, int64_t block_size,
+                        double scale);
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps);
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);
 }  // namespace packserve
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -5,7 +5,9 @@
 // decode batch. Threads split the batch by sequence and each sequence runs start to end on one
 // thread in a fixed order, so its result does not depend on what else is in the batch or on the
 // thread count. Scores, softmax and the weighted sum are float32 whatever the pool's dtype.
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -223,9 +225,9 @@ namespace packserve {
 
 // q [B, H, D]; k_pool, v_pool [slots, Hkv, D] (one layer); tables [B, max_blocks] int32 block
 // ids; lengths [B] int32 tokens each attends to (>= 1) -> [B, H, D].
-torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_pool,
-                           const torch::Tensor& v_pool, const torch::Tensor& tables,
-                           const torch::Tensor& lengths, int64_t block_size, double scale) {
+at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_pool, const at::Tensor& v_pool,
+                        const at::Tensor& tables, const at::Tensor& lengths, int64_t block_size,
+                        double scale) {
   TORCH_CHECK(q.dim() == 3 && k_pool.dim() == 3 && v_pool.sizes() == k_pool.sizes());
   TORCH_CHECK(q.is_contiguous() && k_pool.is_contiguous() && v_pool.is_contiguous());
   TORCH_CHECK(tables.is_contiguous() && lengths.is_contiguous());
@@ -237,7 +239,7 @@ torch::Tensor paged_decode(const torch::Tensor& q, const torch::Tensor& k_pool,
   const int32_t* length = lengths.data_ptr<int32_t>();  // checked here: no torch op per call
   for (int64_t b = 0; b < batch; ++b)
     TORCH_CHECK(length[b] >= 1, "every sequence attends to one token at least");
-  auto out = torch::empty_like(q);
+  auto out = at::empty_like(q);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_decode", [&] {
     auto run = dim == 64 ? attend<scalar_t, 64>
              : dim == 128 ? attend<scalar_t, 128>

@@ -4,7 +4,9 @@
 // again. torch runs that as eight operators (two dtype casts among them), each a pass over
 // the hidden states; on a CPU step their per-call cost adds up (~37 us per norm at 64 rows).
 // Rows are independent: each is computed on one thread in a fixed order, whatever the batch.
-#include <torch/extension.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 
 #include <cmath>
@@ -30,12 +32,12 @@ void normalize(const T* x, const T* weight, T* out, int64_t rows, int64_t hidden
 }  // namespace
 
 // x [..., hidden], weight [hidden] of x's dtype -> [..., hidden]
-torch::Tensor rms_norm(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   TORCH_CHECK(weight.dim() == 1 && x.size(-1) == weight.size(0));
   TORCH_CHECK(x.scalar_type() == weight.scalar_type());
   const auto input = x.contiguous();
   const auto w = weight.contiguous();
-  auto out = torch::empty_like(input);
+  auto out = at::empty_like(input);
   const int64_t hidden = w.size(0);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm", [&] {
     normalize(input.data_ptr<scalar_t>(), w.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),

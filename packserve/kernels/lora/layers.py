@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from packserve.kernels.fused import FUSABLE, ProjectionSlice, SharedInputProjection
-from packserve.kernels.linear import PackedLinear, pack_weight, packed_linear
+from packserve.kernels.linear import PackedLinear, pack_weight, packed_linear, packs
 from packserve.scheduler import ScheduledSequence
 
 from .adapter import TARGET_MODULES, AdapterError, LoRAWeights
@@ -278,8 +278,7 @@ class SharedLoRA:
         # with the block-diagonal B packed beats torch's addmm_; in float32 torch's addmm_
         # per member beats both.
         b = weights[0].b
-        on_onednn = b.device.type == "cpu" and torch.backends.mkldnn.is_available()
-        self._packs_b = on_onednn and b.dtype == torch.bfloat16
+        self._packs_b = b.device.type == "cpu" and b.dtype == torch.bfloat16 and packs(b.dtype)
         shared.on_output = self.add_deltas
 
     def rebuild(self, rank: int) -> None:
