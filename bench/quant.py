@@ -11,12 +11,13 @@ A run's prefill steps are timed apart from its decode steps: decode tok/s counts
 steps alone, end-to-end tok/s the whole generate (prefill included).
 
     PYTHONPATH=. .venv/bin/python -m bench.quant [--repeats 3] [--max-tokens 32] [--threads 1]
+        [--out quant]
 
 One intra-op thread by default: on this project's shared 2-core machine, with other jobs
 runnable, two OpenMP threads mostly wait on each other (a 512-token bf16 forward of this
 model took 14 s with 2 threads and 2.2 s with 1, measured side by side with the same load).
 
-Writes bench/results/quant.json and quant.md.
+Writes bench/results/<out>.json (quant.md and quant_zen3.md are written from them by hand).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ QUALITY = (
 # (name, dtype, quantization): int4 at the engine's default group size
 SPEED = (("fp32", "float32", "none"), ("bf16", "bfloat16", "none"))
 SPEED += (("int8", "bfloat16", "int8"), ("int4", "bfloat16", "int4"))
+SPEED += (("int8-fp32", "float32", "int8"),)  # int8 weights, float32 activations
 BATCHES = (1, 16)
 PROMPT_TOKENS = 48
 
@@ -100,6 +102,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--out", default="quant", help="results stem under bench/results/")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = str(default_model_dir())
@@ -178,7 +181,7 @@ def main() -> None:
         },
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "quant.json").write_text(json.dumps(result, indent=1) + "\n")
+    (OUT / f"{args.out}.json").write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result[k] for k in ("quality", "kernels", "machine")}, indent=1))
 
 
