@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from packserve.kernels.native import build as build_native
 from packserve.kernels.quant import DEQUANTIZE_FROM_ROWS, Int8Linear, quantize_int8
 
 UNIT = 2.0**-24  # float32's unit roundoff
@@ -21,11 +20,8 @@ BF16_UNIT = 2.0**-8  # bfloat16's, rounding the output (with room: the scale rou
 
 
 @pytest.fixture(scope="module")
-def kernel():
-    built = build_native()
-    if built.kernels is None:
-        pytest.skip(f"the C++ kernels do not build here: {built.error}")
-    return built.kernels.int8_linear
+def kernel(kernels):
+    return kernels.int8_linear
 
 
 @pytest.fixture

@@ -8,21 +8,13 @@ import time
 import pytest
 import torch
 
-from packserve.kernels.native import STALE_LOCK_S, build, build_directory
+from packserve.kernels.native import STALE_LOCK_S, build_directory
 from packserve.kernels.norms import (
     NORM_CLASSES,
     NativeRMSNorm,
     reference_rms_norm,
     swap_rms_norms,
 )
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    built = build()
-    if built.kernels is None:
-        pytest.skip(f"the C++ kernels do not build here: {built.error}")
-    return built.kernels
 
 
 @pytest.mark.parametrize(

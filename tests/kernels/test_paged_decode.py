@@ -5,15 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from packserve.kernels.native import build
-
 
 @pytest.fixture(scope="module")
-def paged():
-    built = build()
-    if built.kernels is None:
-        pytest.skip(f"the C++ kernels do not build here: {built.error}")
-    return built.kernels.paged_decode
+def paged(kernels):
+    return kernels.paged_decode
 
 
 def scattered_pool(g, lengths, kv_heads, dim, block_size, dtype):
