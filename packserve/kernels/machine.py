@@ -9,6 +9,7 @@ with AMX). Without them torch emulates bfloat16 through float32, slower than flo
 from __future__ import annotations
 
 import platform
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ NATIVE_BF16_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 CPUINFO = Path("/proc/cpuinfo")
 
 
+@cache  # the CPU does not change under a process: read the file once per field
 def _cpuinfo_field(name: str) -> str | None:
     """The first `name : value` of /proc/cpuinfo; None where there is no such file or field."""
     try:
