@@ -18,10 +18,12 @@ Body read timeouts live in the body-limit middleware (`app.py`); idle keep-alive
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import resource
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,9 @@ FD_RESERVE = 64  # descriptors kept for everything but client connections (model
 # that stops reading would absorb megabytes of a stream before backpressure reached us;
 # 256 KiB still streams tokens at full speed across a slow link.
 SEND_BUFFER_BYTES = 256 * 1024
+# How long a descriptor shortage at accept() may last before asyncio hears of it (see
+# `Listener`); one at the connection cap lasts a few loop turns, a leak lasts.
+SHORTAGE_GRACE_S = 1.0
 
 
 def default_max_connections() -> int:
@@ -44,11 +49,45 @@ def default_max_connections() -> int:
     return max(8, soft - FD_RESERVE)
 
 
+class Listener(socket.socket):
+    """The listening socket, with an accept() that keeps a short descriptor shortage from
+    asyncio.
+
+    asyncio's accept loop takes up to `backlog` connections per turn before any of them
+    reaches the protocol (which evicts an idle one at the cap), so a burst at the connection
+    cap can run the process out of descriptors for a few loop turns. On EMFILE asyncio logs,
+    stops accepting and schedules a restart a second later, and then goes on calling accept()
+    for the rest of its loop: a log record and a scheduled restart per pending connection
+    (thousands; each restart that fires after shutdown logs a ValueError). Here a shortage
+    reads as "nothing pending" (asyncio tries again next turn, by when the evictions have
+    freed descriptors) for `SHORTAGE_GRACE_S`; one that lasts longer reaches asyncio once,
+    and the calls after it in the same loop read "nothing pending" again.
+    """
+
+    _short_since: float | None = None  # when accept() first met EMFILE since it last worked
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        try:
+            connection = super().accept()
+        except OSError as exc:
+            if exc.errno not in (errno.EMFILE, errno.ENFILE):
+                raise
+            now = time.monotonic()
+            if self._short_since is None:
+                self._short_since = now
+            if now - self._short_since < SHORTAGE_GRACE_S:
+                raise BlockingIOError(errno.EAGAIN, "no descriptor free yet") from exc
+            self._short_since = now
+            raise
+        self._short_since = None
+        return connection
+
+
 def listen(host: str, port: int) -> socket.socket:
     """The server's socket, bound before anything heavy is imported or loaded, so a taken
     port fails at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = Listener(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))

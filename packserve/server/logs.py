@@ -41,8 +41,9 @@ class TextFormatter(logging.Formatter):
 class RateLimit(logging.Filter):
     """At most `burst` records per logger and message in any `window_s` seconds, for
     warnings and errors and for the connection edge's lines (what an attacker can trigger at
-    will); the next record let through counts the ones dropped. Request and access lines
-    are not limited: they are one per request served."""
+    will); the next record let through counts the ones dropped. A message is its first line
+    (asyncio's name the callback there and its handle, timestamped, below). Request and
+    access lines are not limited: they are one per request served."""
 
     def __init__(self, burst: int = 20, window_s: float = 10.0) -> None:
         super().__init__()
@@ -53,7 +54,7 @@ class RateLimit(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.WARNING and not record.name.startswith(LIMITED_LOGGERS):
             return True
-        key = (record.name, record.msg)
+        key = (record.name, str(record.msg).partition("\n")[0])
         now = time.monotonic()
         start, count, dropped = self._seen.get(key, (now, 0, 0))
         if now - start >= self.window_s:

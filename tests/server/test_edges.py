@@ -86,33 +86,38 @@ def test_a_body_sent_byte_by_byte_gets_408(edgy: ServerProcess) -> None:
     s.close()
 
 
-@pytest.mark.allow_server_traceback("OSError: [Errno 24] Too many open files")  # asyncio's accept
 def test_health_answers_through_an_idle_flood_under_a_low_fd_limit(
     launch_server: Callable[..., ServerProcess],
 ) -> None:
     # 256 descriptors; 300 connections that send nothing (a header timeout long enough that
     # none is closed by it during the test).
     command = ("bash", "-c", 'ulimit -n 256 && exec "$0" "$@"', *SERVE_COMMAND)
-    with launch_server("--header-timeout", "60", command=command) as server:
-        flood = []
-        for _ in range(300):
+
+    def flood(n: int) -> list[socket.socket]:
+        sockets = []
+        for _ in range(n):
             try:
-                flood.append(connect(server))
+                sockets.append(connect(server))
             except OSError:  # the listen backlog may push back; that is fine
                 break
-        time.sleep(1)
+        return sockets
+
+    with launch_server("--header-timeout", "60", command=command) as server:
+        idle = flood(300)
         for _ in range(5):
             assert httpx.get(server.url + "/health", timeout=10).status_code == 200
         r = httpx.post(server.url + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
         assert r.status_code == 200
-        for s in flood:
+        idle += flood(100)  # and stop within a second of another burst at the cap
+        for s in idle:
             s.close()
         server.stop()
         log = server.logs(tail=None)
-    # asyncio may still meet the descriptor limit while it accepts a burst (it then pauses
-    # accepting for a second): whatever is logged about it is rate-limited, like evictions.
+    # A burst at the cap runs out of descriptors for a few loop turns, until the evictions
+    # free them: asyncio never hears of it (it would log, pause accepting for a second, and
+    # log a ValueError per pending connection if it stopped in that second).
     lines = log.splitlines()
-    assert sum("out of system resource" in line for line in lines) <= 21
+    assert not any("out of system resource" in line for line in lines)
     assert sum("connection evicted" in line for line in lines) <= 21
     assert len(log) < 200_000
 
