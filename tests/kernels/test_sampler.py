@@ -28,11 +28,12 @@ def logits_rows(n: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:
 
 
 def test_greedy_top_k_1_and_tiny_top_p_all_pick_the_argmax():
-    logits = logits_rows(3)
+    logits = logits_rows(4)
     seqs = [
         seq(SamplingParams(temperature=0)),
         seq(SamplingParams(temperature=1.5, top_k=1)),
         seq(SamplingParams(temperature=1.5, top_p=1e-6)),
+        seq(SamplingParams(temperature=1.5, top_p=5e-324)),  # 0 in float32
     ]
     tokens, _ = sample(logits, seqs, torch.Generator().manual_seed(0))
     assert tokens == logits.argmax(-1).tolist()
