@@ -1,8 +1,8 @@
 """Weight-only int8 / int4 on SmolLM2-135M-Instruct: perplexity and decode speed vs bf16 / fp32.
 
 Quality: perplexity on the first 1024 tokens of three fixed documents of the repository
-corpus (not text the model was trained on), the decoder's linear layers quantized by the
-function the runner uses
+corpus (not text the model was trained on), the decoder's linear layers and the LM head
+quantized by the function the runner uses
 (`kernels.quant.quantize_linears`), teacher-forced through transformers' own attention.
 Speed: decode tokens/s through the engine (greedy, ignore_eos, a fixed max_tokens) at batch
 1 and 16, every configuration's engine loaded once and the runs interleaved (A B C D, A B C
@@ -65,7 +65,7 @@ PROMPT_TOKENS = 48
 def perplexity(model_dir: str, dtype: str, quantization: str, group: int, docs: list[list[int]]):
     """exp(mean next-token NLL) over all documents' tokens, and per document."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).eval()
-    report = quantize_linears(model.get_decoder(), quantization, group)  # type: ignore[arg-type]
+    report = quantize_linears(model, quantization, group)  # type: ignore[arg-type]
     per_doc, total_nll, total_tokens = [], 0.0, 0
     for ids in docs:
         logits = model(torch.tensor([ids])).logits[0, :-1].float()  # [T-1, V]

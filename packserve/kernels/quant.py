@@ -18,9 +18,12 @@ as they go:
 
 Scales (and zeros) are stored in the activations' dtype; the integers are rounded against
 the stored values, so what the kernel dequantizes is the nearest grid point to each weight.
-`quantize_linears` swaps a decoder's `nn.Linear` modules for these in place; the LM head and
-the embedding are not touched (the LM head only sees the sampled rows, and with tied
-embeddings its weight is the embedding's).
+`quantize_linears` swaps a model's decoder `nn.Linear` modules for these in place, and its LM
+head for an int8 copy in either mode (llama.cpp's quantized models keep the output layer in
+more bits than the body too). A decode step multiplies every sampled row by the head: it is
+the largest layer of a small-vocabulary-heavy model (SmolLM2-135M: 28 of its 135 M weights),
+and in bfloat16 on a CPU without bf16 dot products torch emulates it, 4x slower than the int8
+kernel at 16 rows. The embedding keeps the model's dtype (a tied head's int8 copy is apart).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from transformers import PreTrainedModel
 
 from .choices import INT4_GROUP_SIZES, Quantization
 from .machine import has_native_bf16
@@ -160,23 +164,29 @@ class QuantizationReport:
     """What `quantize_linears` did to a model."""
 
     mode: Quantization
-    num_quantized: int  # linear layers now holding int8 / int4 weights
+    num_quantized: int  # decoder linear layers now holding int8 / int4 weights
     kept: tuple[tuple[str, str], ...]  # (module name, why) of layers left in the model's dtype
+    int8_head: bool  # the LM head holds int8 weights
 
 
-def quantize_linears(decoder: nn.Module, mode: Quantization, group_size: int) -> QuantizationReport:
-    """Swap every `nn.Linear` under `decoder` for its int8 or int4 form, in place. A layer the
-    int4 kernel cannot hold (shape constraints) stays as it is and is named in the report, so
-    a model with such layers still serves, with those layers unquantized."""
-    if mode != "none" and next(decoder.parameters()).device.type != "cpu":
+def quantize_linears(
+    model: PreTrainedModel, mode: Quantization, group_size: int
+) -> QuantizationReport:
+    """Swap every `nn.Linear` of the model's decoder for its int8 or int4 form, and its LM
+    head for its int8 form, in place. A layer the int4 kernel cannot hold (shape constraints)
+    stays as it is and is named in the report, so a model with such layers still serves, with
+    those layers unquantized."""
+    if mode == "none":
+        return QuantizationReport(mode, 0, (), False)
+    if model.device.type != "cpu":
         raise ValueError(f"--quantization {mode} runs on CPU kernels: CPU only")
     if mode == "int4" and group_size not in INT4_GROUP_SIZES:
         raise ValueError(f"the int4 group size must be one of {INT4_GROUP_SIZES}")
     swaps, kept = [], []
-    kernel = int8_kernel() if mode == "int8" else None
-    for parent_name, parent in decoder.named_modules():
+    kernel = int8_kernel()
+    for parent_name, parent in model.get_decoder().named_modules():
         for name, child in parent.named_children():
-            if mode == "none" or type(child) is not nn.Linear:
+            if type(child) is not nn.Linear:
                 continue
             reason = int4_unfit_reason(child, group_size) if mode == "int4" else None
             if reason is not None:
@@ -186,4 +196,8 @@ def quantize_linears(decoder: nn.Module, mode: Quantization, group_size: int) ->
     for parent, name, child in swaps:
         new = Int8Linear(child, kernel) if mode == "int8" else Int4Linear(child, group_size)
         setattr(parent, name, new)
-    return QuantizationReport(mode, len(swaps), tuple(kept))
+    head = model.get_output_embeddings()
+    int8_head = type(head) is nn.Linear
+    if int8_head:
+        model.set_output_embeddings(Int8Linear(head, kernel))
+    return QuantizationReport(mode, len(swaps), tuple(kept), int8_head)

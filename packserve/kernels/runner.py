@@ -49,7 +49,7 @@ class RunnerConfig:
     attention_backend: AttentionBackend
     linear_backend: LinearBackendChoice  # "torch": leave the model's nn.Linear as is
     decode_attention: DecodeKernelChoice  # fused SDPA or batched matmuls, or the paged kernel
-    quantization: Quantization  # weight-only int8 / int4 for the decoder's linear layers
+    quantization: Quantization  # weight-only int8 / int4 for the decoder (the LM head: int8)
     int4_group_size: int  # inputs per int4 scale and zero
     kernel_cache_dir: Path | None  # where the `auto` kernel choices cache their timings
     block_size: int
@@ -152,14 +152,22 @@ class Runner:
         self.config = config
         # Quantized layers first: the backend choice then times (and packs) what is left.
         self.quantization: QuantizationReport = quantize_linears(
-            model.get_decoder(), config.quantization, config.int4_group_size
+            model, config.quantization, config.int4_group_size
         )
         self.linear: LinearChoice = (
             choose_linear_backend(model, config.kernel_cache_dir)
             if config.linear_backend == "auto"
             else LinearChoice(config.linear_backend, "flag", None, None)
         )
-        pack = self.linear.backend == "onednn" and can_pack(model)
+        if self.linear.backend == "onednn" and not can_pack(model):
+            log.warning(
+                "--linear-backend onednn: oneDNN cannot pack this model's weights here "
+                "(device %s, dtype %s); torch's linears run",
+                model.device,
+                model.dtype,
+            )
+            self.linear = LinearChoice("torch", "unpackable", None, None)
+        pack = self.linear.backend == "onednn"
         if pack:
             pack_linears(model)
         # Batch-invariant mode keeps each projection's GEMM apart (each is tiled alone).

@@ -66,3 +66,10 @@ def test_engine_packs_by_default_and_torch_keeps_nn_linear(make_engine):
     plain = make_engine(linear_backend="torch").runner.model
     assert not any(isinstance(m, PackedLinear) for m in plain.modules())
     assert any(type(m) is nn.Linear for m in plain.modules())
+
+
+def test_onednn_asked_for_weights_it_cannot_pack_runs_and_reports_torch(make_engine):
+    # oneDNN packs float32 and bfloat16 only (bfloat16 not on every CPU): float16 never.
+    engine = make_engine(dtype="float16", linear_backend="onednn")
+    assert (engine.runner.linear.backend, engine.runner.linear.source) == ("torch", "unpackable")
+    assert not any(isinstance(m, PackedLinear) for m in engine.runner.model.modules())

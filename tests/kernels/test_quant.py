@@ -1,8 +1,8 @@
 """Per-machine kernel choices and weight-only quantization, on the real tiny model:
 
 - int8 / int4 linear layers stay within their quantization step of the float layer;
-- engines with --quantization int8 / int4 generate, deterministically; int4 leaves the layers
-  its kernel cannot hold unquantized and says which;
+- engines with --quantization int8 / int4 generate, deterministically, with an int8 LM head;
+  int4 leaves the layers its kernel cannot hold unquantized and says which;
 - --dtype auto follows the CPU's bf16 flags; --linear-backend auto and --decode-attention auto
   are timed once, cached, and read back by the next start.
 """
@@ -84,6 +84,10 @@ def test_quantized_engine_generates_the_same_tokens_twice(make_engine, quantizat
     quantized = (Int8Linear,) if quantization == "int8" else (Int4Linear,)
     names = {name for name, m in decoder.named_modules() if isinstance(m, quantized)}
     assert len(names) == engine.runner.quantization.num_quantized > 0
+    # The LM head too, in either mode, as an int8 copy: the embedding keeps its weights.
+    assert engine.runner.quantization.int8_head
+    assert isinstance(engine.model.get_output_embeddings(), Int8Linear)
+    assert engine.model.get_input_embeddings().weight.dtype == torch.bfloat16
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     prompt = "The river ran past the old mill"
     first = engine.generate([prompt], params)[0].token_ids
@@ -109,7 +113,7 @@ def test_int4_keeps_layers_its_kernel_cannot_hold(make_engine, tiny_model_dir):
 
 def test_quantize_linears_refuses_an_unknown_group_size(reference_model):
     with pytest.raises(ValueError, match="group size"):
-        quantize_linears(reference_model.get_decoder(), "int4", 48)
+        quantize_linears(reference_model, "int4", 48)
     with pytest.raises(ValueError, match="int4_group_size"):
         EngineConfig(quantization="int4", int4_group_size=48)
 
