@@ -41,6 +41,13 @@ constexpr int kRows = 2;
 // Work (multiply-adds) below which a call stays on one thread: waking a second costs more.
 constexpr int64_t kMinParallelWork = 1 << 17;
 
+// A tile asks for the weights of a later tile, about this many bytes ahead, while it reads
+// its own: a decode step streams every weight from memory once, and the hardware prefetcher
+// alone leaves the kernel waiting on it. SmolLM2-sized weights (85 MB, one row, Zen 3):
+// 6.5 -> 10 GB/s on 1 thread, 11.5 -> 17-20 GB/s on 2. (Past the last tile this points
+// beyond the weights: a prefetch never faults.)
+constexpr int64_t kPrefetchBytes = 8192;
+
 // Weights are read kGroup at a time, as int32 lanes of 4 bytes each: lane i of the bytes
 // vector j (0..3) is weight 4 i + j of the group, which plain shifts sign-extend (GCC turns an
 // int8 -> int32 vector conversion into one instruction per lane). The rows are copied into the
@@ -133,8 +140,13 @@ void tile(const Problem& p, int64_t n, int64_t m, T* out) {
   const float* x = p.x + m * p.stride;
   const int64_t whole = p.k / kGroup * kGroup, rest = p.k - whole;
   Ints w[C];
+  // The weights of a tile some kPrefetchBytes ahead, asked for now (see kPrefetchBytes).
+  const int8_t* ahead = q + std::max<int64_t>(1, kPrefetchBytes / (C * p.k)) * C * p.k;
   for (int64_t g = 0; g < whole; g += kGroup) {
-    PS_UNROLLED for (int c = 0; c < C; ++c) std::memcpy(&w[c], q + c * p.k + g, sizeof w[c]);
+    PS_UNROLLED for (int c = 0; c < C; ++c) {
+      __builtin_prefetch(ahead + c * p.k + g, 0, 0);
+      std::memcpy(&w[c], q + c * p.k + g, sizeof w[c]);
+    }
     multiply_group(w, x + g, p.stride, acc);
   }
   if (rest) {  // the last part-group: weights copied into zeros (x is zero there already)
