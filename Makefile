@@ -24,7 +24,7 @@ test: install
 	$(BIN)/pytest
 
 # The in-process tests of the packages (no server, no external tool), minus those marked slow:
-# under a minute on 2 cores. `make test` (CI) runs everything.
+# ~3 min on 2 cores (README). `make test` (CI) runs everything.
 test-fast: install
 	$(BIN)/pytest -m "not slow" \
 		tests/scheduler tests/engine tests/kernels tests/models tests/test_package.py
