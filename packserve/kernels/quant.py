@@ -20,10 +20,11 @@ Scales (and zeros) are stored in the activations' dtype; the integers are rounde
 the stored values, so what the kernel dequantizes is the nearest grid point to each weight.
 `quantize_linears` swaps a model's decoder `nn.Linear` modules for these in place, and its LM
 head for an int8 copy in either mode (llama.cpp's quantized models keep the output layer in
-more bits than the body too). A decode step multiplies every sampled row by the head: it is
-the largest layer of a small-vocabulary-heavy model (SmolLM2-135M: 28 of its 135 M weights),
-and in bfloat16 on a CPU without bf16 dot products torch emulates it, 4x slower than the int8
-kernel at 16 rows. The embedding keeps the model's dtype (a tied head's int8 copy is apart).
+more bits than the body too). A decode step multiplies every sampled row by the head, the
+largest layer of a small model with a large vocabulary (SmolLM2-135M: 28 of its 135 M
+weights); in bfloat16 on a CPU without bf16 dot products torch emulates it, 4x slower than
+the int8 kernel at 16 rows. The embedding keeps the model's dtype (a tied head's int8 copy
+is a second tensor).
 """
 
 from __future__ import annotations
