@@ -10,6 +10,7 @@ import resource
 import socket
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -17,10 +18,18 @@ from packserve.server.connections import SHORTAGE_GRACE_S, listen
 from packserve.server.logs import RateLimit
 
 
-def _lowest_free_descriptor() -> int:
+@contextmanager
+def no_descriptor_free() -> Iterator[None]:
+    """The block runs with the descriptor limit at the lowest free descriptor: opening or
+    accepting anything fails with EMFILE."""
     fd = os.open(os.devnull, os.O_RDONLY)
     os.close(fd)
-    return fd
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (fd, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.fixture
@@ -38,9 +47,7 @@ def listener() -> Iterator[socket.socket]:
 def test_a_short_descriptor_shortage_reads_as_nothing_pending_a_long_one_is_raised_once(
     listener: socket.socket,
 ) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_descriptor(), hard))
-    try:
+    with no_descriptor_free():
         for _ in range(3):  # as asyncio's accept loop calls it, a connection pending
             with pytest.raises(BlockingIOError):
                 listener.accept()
@@ -52,28 +59,18 @@ def test_a_short_descriptor_shortage_reads_as_nothing_pending_a_long_one_is_rais
         for _ in range(3):  # the rest of that loop: once is enough
             with pytest.raises(BlockingIOError):
                 listener.accept()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     connection, _ = listener.accept()  # descriptors again: the pending connections come
     connection.close()
 
 
 def test_a_new_shortage_gets_the_grace_again(listener: socket.socket) -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_descriptor(), hard))
-    try:
+    with no_descriptor_free():
         with pytest.raises(BlockingIOError):
             listener.accept()
         time.sleep(SHORTAGE_GRACE_S)
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     listener.accept()[0].close()  # it worked: the shortage is over
-    resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_descriptor(), hard))
-    try:
-        with pytest.raises(BlockingIOError):
-            listener.accept()
-    finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    with no_descriptor_free(), pytest.raises(BlockingIOError):
+        listener.accept()
 
 
 def _record(name: str, msg: str, level: int = logging.ERROR) -> logging.LogRecord:
