@@ -175,12 +175,12 @@ class Runner:
             fuse_shared_inputs(model.get_decoder(), pack)
         # Norms in one C++ pass, on a CPU where the kernels build (batch-invariant mode tiles
         # the model's own).
+        native = build_native().kernels if model.device.type == "cpu" else None
         self.native_norms = 0
-        if model.device.type == "cpu" and not config.batch_invariant:
-            native = build_native().kernels
-            if native is not None:
-                self.native_norms = swap_rms_norms(model, native.rms_norm)
-                log.info("%d RMSNorm modules run the C++ kernel", self.native_norms)
+        if native is not None and not config.batch_invariant:
+            self.native_norms = swap_rms_norms(model, native.rms_norm)
+            log.info("%d RMSNorm modules run the C++ kernel", self.native_norms)
+        self.argmax = native.row_argmax if native is not None else None  # the sampler's
         # Adapters wrap the projections as they now are; batch-invariant tiles wrap them whole.
         self.lora: LoRAPool | None = None
         if config.max_loras:
@@ -262,6 +262,7 @@ class Runner:
             eos_token_ids=eos,
             masks=masks,
             in_place=True,
+            argmax=self.argmax,
         )
         for state, token in zip(states, tokens, strict=True):
             state.output_token_ids.append(token)

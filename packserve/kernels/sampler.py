@@ -16,6 +16,7 @@ from .logits import (
     apply_repetition_penalty,
     min_p_filter,
 )
+from .native import ArgmaxKernel
 
 _GOLDEN = 0x9E3779B97F4A7C15  # spreads (seed, index) pairs over the generator's seed space
 
@@ -63,13 +64,19 @@ def sample(
     eos_token_ids: Iterable[int] = (),
     masks: Sequence[torch.Tensor | None] | None = None,
     in_place: bool = False,
+    argmax: ArgmaxKernel | None = None,
 ) -> tuple[list[int], list[TokenLogprobs | None]]:
     """One token per row of logits [N, V] (float32), drawn by `rows[i]`'s parameters;
     `generator` serves unseeded requests; `eos_token_ids` end a request (min_tokens masks
     them). `masks[i]`, when given, is row i's grammar: bool [V], the tokens it may sample;
     the others are cut before any other processing, in that row only. Logprobs are the
     model's, before any processing. `in_place`: process `logits` itself, not a copy (the
-    caller's own, read no more)."""
+    caller's own, read no more). `argmax`: the C++ kernel computing torch.argmax(x, dim=-1) for
+    CPU float32 rows (native.py), where it is built."""
+
+    def first_max(x: torch.Tensor) -> torch.Tensor:  # [N, V] -> [N]
+        return argmax(x) if argmax is not None else x.argmax(dim=-1)
+
     raw_logprobs = None
     if any(row.params.logprobs is not None for row in rows):
         raw_logprobs = torch.log_softmax(logits, dim=-1)  # [N, V] before any processing
@@ -82,7 +89,7 @@ def sample(
     apply_min_tokens(logits, rows, eos_token_ids)
     apply_repetition_penalty(logits, rows)
     apply_penalties(logits, rows)
-    tokens = logits.argmax(dim=-1).tolist()  # greedy rows keep these
+    tokens = first_max(logits).tolist()  # greedy rows keep these
     for i, row in enumerate(rows):
         params = row.params
         if params.greedy:
@@ -95,7 +102,7 @@ def sample(
             gen = draw_generator(params.seed, len(row.output_token_ids), logits.device)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p.
         noise = torch.empty_like(probs).exponential_(generator=gen)
-        tokens[i] = int((probs / noise).argmax())
+        tokens[i] = int(first_max((probs / noise).unsqueeze(0))[0])
     return tokens, _logprobs(raw_logprobs, tokens, rows)
 
 

@@ -97,3 +97,35 @@ def test_a_lock_left_by_a_killed_build_is_removed_a_live_one_kept(tmp_path, monk
     assert build_directory("stale") == folder and not lock.exists()
     lock.touch()
     assert build_directory("stale") == folder and lock.exists()
+
+
+def _argmax_rows() -> list[torch.Tensor]:
+    """Rows that take each of the kernel's paths: widths on and off the vector width, ties
+    (the first maximum wins), NaNs (the first NaN wins, as torch counts NaN above all), -inf
+    and signed zeros."""
+    g = torch.Generator().manual_seed(3)
+    rows = [torch.randn(width, generator=g) for width in (1, 7, 16, 17, 100, 1000, 49152)]
+    tie = torch.randn(1000, generator=g)
+    tie[[40, 700, 999]] = tie.max() + 1
+    late_tie = torch.full((300,), -1.0)
+    late_tie[[250, 299]] = 2.0
+    nan = torch.randn(1000, generator=g)
+    nan[[500, 900]] = float("nan")
+    nan[10] = float("inf")
+    first_nan = torch.randn(33, generator=g)
+    first_nan[0] = float("nan")
+    masked = torch.full((70,), float("-inf"))
+    zeros = torch.tensor([-1.0, -0.0, 0.0, -0.0])
+    return [*rows, tie, late_tie, nan, first_nan, masked, zeros]
+
+
+def test_row_argmax_is_torch_argmax(kernels):
+    for row in _argmax_rows():
+        assert kernels.row_argmax(row.view(1, -1)).tolist() == [int(row.argmax())], row[:8]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(64, 2000, generator=g)
+    x[5, 17] = float("nan")
+    x[9, [3, 1500]] = 50.0  # a tie
+    got = kernels.row_argmax(x)
+    assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))
+    assert torch.equal(kernels.row_argmax(x.t().contiguous().t()), got)  # a strided view too

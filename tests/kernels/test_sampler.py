@@ -185,3 +185,26 @@ def test_mixed_settings_in_one_batch_match_each_row_alone():
     # The plain greedy row is exactly the argmax, as without any of these settings.
     assert batch_tokens[0] == int(logits[0].argmax())
     assert batch_tokens[1] == 7 and batch_tokens[4] not in eos
+
+
+def test_the_argmax_kernel_samples_what_torch_samples(kernels):
+    """The C++ argmax (native.py) in place of torch's: the same tokens for greedy rows,
+    constrained rows and seeded draws (whose race is an argmax too)."""
+    logits = logits_rows(5, vocab=49152, seed=8)
+    logits[2, 100:200] = logits[2].max() + 1  # a tie across 100 tokens: the first wins
+    rows = [
+        seq(SamplingParams(temperature=0)),
+        seq(SamplingParams(temperature=0, logit_bias=((11, 100.0),))),
+        seq(SamplingParams(temperature=0)),
+        seq(SamplingParams(temperature=1.0, seed=4)),
+        seq(SamplingParams(temperature=0.7, seed=5, top_k=50)),
+    ]
+    mask = torch.zeros(49152, dtype=torch.bool)
+    mask[1000:1010] = True
+    masks = [None, None, None, None, mask]
+    want, _ = sample(logits, rows, torch.Generator().manual_seed(0), masks=masks)
+    got, _ = sample(
+        logits, rows, torch.Generator().manual_seed(0), masks=masks, argmax=kernels.row_argmax
+    )
+    assert got == want
+    assert got[1] == 11 and got[2] == 100 and 1000 <= got[4] < 1010
