@@ -15,8 +15,6 @@ import jsonschema
 import pytest
 from pydantic import BaseModel, ConfigDict, Field
 
-from packserve.server.launcher import ServerProcess
-
 MESSAGES = [{"role": "user", "content": "Describe a pet as JSON."}]
 
 
@@ -164,11 +162,6 @@ def test_openai_sdk_rejects_bad_schema_as_bad_request(oai, model_name):
             max_tokens=5,
             response_format=_json_schema_format({"type": "nonsense"}),
         )
-
-
-@pytest.fixture(scope="module")
-def smollm2_server(launch_server, smollm2_dir) -> ServerProcess:
-    return launch_server("--model", str(smollm2_dir))
 
 
 def test_json_object_is_parseable_json(smollm2_server):
