@@ -129,3 +129,5 @@ def test_row_argmax_is_torch_argmax(kernels):
     got = kernels.row_argmax(x)
     assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))
     assert torch.equal(kernels.row_argmax(x.t().contiguous().t()), got)  # a strided view too
+    with pytest.raises(RuntimeError, match="float32"):
+        kernels.row_argmax(x.to(torch.bfloat16))

@@ -51,7 +51,8 @@ int64_t first_max(const float* row, int64_t n) {
 
 // x [N, V] float32 (V >= 1) -> [N] int64: each row's argmax, as torch.argmax(x, dim=-1).
 at::Tensor row_argmax(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.size(1) >= 1 && x.scalar_type() == at::kFloat);
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.size(1) >= 1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat, "row_argmax takes float32 rows");
   const auto rows = x.contiguous();
   const int64_t n = rows.size(0), v = rows.size(1);
   auto out = at::empty({n}, x.options().dtype(at::kLong));
