@@ -10,7 +10,7 @@
 - `int8_linear` (csrc/int8_linear.cpp): the weight-only linear of `--quantization int8` for
   decode-sized batches, faster than torch's `_weight_int8pack_mm` (kernels/quant.py).
 - `row_argmax` (csrc/row_argmax.cpp): greedy sampling's argmax over each row of the logits,
-  torch.argmax's answer in a tenth of its time (kernels/sampler.py).
+  torch.argmax's answer in 0.13-0.20 of its time (kernels/sampler.py; bench/argmax.py).
 
 They are compiled for this CPU (`-march=native`) by torch's extension builder on first use,
 which needs a C++ compiler and ninja; the build is cached under torch's extensions folder,

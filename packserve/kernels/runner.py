@@ -173,14 +173,14 @@ class Runner:
         # Batch-invariant mode keeps each projection's GEMM apart (each is tiled alone).
         if not config.batch_invariant:
             fuse_shared_inputs(model.get_decoder(), pack)
-        # Norms in one C++ pass, on a CPU where the kernels build (batch-invariant mode tiles
-        # the model's own).
+        # The C++ kernels, on a CPU where they build: the sampler's argmax, and norms in one
+        # pass (batch-invariant mode tiles the model's own norms).
         native = build_native().kernels if model.device.type == "cpu" else None
         self.native_norms = 0
         if native is not None and not config.batch_invariant:
             self.native_norms = swap_rms_norms(model, native.rms_norm)
             log.info("%d RMSNorm modules run the C++ kernel", self.native_norms)
-        self.argmax = native.row_argmax if native is not None else None  # the sampler's
+        self.argmax = native.row_argmax if native is not None else None
         # Adapters wrap the projections as they now are; batch-invariant tiles wrap them whole.
         self.lora: LoRAPool | None = None
         if config.max_loras:
