@@ -70,7 +70,9 @@ def alone(kernel: Callable[[torch.Tensor], torch.Tensor]) -> list[dict[str, Any]
 
 def in_engine(model_dir: Path, batch: int, steps: int) -> dict[str, Any]:
     """Median decode-step milliseconds with torch's argmax and with the kernel, alternating."""
-    engine = Engine(EngineConfig(model=str(model_dir), dtype="float32"))
+    engine = Engine(
+        EngineConfig(model=str(model_dir), dtype="float32", threads=torch.get_num_threads())
+    )
     kernel = engine.runner.argmax
     assert kernel is not None, "the C++ kernels did not build"
     g = torch.Generator().manual_seed(0)

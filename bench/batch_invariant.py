@@ -107,7 +107,15 @@ def main() -> None:
     model = args.model or str(default_model_dir())
     tokenizer = serve.load_tokenizer(model)
     engines = {
-        mode: Engine(EngineConfig(model=model, dtype=args.dtype, device=args.device, **overrides))
+        mode: Engine(
+            EngineConfig(
+                model=model,
+                dtype=args.dtype,
+                device=args.device,
+                threads=torch.get_num_threads(),  # both modes alike
+                **overrides,
+            )
+        )
         for mode, overrides in MODES.items()
     }
     for engine in engines.values():

@@ -95,6 +95,7 @@ def main() -> None:
                 max_num_seqs=args.batch,
                 max_num_batched_tokens=args.batch * 512,
                 linear_backend=backend,
+                threads=torch.get_num_threads(),  # as the DynamicCache baseline runs
             )
         )
         for backend in ("onednn", "torch")

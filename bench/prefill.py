@@ -449,7 +449,7 @@ def run_step(
     base, samples0, t0 = mem.window_start()
     cpu0 = process_cpu_seconds()
     start = time.perf_counter()
-    result = runner.execute(prefill_step(bins, requests))
+    result = runner.execute(prefill_step(bins, requests), torch.get_num_threads())
     synchronize(runner.device)
     timing.seconds += time.perf_counter() - start
     timing.cpu_seconds += process_cpu_seconds() - cpu0
@@ -929,16 +929,16 @@ def run_profile(settings: Settings, out_dir: Path) -> None:
             runner = Runner(model, runner_config(backend, num_blocks, seed=0))
             bins = batches(seqs, method, b)[0]
             step = prefill_step(bins, requests)
-            runner.execute(step)
+            runner.execute(step, torch.get_num_threads())
             start = time.perf_counter()
-            runner.execute(step)
+            runner.execute(step, torch.get_num_threads())
             wall = time.perf_counter() - start
             start = time.perf_counter()
             tables = {r: list(req.block_ids) for r, req in requests.items()}
             step_inputs(bins, tables, runner.kv_cache, backend, model.dtype)
             inputs_s = time.perf_counter() - start
             with profile(activities=[ProfilerActivity.CPU]) as prof:
-                runner.execute(step)
+                runner.execute(step, torch.get_num_threads())
             events = prof.key_averages()
             per_cat: dict[str, float] = {}
             for ev in events:

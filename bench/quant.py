@@ -120,7 +120,11 @@ def main() -> None:
         print(f"{name}: ppl {ppl:.3f} {[round(p, 3) for p in per_doc]}", flush=True)
 
     engines = {
-        name: Engine(EngineConfig(model=model_dir, dtype=dtype, quantization=quantization))
+        name: Engine(
+            EngineConfig(
+                model=model_dir, dtype=dtype, quantization=quantization, threads=args.threads
+            )
+        )
         for name, dtype, quantization in SPEED
     }
     prompts = [ids[i * PROMPT_TOKENS : (i + 1) * PROMPT_TOKENS] for ids in docs for i in range(6)]

@@ -62,15 +62,12 @@ def gauges(url: str) -> dict[str, float]:
     return out
 
 
-def workload(engine: Any, n: int, seed: int, threads: int) -> list[dict[str, Any]]:
-    """n seeded requests, each with the offline engine's answer for its prompt alone,
-    computed with the server's number of intra-op threads: float32 sums in another order
-    can flip a near tie (one prompt of the 512 does, between 1 and 2 threads)."""
-    import torch
-
+def workload(engine: Any, n: int, seed: int) -> list[dict[str, Any]]:
+    """n seeded requests, each with the offline engine's answer for its prompt alone (the
+    engine runs the server's number of intra-op threads: float32 sums in another order can
+    flip a near tie; one prompt of the 512 does, between 1 and 2 threads)."""
     from packserve.scheduler import SamplingParams
 
-    torch.set_num_threads(threads)
     rng = random.Random(seed)
     tok = engine.tokenizer
     vocab = engine.model.config.vocab_size
@@ -272,8 +269,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.monotonic()
-    engine = Engine(EngineConfig(model=model, batch_invariant=args.batch_invariant))
-    reqs = workload(engine, args.requests, args.seed, args.threads)
+    engine = Engine(
+        EngineConfig(model=model, batch_invariant=args.batch_invariant, threads=args.threads)
+    )
+    reqs = workload(engine, args.requests, args.seed)
     offline_s = time.monotonic() - t0
     del engine
     print(f"offline expected outputs for {len(reqs)} requests: {offline_s:.0f} s", flush=True)

@@ -4,7 +4,6 @@ them logs a 5xx or a traceback, and the offline engine that gives their expected
 
 from __future__ import annotations
 
-import contextlib
 import random
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -21,11 +20,12 @@ from packserve.models.model_maker import default_model_dir
 from packserve.scheduler import SamplingParams
 from packserve.server.launcher import SERVE_COMMAND, ServerProcess
 
-# Intra-op threads of every test server and of the offline engine while it makes their
-# expected outputs. The same on both sides, because float32 sums in another order can flip a
-# near tie (bench/stress.py found a prompt whose greedy output differs between 1 and 2
-# threads). One, because on a busy 2-core machine two OpenMP threads mostly wait on each other,
-# and the test process and several servers share the cores.
+# Intra-op threads of every test server and of the offline engines that make their expected
+# outputs (`make_engine`: an engine's steps run on its own count). The same on both sides,
+# because float32 sums in another order can flip a near tie (bench/stress.py found a prompt
+# whose greedy output differs between 1 and 2 threads). One, because on a busy 2-core machine
+# two OpenMP threads mostly wait on each other, and the test process and several servers share
+# the cores.
 SERVER_THREADS = 1
 
 
@@ -74,10 +74,10 @@ def reference_model(tiny_model_dir: Path, device: str) -> PreTrainedModel:
 @pytest.fixture(scope="session")
 def make_engine(tiny_model_dir: Path, device: str):
     """Factory: an Engine over the tiny model, on the `--device`, in float32 (what the
-    reference model computes), with config overrides."""
+    reference model computes), on the test servers' threads, with config overrides."""
 
     def make(**overrides: object) -> Engine:
-        config = {"device": device, "dtype": "float32", **overrides}
+        config = {"device": device, "dtype": "float32", "threads": SERVER_THREADS, **overrides}
         return Engine(EngineConfig(model=str(tiny_model_dir), **config))  # type: ignore[arg-type]
 
     return make
@@ -269,24 +269,6 @@ def no_server_errors(request: pytest.FixtureRequest) -> Iterator[None]:
 # -- expected outputs: the offline engine, each prompt alone, as the servers run ----------------
 
 
-@contextlib.contextmanager
-def _server_threads() -> Iterator[None]:
-    """Run the block with the servers' thread count (SERVER_THREADS), then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(SERVER_THREADS)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def server_threads() -> Callable[[], contextlib.AbstractContextManager[None]]:
-    """`with server_threads():` run the offline engine as the test servers run (their thread
-    count), for expected outputs made without `offline`."""
-    return _server_threads
-
-
 @pytest.fixture(scope="session")
 def offline_engine(make_engine: Callable[..., Engine]) -> Engine:
     """The engine with default settings, in this process: the test servers' expected outputs."""
@@ -309,8 +291,7 @@ def offline(offline_engine: Engine) -> Callable[..., Completion]:
         )
         if key not in cache:
             sampling = SamplingParams(max_tokens=max_tokens, **params)
-            with _server_threads():
-                cache[key] = offline_engine.generate([prompt], sampling)[0]
+            cache[key] = offline_engine.generate([prompt], sampling)[0]
         return cache[key]
 
     return run

@@ -82,6 +82,12 @@ class EngineConfig:
         "onednn: prepacked weights (CPU); torch: the model's nn.Linear as is; auto: the faster "
         "on this machine for this model, timed once and cached",
     )
+    threads: int | None = knob(
+        None,
+        "intra-op CPU threads of the engine's steps (default: torch's, from OMP_NUM_THREADS or "
+        "the cores, or one fewer while decode steps run faster on it, as tried on them now "
+        "and then: the spare core serves the HTTP front; never fewer in batch-invariant mode)",
+    )
     quantization: Quantization = knob(
         "none", "weight-only quantization of the decoder's linear layers (CPU)"
     )
@@ -143,7 +149,7 @@ class EngineConfig:
         positive["fairness_steps"] = self.fairness_steps
         positive["max_prefill_tokens_while_decoding"] = self.max_prefill_tokens_while_decoding
         positive["kv_cache_memory_mb"] = self.kv_cache_memory_mb
-        for name in ("max_model_len", "num_kv_blocks"):
+        for name in ("max_model_len", "num_kv_blocks", "threads"):
             if getattr(self, name) is not None:
                 positive[name] = getattr(self, name)
         for name, value in positive.items():

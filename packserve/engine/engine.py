@@ -9,6 +9,8 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, wait
 from pathlib import Path
 
+import torch
+
 from packserve.kernels.invariant import INVARIANT_PREFILL_CHUNK
 from packserve.kernels.loader import load_model
 from packserve.kernels.machine import resolve_dtype
@@ -32,6 +34,7 @@ from .outputs import Completion, Delta
 from .stats import EngineInfo, EngineLoad, RunningRequest, StepStats
 from .structured import GrammarCompiler, GrammarState
 from .text import TextStream
+from .threads import ThreadTuner
 
 Prompt = str | Sequence[int]
 
@@ -64,6 +67,13 @@ class Engine:
                 f"--quantization {config.quantization}: {len(kept)} linear layers stay "
                 f"{dtype}, e.g. {name}: {reason}"
             )
+        # Intra-op threads of each step: the flag's, else torch's at start, or one fewer while
+        # that decodes faster (threads.py); not tuned in batch-invariant mode (its bitwise
+        # contract holds for one thread count) nor off the CPU.
+        self.threads = config.threads or torch.get_num_threads()
+        tuned = config.threads is None and not config.batch_invariant and self.threads > 1
+        tuned = tuned and self.model.device.type == "cpu"
+        self.thread_tuner = ThreadTuner((self.threads, self.threads - 1)) if tuned else None
         scheduler_config = _scheduler_config(config, max_model_len, self.runner.kv_cache.num_blocks)
         self.scheduler = Scheduler(scheduler_config, eos_token_ids)
         self.info = EngineInfo(
@@ -81,6 +91,8 @@ class Engine:
             dtype=dtype,
             linear_backend=self.runner.linear.backend,
             decode_attention=self.runner.decode.kernel,
+            threads=self.threads,
+            threads_tuned=self.thread_tuner is not None,
             quantization=config.quantization,
             max_loras=scheduler_config.max_loras,
         )
@@ -191,13 +203,18 @@ class Engine:
             stats = StepStats.of(output, time.perf_counter() - start)
             self.last_stats = stats if output.preempted_ids else None
             return failed
+        tuner = self.thread_tuner
+        threads = tuner.threads if tuner is not None else self.threads
+        masks = self._grammar_state.masks(output.segments)
         try:
-            result = self.runner.execute(output, self._grammar_state.masks(output.segments))
+            result = self.runner.execute(output, threads, masks)
         except Exception as exc:  # the step's requests fail; everyone else carries on
             deltas = self._fail(output, f"{type(exc).__name__}: {exc}")
         else:
             deltas = [self._delta(event) for event in self.scheduler.update(output, result)]
-        self.last_stats = StepStats.of(output, time.perf_counter() - start)
+            if tuner is not None and not output.prefills:
+                tuner.observe(threads, time.perf_counter() - start, len(output.decodes))
+        self.last_stats = StepStats.of(output, time.perf_counter() - start, threads)
         return failed + deltas
 
     def load(self) -> EngineLoad:

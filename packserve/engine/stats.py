@@ -30,6 +30,8 @@ class EngineInfo:
     dtype: str  # what --dtype resolved to (auto: from the machine)
     linear_backend: str  # what --linear-backend resolved to (auto: measured)
     decode_attention: str  # what --decode-attention resolved to (auto: measured)
+    threads: int  # intra-op threads of each step (--threads, else torch's at start)
+    threads_tuned: bool  # steps may run on one thread fewer while it decodes faster
     quantization: str  # none, int8 or int4 (weight-only)
     max_loras: int = 0  # LoRA adapters resident at once; 0: LoRA off
 
@@ -83,9 +85,10 @@ class StepStats:
     num_cache_hit_tokens: int  # of those, found
     num_preempted: int
     step_time_s: float
+    threads: int = 0  # intra-op threads the step ran on; 0: it ran no forward
 
     @classmethod
-    def of(cls, output: SchedulerOutput, step_time_s: float) -> StepStats:
+    def of(cls, output: SchedulerOutput, step_time_s: float, threads: int = 0) -> StepStats:
         """The figures of one scheduled step."""
         return cls(
             prefill_rows=tuple(tuple(seq.num_tokens for seq in row) for row in output.rows),
@@ -96,6 +99,7 @@ class StepStats:
             num_cache_hit_tokens=output.num_cache_hit_tokens,
             num_preempted=len(output.preempted_ids),
             step_time_s=step_time_s,
+            threads=threads,
         )
 
     @property

@@ -190,8 +190,6 @@ class Runner:
         self.tiles: TileRows | None = None
         if config.batch_invariant:
             self.tiles = make_batch_invariant(model, config.decode_tile_rows, config.max_model_len)
-        # Kernels split work by thread count: batch-invariant steps all run with this one.
-        self.num_threads = torch.get_num_threads()
         self.device = model.device
         spec = kv_cache_spec(model, config.block_size)
         num_blocks = config.num_kv_blocks or spec.num_blocks_for(config.kv_cache_memory_bytes)
@@ -222,14 +220,29 @@ class Runner:
 
     @torch.inference_mode()
     def execute(
-        self, output: SchedulerOutput, allowed: Mapping[str, torch.Tensor] | None = None
+        self,
+        output: SchedulerOutput,
+        threads: int,
+        allowed: Mapping[str, torch.Tensor] | None = None,
     ) -> RunnerOutput:
         """Bring the request states up to date, run the packed rows (and the decode batch
-        when it runs apart), sample a token for every segment that samples. `allowed`:
-        request_id -> bool [V], the tokens a constrained request may sample this step."""
+        when it runs apart), sample a token for every segment that samples; on `threads`
+        intra-op threads, the process's own count restored after. `allowed`: request_id ->
+        bool [V], the tokens a constrained request may sample this step."""
         self._update_states(output)
-        if self.config.batch_invariant and torch.get_num_threads() != self.num_threads:
-            torch.set_num_threads(self.num_threads)
+        caller = torch.get_num_threads()
+        if caller != threads:
+            torch.set_num_threads(threads)
+        try:
+            return self._run(output, allowed)
+        finally:
+            if caller != threads:
+                torch.set_num_threads(caller)
+
+    def _run(
+        self, output: SchedulerOutput, allowed: Mapping[str, torch.Tensor] | None
+    ) -> RunnerOutput:
+        """`execute`'s forwards and sampling, on the step's threads."""
         seqs: list[ScheduledSequence] = []
         logits: list[torch.Tensor] = []
         tables = {rid: state.block_ids for rid, state in self.requests.items()}

@@ -329,6 +329,7 @@ async def _start_engine(state: ServerState, link: ProcessLink | None) -> None:
                 "attention": settings.engine.attention_backend,
                 "linear": info.linear_backend,
                 "decode_attention": info.decode_attention,
+                "threads": info.threads,
                 "quantization": info.quantization,
                 "batch_invariant": info.batch_invariant,
                 "engine": "process" if settings.engine_process else "thread",

@@ -101,8 +101,15 @@ class Metrics:
         # An info metric (value 1): the kernels this server runs, as resolved at start-up.
         self.kernel_info = Gauge(
             PREFIX + "kernel_info",
-            "Kernels in use (value 1): dtype, linear backend, decode attention, quantization.",
-            [*labels, "dtype", "linear_backend", "decode_attention", "quantization"],
+            "Kernels in use (value 1): dtype, linear backend, decode attention, quantization, "
+            "intra-op threads (the most a step runs on).",
+            [*labels, "dtype", "linear_backend", "decode_attention", "quantization", "threads"],
+            registry=r,
+        )
+        self.engine_threads = Gauge(
+            PREFIX + "engine_threads",
+            "Intra-op threads the last engine step ran on.",
+            labels,
             registry=r,
         )
         # vLLM's LoRA info metric: one series, its labels the adapters in use now, its value
@@ -167,6 +174,7 @@ class Metrics:
             info.linear_backend,
             info.decode_attention,
             info.quantization,
+            str(info.threads),
         ).set(1)
         self._max_loras = info.max_loras
 
@@ -177,6 +185,8 @@ class Metrics:
         self.iteration_tokens.labels(m).observe(stats.num_tokens)
         self.prefix_queries.labels(m).inc(stats.num_cache_query_tokens)
         self.prefix_hits.labels(m).inc(stats.num_cache_hit_tokens)
+        if stats.threads:
+            self.engine_threads.labels(m).set(stats.threads)
         if stats.num_prefill_rows:
             self.prefill_rows.labels(m).inc(stats.num_prefill_rows)
             self.prefill_real.labels(m).inc(stats.num_row_tokens)

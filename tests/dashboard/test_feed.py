@@ -151,6 +151,7 @@ def test_running_table_and_config_follow_the_engine() -> None:
             dtype="bfloat16",
             linear_backend="onednn",
             decode_attention="sdpa",
+            threads=2,
             quantization="none",
         )
     )

@@ -94,14 +94,11 @@ async def _drain_scenario(server, bodies, parse_sse, error_body):
         return await asyncio.wait_for(asyncio.gather(*tasks), 120)
 
 
-def test_sigterm_drains_running_streams_and_exits_0(
-    drain_server, engine, server_threads, parse_sse, error_body
-):
+def test_sigterm_drains_running_streams_and_exits_0(drain_server, engine, parse_sse, error_body):
     prompts = [f"Drain stream number {i}: keep going" for i in range(N_STREAMS)]
-    with server_threads():
-        expected = engine.generate(
-            prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
-        )
+    expected = engine.generate(
+        prompts, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    )
     bodies = [
         {"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0, "ignore_eos": True}
         for p in prompts

@@ -1,5 +1,5 @@
-"""The kernels a server resolved at start-up (--dtype, --linear-backend auto, --quantization)
-are in its startup summary and in the packserve:kernel_info metric, and agree."""
+"""The kernels a server resolved at start-up (--dtype, --linear-backend auto, --quantization,
+the thread count) are in its startup summary and in the packserve:kernel_info metric, and agree."""
 
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ def test_startup_summary_and_kernel_info_metric_name_the_resolved_kernels(
     assert ready["quantization"] == "int8"
     assert ready["linear"] in ("onednn", "torch")  # resolved, never "auto"
     assert ready["decode_attention"] in ("sdpa", "matmul", "paged")
+    assert ready["threads"] == 1  # launch_server's OMP_NUM_THREADS=1: nothing to tune
     families = {f.name: f for f in text_string_to_metric_families(metrics)}
     (sample,) = families["packserve:kernel_info"].samples
     assert sample.value == 1
@@ -40,4 +41,7 @@ def test_startup_summary_and_kernel_info_metric_name_the_resolved_kernels(
         "linear_backend": ready["linear"],
         "decode_attention": ready["decode_attention"],
         "quantization": "int8",
+        "threads": "1",
     }
+    (threads,) = families["packserve:engine_threads"].samples
+    assert threads.value == 1

@@ -47,7 +47,7 @@ def test_models_lists_the_base_and_every_adapter(lora_server, adapters, model_na
 
 
 def test_a_request_picks_its_adapter_with_model(
-    lora_server, make_engine, adapters, server_threads, model_name, error_body
+    lora_server, make_engine, adapters, model_name, error_body
 ):
     """Each adapter's greedy completion is the offline engine's with that adapter (swapping
     through one slot), and differs from the base's; an unknown model stays a 404."""
@@ -67,11 +67,10 @@ def test_a_request_picks_its_adapter_with_model(
         r = httpx.post(lora_server.url + "/v1/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         assert r.json()["model"] == body["model"]
-        with server_threads():
-            rid = engine.add_request(PROMPT, params, adapter=name)
-            expected = []
-            while engine.has_unfinished:
-                expected += [t for d in engine.step() if d.request_id == rid for t in d.token_ids]
+        rid = engine.add_request(PROMPT, params, adapter=name)
+        expected = []
+        while engine.has_unfinished:
+            expected += [t for d in engine.step() if d.request_id == rid for t in d.token_ids]
         got = r.json()["choices"][0]["text"]
         assert got == engine.tokenizer.decode(expected)
         texts[name] = got

@@ -32,6 +32,7 @@ EXPECTED = {  # the vLLM-compatible names dashboards and autoscalers rely on
     "iteration_tokens_total": "histogram",
     "prefill_bin_fill_ratio": "histogram",
     "kernel_info": "gauge",  # value 1, the resolved kernels as labels
+    "engine_threads": "gauge",  # intra-op threads of the last step
 }
 PROMPT = "Metrics probe: count these tokens please"
 M = 7
