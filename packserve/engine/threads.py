@@ -7,7 +7,8 @@ tiny model at c=64, a batch-64 decode step took 48 ms on 2 threads and 40 ms on 
 takes 27 and 33), while SmolLM2 served ~1.45x faster on 2 threads than on 1
 (bench/threads.py). Which count wins depends on the model, the machine and what else runs on
 it, and can change while it serves, so a start-up timing cannot tell. The tuner tries both in
-short windows of decode steps and keeps the faster. It tries again after a while, twice as
+short windows of decode steps and keeps the faster (early, where the other count is clearly
+slower: SmolLM2 on one thread fewer here). It tries again after a while, twice as
 long each time a trial keeps the choice (up to MAX_HOLD_TOKENS); a changed choice starts
 from the first while again.
 
@@ -25,6 +26,9 @@ from dataclasses import dataclass, field
 WINDOW_TOKENS = 512  # decoded tokens per trial window (8 steps of a 64-sequence batch)
 HOLD_TOKENS = 16384  # decoded tokens on the chosen count before trying both again ...
 MAX_HOLD_TOKENS = 262144  # ... doubled by every trial that keeps the choice, up to this
+# A trial ends after its second window when the other count was this much slower per token:
+# a gap no drift within two windows explains, and trying it again would cost as much.
+CLEAR_SLOWDOWN = 1.2
 
 log = logging.getLogger("packserve.engine")
 
@@ -33,8 +37,9 @@ log = logging.getLogger("packserve.engine")
 class ThreadTuner:
     """Chooses between `counts` (all threads, then one fewer) by the time per decoded token of
     decode-only steps. A trial runs four windows, chosen / other / other / chosen (so a drift
-    in the batch weighs on both alike); the faster count (the larger one on a tie) is then held
-    for `hold` decoded tokens, doubled after each trial that kept it, up to `max_hold`."""
+    in the batch weighs on both alike), or only the first two where the other count was
+    CLEAR_SLOWDOWN slower; the faster count (the larger one on a tie) is then held for `hold`
+    decoded tokens, doubled after each trial that kept it, up to `max_hold`."""
 
     counts: tuple[int, int]
     window: int = WINDOW_TOKENS
@@ -78,6 +83,8 @@ class ThreadTuner:
             self._start_trial()
             return
         self._plan.pop(0)
+        if len(self._plan) == 2 and self._clearly_slower(self._plan[0]):
+            self._plan.clear()
         if self._plan:
             self._left = self.window
             return
@@ -88,6 +95,11 @@ class ThreadTuner:
         self._plan = [self.choice, other, other, self.choice]
         self._left = self.window
         self._sums = {count: [0.0, 0] for count in self.counts}
+
+    def _clearly_slower(self, count: int) -> bool:
+        """`count` was CLEAR_SLOWDOWN slower per token than the choice, in the windows so far."""
+        (other_s, other_n), (mine_s, mine_n) = self._sums[count], self._sums[self.choice]
+        return other_s * mine_n > CLEAR_SLOWDOWN * mine_s * other_n
 
     def _decide(self) -> None:
         per_token = {count: s / n for count, (s, n) in self._sums.items()}

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from packserve.engine import Engine
-from packserve.engine.threads import ThreadTuner
+from packserve.engine.threads import CLEAR_SLOWDOWN, ThreadTuner
 from packserve.scheduler import SamplingParams
 
 
@@ -48,6 +48,17 @@ def test_a_trial_runs_both_counts_in_windows_and_keeps_the_faster() -> None:
     ran = run_trial(tuner, {2: 0.5, 1: 0.8})
     assert ran == [1] * 3 + [2] * 6 + [1] * 3
     assert (tuner.choice, tuner.trials) == (2, 2)
+
+
+def test_a_clearly_slower_count_ends_its_trial_early() -> None:
+    """As SmolLM2 served here: one thread fewer ~1.45x slower. Its second window would cost
+    as much again and could not change the choice."""
+    tuner = ThreadTuner((2, 1), window=3 * 64, hold=5 * 64)
+    ran = run_trial(tuner, {2: 0.5, 1: 0.5 * 1.45})
+    assert ran == [2] * 3 + [1] * 3
+    assert tuner.choice == 2 and tuner.fewer_over_all == pytest.approx(1.45)
+    slightly = ThreadTuner((2, 1), window=3 * 64, hold=5 * 64)  # within CLEAR_SLOWDOWN
+    assert len(run_trial(slightly, {2: 0.5, 1: 0.5 * 0.95 * CLEAR_SLOWDOWN})) == 12
 
 
 def test_a_choice_that_trials_keep_is_held_longer_up_to_a_cap() -> None:
