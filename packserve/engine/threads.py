@@ -5,12 +5,12 @@ On a CPU the engine shares the cores with the HTTP front and, often, the clients
 threads then wait on each other whenever one of them is descheduled: on 2 cores serving the
 tiny model at c=64, a batch-64 decode step took 48 ms on 2 threads and 40 ms on 1 (its step
 times logged under bench/threads.py's load; alone it takes 27 and 33), while SmolLM2 served
-1.4-1.5x faster on 2 threads than on 1 (bench/threads.py). Which count wins depends on the model, the machine and what else runs on
-it, and can change while it serves, so a start-up timing cannot tell. The tuner tries both in
-short windows of decode steps and keeps the faster (early, where the other count is clearly
-slower: SmolLM2 on one thread fewer here). It tries again after a while, twice as
-long each time a trial keeps the choice (up to MAX_HOLD_TOKENS); a changed choice starts
-from the first while again.
+1.4-1.5x faster on 2 threads than on 1 (bench/threads.py). Which count wins depends on the
+model, the machine and what else runs on it, and can change while it serves, so a start-up
+timing cannot tell. The tuner tries both in short windows of decode steps and keeps the
+faster (early, where the other count is clearly slower: SmolLM2 on one thread fewer here).
+It tries again after a while, twice as long each time a trial keeps the choice (up to
+MAX_HOLD_TOKENS); a changed choice starts from the first while again.
 
 Only steps that decode alone are compared: their time per token is steady from step to step,
 while a prefill's varies with its tokens. Windows and holds are counted in decoded tokens, so
