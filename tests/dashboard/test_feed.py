@@ -152,6 +152,7 @@ def test_running_table_and_config_follow_the_engine() -> None:
             linear_backend="onednn",
             decode_attention="sdpa",
             threads=2,
+            threads_tuned=True,
             quantization="none",
         )
     )
