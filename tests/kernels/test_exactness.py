@@ -43,7 +43,11 @@ def run(engine, workload):
 
 
 @pytest.mark.parametrize("overrides", CONFIGS)
-def test_greedy_equals_generate_alone(make_engine, mixed_workload, greedy_reference, overrides):
+def test_greedy_equals_generate_alone(
+    make_engine, mixed_workload, greedy_reference, overrides, device
+):
+    if overrides.get("decode_attention") == "paged" and device != "cpu":
+        pytest.skip("the paged decode kernel is C++ for the CPU; the runner refuses it elsewhere")
     _, assert_matches = greedy_reference
     engine = make_engine(**overrides)
     outputs = run(engine, mixed_workload)
