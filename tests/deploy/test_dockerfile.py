@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from packserve.server.settings import default_served_model_name
+
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
@@ -129,17 +131,35 @@ def test_cpu_torch_is_pinned_and_installed_before_the_project(instructions):
     assert copies and t_at < min(copies) < p_at
 
 
-def test_the_tiny_model_is_built_into_the_image_and_is_the_default(instructions):
-    make = [i for i in instructions if i.keyword == "RUN" and "packserve make-model" in i.args]
-    assert len(make) == 1, make
-    words = shlex.split(make[0].args)
-    model_dir = words[words.index("make-model") + 1]
-    assert "--size" in words and words[words.index("--size") + 1] == "tiny"
+def test_the_default_model_is_baked_into_the_image_and_is_what_it_serves(instructions):
+    # The build fetches and converts SmolLM2 (the CLI's default) into a folder named as the
+    # API serves the default model, and the image serves that folder: no random model.
+    fetch = [i for i in instructions if i.keyword == "RUN" and "default_model_dir()" in i.args]
+    assert len(fetch) == 1, fetch
+    assert "packserve.models.smollm2" in fetch[0].args
+    moved = re.search(r"shutil\.move\(default_model_dir\(\), '([^']+)'\)", fetch[0].args)
+    assert moved, fetch[0].args
+    model_dir = moved[1]
+    assert default_served_model_name(model_dir) == default_served_model_name(None)
+    assert not any("make-model" in i.args for i in instructions if i.keyword == "RUN")
     final = final_stage(instructions)
     assert env_of(final).get("PACKSERVE_MODEL") == model_dir
-    if make[0].stage != final[0].stage:  # built in an earlier stage: copied over
+    if fetch[0].stage != final[0].stage:  # built in an earlier stage: copied over
         copies = [i.args for i in final if i.keyword == "COPY" and "--from=" in i.args]
         assert any(model_dir.startswith(c.split()[-1]) for c in copies), copies
+
+
+def test_the_runtime_image_can_compile_the_cpu_kernels(instructions):
+    # The engine compiles packserve/kernels/csrc for the host's CPU on first start: the final
+    # stage installs a C++ compiler (as root, before USER) and drops apt's lists.
+    final = final_stage(instructions)
+    at = [n for n, i in enumerate(final) if i.keyword == "RUN" and "apt-get install" in i.args]
+    assert len(at) == 1, [i.args for i in final if i.keyword == "RUN"]
+    words = shlex.split(final[at[0]].args)
+    assert "g++" in words and "--no-install-recommends" in words
+    assert "rm -rf /var/lib/apt/lists/*" in final[at[0]].args
+    user_at = min(n for n, i in enumerate(final) if i.keyword == "USER")
+    assert at[0] < user_at
 
 
 def test_healthcheck_probes_health_with_python_only(instructions):
@@ -291,6 +311,7 @@ def test_the_build_context_alone_builds_the_package(instructions, tmp_path):
         "models/model_maker.py",
         "models/corpus.py",
         "models/corpus/01-cooking.txt",
+        "kernels/csrc/paged_decode.cpp",
         "scheduler/__init__.py",
     ):
         assert f"packserve/{module}" in names, module
