@@ -261,27 +261,27 @@ def test_batch_invariant_mode_refuses_dense_attention(make_engine):
 
 
 def test_smollm2_logits_batched_and_preempted_equal_alone_bitwise(smollm2_dir, monkeypatch):
-    """The real default model: 10 prompts of 1..600 tokens, packed and batched, then again
+    """The real default model: 10 prompts of 1..300 tokens, packed and batched, then again
     with a KV pool small enough to preempt; every logits row equals the prompt alone. (The
     tiny model's tests above cover longer prompts and more of them; this one is the real
     model's weights and shapes, at a size CI can afford.)"""
     engine = Engine(EngineConfig(model=str(smollm2_dir), dtype="float32", batch_invariant=True))
-    prompts = random_prompts(engine.model.config.vocab_size, 10, 600, seed=12)
+    prompts = random_prompts(engine.model.config.vocab_size, 10, 300, seed=12)
     params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     alone = logits_alone(engine, prompts, params, monkeypatch)
     with recorded_logits(monkeypatch) as rows:
         ids = run_together(engine, prompts, params)
     assert_bitwise(alone, rows, ids)
     # Admission keeps the blocks a prompt's prefill needs, so only decodes growing into a
-    # full pool preempt: 104 blocks of 8 do (the schedule, not the model, decides where).
+    # full pool preempt: 48 blocks of 8 do (the schedule, not the model, decides where).
     small = Engine(
         EngineConfig(
             model=str(smollm2_dir),
             dtype="float32",
             batch_invariant=True,
             block_size=8,
-            num_kv_blocks=104,
-            max_model_len=640,
+            num_kv_blocks=48,
+            max_model_len=320,
         )
     )
     with recorded_logits(monkeypatch) as rows:
