@@ -22,17 +22,6 @@ namespace {
 constexpr int64_t kMaxGroup = 4;  // query heads of one K/V head done together, at most
 constexpr int64_t kMaxDim = 256;  // head size, at most
 
-struct Context {
-  const int32_t* table;  // the sequence's block ids
-  int64_t length;        // tokens it attends to
-  int64_t block_size;
-  int64_t row;  // elements of one token's K (or V) in the pool: Hkv * D
-
-  int64_t offset(int64_t t) const {
-    return (int64_t(table[t / block_size]) * block_size + t % block_size) * row;
-  }
-};
-
 // `n` elements as float32: float32 ones in place, others converted into `room`.
 template <typename T>
 inline const float* as_float(const T* x, float* room, int64_t n) {
@@ -44,14 +33,20 @@ inline const float* as_float(const T* x, float* room, int64_t n) {
   }
 }
 
-// 16 float32 lanes (GCC / Clang vector extensions: the compiler maps them onto the CPU's
-// vector registers, whatever their width). Scores are summed 16 tokens at a time: each
-// token's 16 partial sums, then one transposing reduction for all 16, instead of a
-// horizontal sum per token.
-typedef float Lanes __attribute__((vector_size(64)));
-typedef int32_t LaneIndex __attribute__((vector_size(64)));
-typedef uint32_t Wide __attribute__((vector_size(64)));
-typedef uint16_t Narrow __attribute__((vector_size(32)));
+// float32 lanes as wide as the CPU's vector registers (GCC / Clang vector extensions): 16 with
+// AVX-512, else 8 (wider vectors than the registers make the compiler split the reduction's
+// shuffles into scalar moves: on a Zen 3, 256 of the 600 instructions of a score tile).
+// Scores are summed kLanes tokens at a time: each token's kLanes partial sums, then one
+// transposing reduction for all of them, instead of a horizontal sum per token.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#else
+constexpr int kLanes = 8;
+#endif
+typedef float Lanes __attribute__((vector_size(4 * kLanes)));
+typedef int32_t LaneIndex __attribute__((vector_size(4 * kLanes)));
+typedef uint32_t Wide __attribute__((vector_size(4 * kLanes)));
+typedef uint16_t Narrow __attribute__((vector_size(2 * kLanes)));
 
 #if defined(__clang__)
 #define PS_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
@@ -76,13 +71,14 @@ inline Lanes load_lanes(const c10::BFloat16* x) {  // bfloat16 is float32's high
 
 template <typename T>  // other dtypes (float16, float64): element by element
 inline Lanes load_lanes(const T* x) {
-  float room[16];
-  for (int i = 0; i < 16; ++i) room[i] = float(x[i]);
+  float room[kLanes];
+  for (int i = 0; i < kLanes; ++i) room[i] = float(x[i]);
   return load_lanes(room);
 }
 
 // Lane i of the result: the sum of a[i]'s lanes.
 inline Lanes sum_each(Lanes* a) {
+#if defined(__AVX512F__)
   Lanes b[8], c[4], d[2];
   for (int i = 0; i < 8; ++i)
     b[i] = PS_SHUFFLE(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -95,70 +91,144 @@ inline Lanes sum_each(Lanes* a) {
            PS_SHUFFLE(c[2 * i], c[2 * i + 1], 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31);
   return PS_SHUFFLE(d[0], d[1], 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
          PS_SHUFFLE(d[0], d[1], 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+#else
+  Lanes b[4], c[2];
+  for (int i = 0; i < 4; ++i)
+    b[i] = PS_SHUFFLE(a[2 * i], a[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           PS_SHUFFLE(a[2 * i], a[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int i = 0; i < 2; ++i)
+    c[i] = PS_SHUFFLE(b[2 * i], b[2 * i + 1], 0, 1, 8, 9, 4, 5, 12, 13) +
+           PS_SHUFFLE(b[2 * i], b[2 * i + 1], 2, 3, 10, 11, 6, 7, 14, 15);
+  // c[0] holds a[0], a[2], a[1], a[3] two lanes each; c[1] the same of a[4..7].
+  return PS_SHUFFLE(c[0], c[1], 0, 2, 4, 6, 8, 10, 12, 14) +
+         PS_SHUFFLE(c[0], c[1], 1, 3, 5, 7, 9, 11, 13, 15);
+#endif
+}
+
+#if defined(__AVX512F__)
+constexpr int kSumOrder[kLanes] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+#else
+constexpr int kSumOrder[kLanes] = {0, 2, 1, 3, 4, 6, 5, 7};  // lane i of sum_each holds a[order[i]]
+#endif
+
+// Asks the cache for the K (or V) rows of tokens [t0, t0 + n) of the context, every K/V head
+// (`row_bytes` each): the rows of a block are contiguous, but blocks lie anywhere in the pool.
+template <typename T>
+inline void prefetch_tokens(const T* pool, const int64_t* offsets, int64_t length,
+                            int64_t row_bytes, int64_t t0, int64_t n) {
+  constexpr int64_t kLine = 64;
+  for (int64_t t = t0; t < std::min(t0 + n, length); ++t) {
+    const char* p = reinterpret_cast<const char*>(pool + offsets[t]);
+    for (int64_t b = 0; b < row_bytes; b += kLine) __builtin_prefetch(p + b);
+  }
 }
 
 // Scores of G query heads (q [G][DIM] scaled, DIM a multiple of 16) against the K/V head at
-// `head` of each pool row: scores [G][length].
+// `head` of tokens [t0, t0 + n) (n <= kLanes), whose rows start at `offsets`: scores
+// [G][length].
 template <typename T, int DIM, int G>
-void scores_by_lanes(const Context& ctx, const T* k_pool, int64_t head, const float* q,
-                     float* scores) {
-  constexpr int kChunks = DIM / 16;
-  Lanes query[G][kChunks];
-  for (int g = 0; g < G; ++g)
-    for (int c = 0; c < kChunks; ++c) query[g][c] = load_lanes(q + g * DIM + 16 * c);
-  const int64_t length = ctx.length;
-  for (int64_t t0 = 0; t0 < length; t0 += 16) {
-    const int64_t n = std::min<int64_t>(16, length - t0);
-    Lanes partial[G][16];
-    for (int64_t i = 0; i < 16; ++i) {
-      if (i >= n) {
-        for (int g = 0; g < G; ++g) partial[g][i] = Lanes{};
-        continue;
-      }
-      const T* key = k_pool + ctx.offset(t0 + i) + head;
-      Lanes k[kChunks];
-      for (int c = 0; c < kChunks; ++c) k[c] = load_lanes(key + 16 * c);
-      for (int g = 0; g < G; ++g) {
-        Lanes a = query[g][0] * k[0];
-        for (int c = 1; c < kChunks; ++c) a += query[g][c] * k[c];
-        partial[g][i] = a;
-      }
+inline void score_tile(const T* k_pool, const int64_t* offsets, int64_t length, int64_t head,
+                       const float* q, int64_t t0, int64_t n, float* scores) {
+  constexpr int kChunks = DIM / kLanes;
+  Lanes partial[G][kLanes];
+  for (int64_t i = 0; i < kLanes; ++i) {
+    if (i >= n) {
+      for (int g = 0; g < G; ++g) partial[g][i] = Lanes{};
+      continue;
     }
+    const T* key = k_pool + offsets[t0 + i] + head;
+    Lanes k[kChunks];
+    for (int c = 0; c < kChunks; ++c) k[c] = load_lanes(key + kLanes * c);
     for (int g = 0; g < G; ++g) {
-      const Lanes sums = sum_each(partial[g]);
-      for (int64_t i = 0; i < n; ++i) scores[g * length + t0 + i] = sums[i];
+      Lanes a = load_lanes(q + g * DIM) * k[0];
+      for (int c = 1; c < kChunks; ++c) a += load_lanes(q + g * DIM + kLanes * c) * k[c];
+      partial[g][i] = a;
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const Lanes sums = sum_each(partial[g]);
+    for (int i = 0; i < kLanes; ++i)
+      if (kSumOrder[i] < n) scores[g * length + t0 + kSumOrder[i]] = sums[i];
+  }
+}
+
+// The same for a head size known only at run time, or not a multiple of 16: token by token.
+template <typename T>
+inline void score_rows(const T* k_pool, const int64_t* offsets, int64_t length, int64_t head,
+                       const float* q, int g_n, int64_t dim, int64_t t0, int64_t n, float* row,
+                       float* scores) {
+  for (int64_t t = t0; t < t0 + n; ++t) {
+    const float* k = as_float(k_pool + offsets[t] + head, row, dim);
+    for (int g = 0; g < g_n; ++g) {
+      float s = 0.f;
+      for (int64_t d = 0; d < dim; ++d) s += q[g * dim + d] * k[d];
+      scores[g * length + t] = s;
     }
   }
 }
 
-// G query heads sharing the K/V head whose elements start at `head` in each pool row: their
-// scaled queries `query` [G, D] attend over the context; writes their outputs `out` [G, D].
-// DIM > 0: the head size known at compile time (the loops unroll); 0: `dim` (<= kMaxDim) at
-// run time. `scores`: room for G x length floats.
-template <typename T, int DIM, int G>
-void attend_group(const Context& ctx, const T* k_pool, const T* v_pool, int64_t head,
-                  const float* query, int64_t dim_rt, float* scores, T* out) {
-  constexpr int64_t kRoom = DIM > 0 ? DIM : kMaxDim;
+// Per-thread room for one sequence at a time.
+struct Scratch {
+  std::vector<float> query, acc, inv_sum, scores;
+  std::vector<int64_t> offsets;
+};
+
+// One sequence: its `heads` query heads (`q` [H, D]) attend over the `length` tokens of its
+// block table; writes `out` [H, D]. Each token's pool offset is found once (no division per
+// read). Tokens are the outer loop and each token's K (then V) row is read whole, every K/V
+// head of it at once, so a block is read in address order (a loop per K/V head would walk the
+// context once per head, each time touching a third of every row), with the rows a tile or
+// two ahead asked for in advance. DIM > 0: the head size known at compile time; 0: `dim_rt`
+// (<= kMaxDim).
+template <typename T, int DIM>
+void attend_sequence(const T* q, const T* k_pool, const T* v_pool, const int32_t* table,
+                     int64_t length, int64_t block_size, int64_t heads, int64_t kv_heads,
+                     int64_t dim_rt, float scale, Scratch& room, T* out) {
   const int64_t dim = DIM > 0 ? DIM : dim_rt;
-  const int64_t length = ctx.length;
-  float q[G][kRoom], row[kRoom], acc[G][kRoom];
-  if constexpr (DIM > 0 && DIM % 16 == 0) {
-    scores_by_lanes<T, DIM, G>(ctx, k_pool, head, query, scores);
-  } else {
-    for (int g = 0; g < G; ++g)
-      for (int64_t d = 0; d < dim; ++d) q[g][d] = query[g * dim + d];
-    for (int64_t t = 0; t < length; ++t) {
-      const float* k = as_float(k_pool + ctx.offset(t) + head, row, dim);
-      for (int g = 0; g < G; ++g) {
-        float s = 0.f;
-        for (int64_t d = 0; d < dim; ++d) s += q[g][d] * k[d];
-        scores[g * length + t] = s;
+  const int64_t group = heads / kv_heads;
+  const int64_t row = kv_heads * dim;  // elements of one token's K (or V) in the pool
+  const int64_t row_bytes = row * int64_t(sizeof(T));
+  room.query.resize(heads * dim);
+  room.acc.assign(heads * dim, 0.f);
+  room.inv_sum.resize(heads);
+  room.scores.resize(heads * length);
+  room.offsets.resize(length);
+  float* query = room.query.data();
+  float* scores = room.scores.data();
+  float* acc = room.acc.data();
+  int64_t* offsets = room.offsets.data();
+  for (int64_t i = 0; i < heads * dim; ++i) query[i] = float(q[i]) * scale;
+  for (int64_t t = 0, block = 0, slot = 0; t < length; ++t) {
+    offsets[t] = (int64_t(table[block]) * block_size + slot) * row;
+    if (++slot == block_size) slot = 0, ++block;
+  }
+  float spill[kMaxDim];
+  prefetch_tokens(k_pool, offsets, length, row_bytes, 0, kLanes);
+  for (int64_t t0 = 0; t0 < length; t0 += kLanes) {
+    const int64_t n = std::min<int64_t>(kLanes, length - t0);
+    prefetch_tokens(k_pool, offsets, length, row_bytes, t0 + kLanes, kLanes);
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      for (int64_t g = 0; g < group; g += kMaxGroup) {
+        const int64_t first = h * group + g;  // query heads [first, first + chunk)
+        const float* qs = query + first * dim;
+        float* s = scores + first * length;
+        const int chunk = int(std::min(kMaxGroup, group - g));
+        if constexpr (DIM > 0 && DIM % 16 == 0) {
+          switch (chunk) {
+            case 1: score_tile<T, DIM, 1>(k_pool, offsets, length, h * dim, qs, t0, n, s); break;
+            case 2: score_tile<T, DIM, 2>(k_pool, offsets, length, h * dim, qs, t0, n, s); break;
+            case 3: score_tile<T, DIM, 3>(k_pool, offsets, length, h * dim, qs, t0, n, s); break;
+            default: score_tile<T, DIM, 4>(k_pool, offsets, length, h * dim, qs, t0, n, s);
+          }
+        } else {
+          score_rows<T>(k_pool, offsets, length, h * dim, qs, chunk, dim, t0, n, spill, s);
+        }
       }
     }
   }
-  float inv_sum[G];
-  for (int g = 0; g < G; ++g) {
-    float* s = scores + g * length;
+  prefetch_tokens(v_pool, offsets, length, row_bytes, 0, 16);
+  for (int64_t head = 0; head < heads; ++head) {
+    float* s = scores + head * length;
     float peak = s[0];
     for (int64_t t = 1; t < length; ++t) peak = std::max(peak, s[t]);
     float sum = 0.f;
@@ -166,19 +236,24 @@ void attend_group(const Context& ctx, const T* k_pool, const T* v_pool, int64_t 
       s[t] = std::exp(s[t] - peak);
       sum += s[t];
     }
-    inv_sum[g] = 1.f / sum;
+    room.inv_sum[head] = 1.f / sum;
   }
-  for (int g = 0; g < G; ++g)
-    for (int64_t d = 0; d < dim; ++d) acc[g][d] = 0.f;
   for (int64_t t = 0; t < length; ++t) {
-    const float* v = as_float(v_pool + ctx.offset(t) + head, row, dim);
-    for (int g = 0; g < G; ++g) {
-      const float p = scores[g * length + t];
-      for (int64_t d = 0; d < dim; ++d) acc[g][d] += p * v[d];
+    if (t % 8 == 0) prefetch_tokens(v_pool, offsets, length, row_bytes, t + 16, 8);
+    const T* v_row = v_pool + offsets[t];
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const float* v = as_float(v_row + h * dim, spill, dim);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t head = h * group + g;
+        const float p = scores[head * length + t];
+        float* a = acc + head * dim;
+        for (int64_t d = 0; d < dim; ++d) a[d] += p * v[d];
+      }
     }
   }
-  for (int g = 0; g < G; ++g)
-    for (int64_t d = 0; d < dim; ++d) out[g * dim + d] = T(acc[g][d] * inv_sum[g]);
+  for (int64_t head = 0; head < heads; ++head)
+    for (int64_t d = 0; d < dim; ++d)
+      out[head * dim + d] = T(acc[head * dim + d] * room.inv_sum[head]);
 }
 
 template <typename T, int DIM>
@@ -186,7 +261,6 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int32_t* tables,
             const int32_t* lengths, T* out, int64_t batch, int64_t heads, int64_t kv_heads,
             int64_t dim_rt, int64_t max_blocks, int64_t block_size, float scale) {
   const int64_t dim = DIM > 0 ? DIM : dim_rt;
-  const int64_t group = heads / kv_heads;
   // Longest first, dealt round-robin to the threads: each gets about the same work.
   std::vector<int64_t> order(batch);
   for (int64_t b = 0; b < batch; ++b) order[b] = b;
@@ -194,27 +268,13 @@ void attend(const T* q, const T* k_pool, const T* v_pool, const int32_t* tables,
                    [&](int64_t x, int64_t y) { return lengths[x] > lengths[y]; });
   const int64_t threads = std::min<int64_t>(at::get_num_threads(), batch);
   at::parallel_for(0, threads, 1, [&](int64_t first_thread, int64_t last_thread) {
-    std::vector<float> query(heads * dim), scores;
+    Scratch room;
     for (int64_t next = 0; next < batch; ++next) {
       if (next % threads < first_thread || next % threads >= last_thread) continue;
       const int64_t b = order[next];
-      const Context ctx{tables + b * max_blocks, lengths[b], block_size, kv_heads * dim};
-      scores.resize(kMaxGroup * ctx.length);
-      for (int64_t i = 0; i < heads * dim; ++i) query[i] = float(q[b * heads * dim + i]) * scale;
-      for (int64_t h = 0; h < kv_heads; ++h) {
-        for (int64_t g = 0; g < group; g += kMaxGroup) {
-          const int64_t first = h * group + g;  // query heads [first, first + n)
-          const float* qs = query.data() + first * dim;
-          T* os = out + (b * heads + first) * dim;
-          float* ss = scores.data();
-          switch (std::min(kMaxGroup, group - g)) {
-            case 1: attend_group<T, DIM, 1>(ctx, k_pool, v_pool, h * dim, qs, dim, ss, os); break;
-            case 2: attend_group<T, DIM, 2>(ctx, k_pool, v_pool, h * dim, qs, dim, ss, os); break;
-            case 3: attend_group<T, DIM, 3>(ctx, k_pool, v_pool, h * dim, qs, dim, ss, os); break;
-            default: attend_group<T, DIM, 4>(ctx, k_pool, v_pool, h * dim, qs, dim, ss, os);
-          }
-        }
-      }
+      attend_sequence<T, DIM>(q + b * heads * dim, k_pool, v_pool, tables + b * max_blocks,
+                              lengths[b], block_size, heads, kv_heads, dim, scale, room,
+                              out + b * heads * dim);
     }
   });
 }
