@@ -10,6 +10,13 @@ random places in a pool the size of SmolLM2's default one (or twice what they ta
 that is more), as after a while of serving. Both
 kernels must agree with each other to float tolerance (the base is the reference).
 
+Then inside the engine: SmolLM2 float32 holding 64 greedy sequences mid-decode (prompts of
+100..240 tokens), its decode steps alternating between the two kernels (the step inputs take
+the kernel from `kernels.inputs.build_native`, which the bench points at a switch), median
+step time and time inside the kernel of each. Same engine, same sequences, contexts one token
+longer each step, so the difference is the kernel's, with the weights streaming through the
+caches between its calls as they do when serving.
+
     .venv/bin/python -m bench.paged_decode [--base HEAD] [--threads 2]
 
 Writes bench/results/paged_decode.json and paged_decode.md.
@@ -21,6 +28,7 @@ import argparse
 import hashlib
 import json
 import os
+import random
 import statistics
 import subprocess
 import tempfile
@@ -31,7 +39,11 @@ from typing import Any
 import torch
 
 from bench.packing_window import machine_info
+from packserve.engine import Engine, EngineConfig
+from packserve.kernels import inputs as step_inputs
 from packserve.kernels import native
+from packserve.models.smollm2 import default_model_dir as smollm2_model_dir
+from packserve.scheduler import SamplingParams
 
 RESULTS = Path(__file__).parent / "results"
 HEADS, KV_HEADS, DIM, BLOCK = 9, 3, 64, 8
@@ -92,10 +104,84 @@ def inputs(batch: int, context: int, seed: int) -> tuple[torch.Tensor, ...]:
     return q, k_pool, v_pool, tables, lengths
 
 
+class Switch:
+    """native.build()'s answer with `paged_decode` switchable and timed (the rest untouched)."""
+
+    def __init__(self, built: native.NativeBuild) -> None:
+        assert built.kernels is not None
+        self.error = built.error
+        self.name = built.name
+        self._kernels = built.kernels
+        self.current = built.kernels.paged_decode
+        self.seconds = 0.0
+
+    @property
+    def kernels(self) -> Switch:
+        return self
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._kernels, name)
+
+    def paged_decode(self, *args: Any) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.current(*args)
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def in_engine(kernels: dict[str, Any], steps: int, threads: int) -> dict[str, Any]:
+    """Median decode-step ms and ms inside the kernel, the kernels alternating step by step."""
+    switch = Switch(native.build())
+    real = step_inputs.build_native
+    step_inputs.build_native = lambda: switch  # type: ignore[assignment]
+    try:
+        engine = Engine(
+            EngineConfig(
+                model=str(smollm2_model_dir()),
+                dtype="float32",
+                decode_attention="paged",
+                threads=threads,
+            )
+        )
+        rng = random.Random(0)
+        params = SamplingParams(temperature=0, max_tokens=2 * steps + 8, ignore_eos=True)
+        for _ in range(64):
+            prompt = [
+                rng.randrange(16, engine.info.vocab_size) for _ in range(rng.randint(100, 240))
+            ]
+            engine.add_request(prompt, params)
+        while (
+            engine.load().num_waiting
+            or engine.last_stats is None
+            or engine.last_stats.num_prefill_tokens
+        ):
+            engine.step()
+        times: dict[str, list[tuple[float, float]]] = {name: [] for name in kernels}
+        for _ in range(steps):
+            for name, kernel in kernels.items():
+                switch.current, switch.seconds = kernel, 0.0
+                start = time.perf_counter()
+                engine.step()
+                times[name].append((time.perf_counter() - start, switch.seconds))
+        for request_id in list(engine.scheduler.requests):
+            engine.abort(request_id)
+        engine.step()
+    finally:
+        step_inputs.build_native = real
+    return {
+        name: {
+            "step_ms": statistics.median(t for t, _ in runs) * 1e3,
+            "kernel_ms": statistics.median(k for _, k in runs) * 1e3,
+        }
+        for name, runs in times.items()
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="HEAD", help="git revision of the base kernel")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--steps", type=int, default=30, help="engine steps per kernel")
     args = parser.parse_args()
     revision = subprocess.run(
         ["git", "rev-parse", "--short", args.base], capture_output=True, text=True, check=True
@@ -132,13 +218,16 @@ def main() -> None:
                 }
             )
             print(rows[-1], flush=True)
+        with torch.inference_mode():
+            engine = in_engine(kernels, args.steps, args.threads)
+        print(engine, flush=True)
     machine = {
         **machine_info(),
         "threads": args.threads,
         "load_average": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    summary = {"machine": machine, "base": revision, "rows": rows}
+    summary = {"machine": machine, "base": revision, "rows": rows, "engine": engine}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "paged_decode.json").write_text(json.dumps(summary, indent=1))
     lines = [
@@ -160,6 +249,20 @@ def main() -> None:
             f"| {r['batch']} | {r['context']} | {r['base_ms']:.3f} | {r['checkout_ms']:.3f} | "
             f"**{r['speedup']:.2f}** | {r['checkout_gbps']:.1f} |"
         )
+    base_step, ours_step = engine["base"]["step_ms"], engine["checkout"]["step_ms"]
+    base_kernel_ms, ours_kernel_ms = engine["base"]["kernel_ms"], engine["checkout"]["kernel_ms"]
+    lines += [
+        "",
+        f"In the engine: SmolLM2 float32, 64 sequences mid-decode (prompts of 100..240 tokens), "
+        f"{args.steps} steps with each kernel, alternating; median ms.",
+        "",
+        "| kernel | decode step ms | in the kernel ms |",
+        "|---|--:|--:|",
+        f"| base | {base_step:.1f} | {base_kernel_ms:.1f} |",
+        f"| checkout | {ours_step:.1f} | {ours_kernel_ms:.1f} |",
+        f"| base / checkout | **{base_step / ours_step:.3f}** | "
+        f"**{base_kernel_ms / ours_kernel_ms:.2f}** |",
+    ]
     (RESULTS / "paged_decode.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
