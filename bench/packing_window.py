@@ -129,7 +129,9 @@ async def stream(
 
 
 async def drive(aeng: AsyncEngine, trace: list[Req], tag: str) -> list[dict[str, float]]:
-    """Submit every request at its arrival time; per request: submit, lateness, TTFT, end."""
+    """Start `aeng` on this event loop, then submit every request at its arrival time; per
+    request: submit, lateness, TTFT, end."""
+    aeng.start()
     t0 = time.perf_counter() + 0.05
 
     async def one(i: int, req: Req) -> dict[str, float]:
@@ -168,9 +170,8 @@ def run_one(engine: Engine, trace: list[Req], window_s: float, tag: str) -> dict
 
     # The window is an engine setting, read by the loop; one loaded model serves every window.
     engine.config = dataclasses.replace(engine.config, packing_window_ms=window_s * 1000)
-    aeng = AsyncEngine(engine, on_step=on_step)
+    aeng = AsyncEngine.in_thread(engine, on_step=on_step)
     load = os.getloadavg()[0]
-    aeng.start()
     try:
         reqs = asyncio.run(drive(aeng, trace, tag))
     finally:
@@ -560,7 +561,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_start = os.getloadavg()
     date = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     model_dir = default_model_dir(size)
-    engine = Engine(EngineConfig(model=str(model_dir), seed=args.seed))
+    # Every window replays the same trace: with the prefix cache on, only the first would
+    # prefill its prompts.
+    engine = Engine(EngineConfig(model=str(model_dir), seed=args.seed, enable_prefix_caching=False))
     maker = PromptMaker(engine)
     warm_up(engine, maker)
     row_capacity = engine.info.row_capacity
@@ -574,7 +577,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     small_cells: list[dict[str, Any]] = []
     if not args.no_small_rows:
         small_engine = Engine(
-            EngineConfig(model=str(model_dir), seed=args.seed, max_model_len=SMALL_MODEL_LEN)
+            EngineConfig(
+                model=str(model_dir),
+                seed=args.seed,
+                max_model_len=SMALL_MODEL_LEN,
+                enable_prefix_caching=False,
+            )
         )
         warm_up(small_engine, maker)
         small_rates = rates[-1:]
