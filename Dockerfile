@@ -80,7 +80,8 @@ COPY --from=build /opt/venv /opt/venv
 COPY --from=build /opt/packserve/models /opt/packserve/models
 
 # HOME/.cache holds what the server may write at run time (Hugging Face downloads, a model
-# converted on demand, the compiled kernels and their timings); /tmp is scratch. Everything else can be mounted read-only.
+# converted on demand, the compiled kernels and their timings); /tmp is scratch. Everything else
+# can be mounted read-only.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
