@@ -35,7 +35,7 @@ inline const float* as_float(const T* x, float* room, int64_t n) {
 
 // float32 lanes as wide as the CPU's vector registers (GCC / Clang vector extensions): 16 with
 // AVX-512, else 8 (wider vectors than the registers make the compiler split the reduction's
-// shuffles into scalar moves: on a Zen 3, 256 of the 600 instructions of a score tile).
+// shuffles into scalar moves: on a Zen 3, 256 of the 621 instructions of a score tile).
 // Scores are summed kLanes tokens at a time: each token's kLanes partial sums, then one
 // transposing reduction for all of them, instead of a horizontal sum per token.
 #if defined(__AVX512F__)
